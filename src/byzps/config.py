@@ -1,0 +1,303 @@
+"""The run configuration: a strict pydantic schema and :func:`load_config`.
+
+A config file (YAML or JSON, same schema) has four sections::
+
+    training:    {rounds: 300, batch_size: 64, learning_rate: 0.05, momentum: 0.9}
+    aggregation: {method: coordinate_wise_median}   # or multi_krum with krum_f / krum_q
+    server:      {host: 127.0.0.1, port: 9000, bind_host: 127.0.0.1}
+    workers:
+      - {id: 0, type: honest, data_shard: 0}
+      - {id: 3, type: byzantine, attack_scale: -1.0}
+
+Validation is strict: unknown keys, wrong types (a YAML ``on`` where a number belongs, the
+string ``"1e-3"`` that PyYAML reads from an unquoted ``1e-3``), out-of-range values, duplicate
+worker ids or shards, and aggregator parameters that the rule cannot run with are all errors.
+:class:`ConfigError` carries one line per problem, each naming the field (``workers.2.id``) and
+what was expected.
+
+Deviation from shared/DESIGN.md: this module imports :mod:`byzps.aggregators` (itself a leaf
+that imports nothing of byzps) so that the method name and the rule's precondition on n and f
+are checked when the file is loaded, in one place, rather than later in the server.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from byzps import aggregators
+
+MODEL_NAMES = ("cnn_mnist", "small_cnn", "mlp", "logreg")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used.
+
+    Attributes:
+        problems: one human-readable line per problem, each starting with the dotted field path.
+    """
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class TrainingConfig(_Strict):
+    """The ``training`` section.
+
+    Attributes:
+        rounds: number of rounds R (>= 1).
+        batch_size: samples per worker minibatch (>= 1).
+        learning_rate: SGD step size (> 0).
+        momentum: server SGD momentum in [0, 1); every replica applies the same step.
+        seed: seeds the initial model, the data split and the workers' sampling.
+        model: model name (``cnn_mnist``, ``small_cnn``, ``mlp``, ``logreg``).
+        eval_every: the PS evaluates on the test set every this many rounds and at the end.
+        round_timeout: seconds the PS waits for gradients before closing a round with a quorum.
+        train_limit: use only this many training samples (after a seeded shuffle); None = all.
+        test_limit: evaluate on only the first this many test samples; None = all 10,000.
+        metrics_file: if set, the PS appends one JSON record per round to this path.
+    """
+
+    rounds: int = Field(50, ge=1)
+    batch_size: int = Field(64, ge=1, le=60000)
+    learning_rate: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
+    model: Literal["cnn_mnist", "small_cnn", "mlp", "logreg"] = "cnn_mnist"
+    eval_every: int = Field(10, ge=1)
+    round_timeout: float = Field(60.0, gt=0)
+    train_limit: Optional[int] = Field(None, ge=1, le=60000)
+    test_limit: Optional[int] = Field(None, ge=1, le=10000)
+    metrics_file: Optional[str] = None
+
+
+class AggregationConfig(_Strict):
+    """The ``aggregation`` section.
+
+    Attributes:
+        method: aggregator config name, one of :func:`byzps.aggregators.names`.
+        f: number of Byzantine workers the rule must tolerate; defaults to the number of
+            workers whose config type is ``byzantine``.
+        krum_f: the seed's name for ``f`` (kept as an alias; must agree with ``f`` if both set).
+        krum_q: Multi-Krum's q (gradients averaged); default n - f.
+        params: further keyword parameters of the rule, passed to ``aggregators.build``.
+    """
+
+    method: str
+    f: Optional[int] = Field(None, ge=0)
+    krum_f: Optional[int] = Field(None, ge=0)
+    krum_q: Optional[int] = Field(None, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServerConfig(_Strict):
+    """The ``server`` section.
+
+    Attributes:
+        host: address workers connect to.
+        port: TCP port, 1..65535.
+        bind_host: address the PS listens on (default: ``host``).
+        connect_timeout: seconds the PS waits for all workers to register, and a worker keeps
+            retrying its connection to the PS.
+    """
+
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    bind_host: Optional[str] = Field(None, min_length=1)
+    connect_timeout: float = Field(120.0, gt=0)
+
+    @property
+    def listen_host(self) -> str:
+        """The address to bind: ``bind_host`` if set, else ``host``."""
+        return self.bind_host or self.host
+
+
+class WorkerConfig(_Strict):
+    """One entry of ``workers``.
+
+    Attributes:
+        id: worker id (>= 0, unique).
+        type: ``honest`` or ``byzantine``.
+        data_shard: index of this worker's iid shard in 0..n-1 (default: its list position).
+        attack_scale: for a Byzantine worker, the factor s of the sign-flip attack (it sends s
+            times its own honest gradient).
+        host, port: where the worker runs (informational).
+    """
+
+    id: int = Field(ge=0)
+    type: Literal["honest", "byzantine"] = "honest"
+    data_shard: Optional[int] = Field(None, ge=0)
+    attack_scale: float = -1.0
+    host: Optional[str] = None
+    port: Optional[int] = Field(None, ge=1, le=65535)
+
+
+class Config(_Strict):
+    """A whole validated config. Build it with :func:`load_config` or :func:`parse_config`."""
+
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    aggregation: AggregationConfig
+    server: ServerConfig
+    workers: list[WorkerConfig] = Field(min_length=1)
+
+    @property
+    def n(self) -> int:
+        """Number of workers n."""
+        return len(self.workers)
+
+    @property
+    def f(self) -> int:
+        """Byzantine tolerance f of the rule (explicit, or the count of byzantine workers)."""
+        a = self.aggregation
+        if a.f is not None:
+            return a.f
+        if a.krum_f is not None:
+            return a.krum_f
+        return sum(w.type == "byzantine" for w in self.workers)
+
+    def shard_of(self, worker_id: int) -> int:
+        """The data shard of ``worker_id``. Raises KeyError for an unknown id."""
+        for pos, w in enumerate(self.workers):
+            if w.id == worker_id:
+                return pos if w.data_shard is None else w.data_shard
+        raise KeyError(worker_id)
+
+    def worker(self, worker_id: int) -> WorkerConfig:
+        """The config entry of ``worker_id``. Raises KeyError for an unknown id."""
+        for w in self.workers:
+            if w.id == worker_id:
+                return w
+        raise KeyError(worker_id)
+
+    def aggregator_params(self) -> dict[str, Any]:
+        """Keyword parameters for ``aggregators.build(method, **params)``."""
+        a = self.aggregation
+        params = dict(a.params)
+        if "f" in aggregators.params(a.method):
+            params.setdefault("f", self.f)
+        if a.krum_q is not None:
+            params["q"] = a.krum_q
+        return params
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        ids = [w.id for w in self.workers]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"workers: duplicate worker id(s) {dup}; each id must be unique")
+        shards = [self.shard_of(i) for i in ids]
+        bad = [s for s in shards if s >= self.n]
+        if bad:
+            raise ValueError(f"workers: data_shard {bad[0]} out of range: expected 0..{self.n - 1} "
+                             f"(one iid shard per worker)")
+        dup = sorted({s for s in shards if shards.count(s) > 1})
+        if dup:
+            raise ValueError(f"workers: data_shard {dup} used by more than one worker; "
+                             f"shards must be disjoint")
+        a = self.aggregation
+        if a.f is not None and a.krum_f is not None and a.f != a.krum_f:
+            raise ValueError(f"aggregation: f={a.f} and its alias krum_f={a.krum_f} disagree")
+        if a.krum_q is not None and a.method not in ("multi_krum",):
+            raise ValueError(f"aggregation.krum_q: only meaningful for multi_krum, "
+                             f"not {a.method!r}")
+        if self.f >= self.n:
+            raise ValueError(f"aggregation.f: expected f < n = {self.n}, got {self.f}")
+        if a.method not in aggregators.names():
+            raise ValueError(f"aggregation.method: unknown aggregator {a.method!r}; expected one of "
+                             f"{', '.join(aggregators.names())}")
+        try:
+            agg = aggregators.build(a.method, **self.aggregator_params())
+            agg.check(self.n)
+        except ValueError as e:
+            raise ValueError(f"aggregation: {e}") from None
+        return self
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
+    msg = err.get("msg", "invalid")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    line = f"{loc}: {msg}" if err.get("loc") else msg
+    kind = err.get("type", "")
+    if kind == "missing":
+        return f"{loc}: required field is missing"
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown field (check the spelling; see README.md for the schema)"
+    if "input" in err and kind not in ("value_error",):
+        val = err["input"]
+        shown = repr(val) if not isinstance(val, (dict, list)) else type(val).__name__
+        line += f" (got {shown})"
+        if isinstance(val, str) and _looks_numeric(val):
+            line += "; YAML reads an exponent without a dot (1e-3) as a string: write 1.0e-3"
+        if isinstance(val, bool):
+            line += "; YAML reads on/off/yes/no as booleans"
+    return line
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validate an already-parsed mapping into a :class:`Config`.
+
+    Args:
+        data: the object from ``yaml.safe_load`` / ``json.load``.
+        source: name used in error lines (usually the file path).
+
+    Raises:
+        ConfigError: one line per problem, naming the field and what was expected.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"expected a mapping with sections training, aggregation, "
+                                   f"server, workers; got {type(data).__name__}"])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, [_describe(err) for err in e.errors()]) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML (``.yaml``/``.yml``) or JSON (``.json``) config file.
+
+    YAML is read with ``yaml.safe_load`` (no object construction).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not valid YAML/JSON, or fails validation.
+    """
+    p = Path(path)
+    src = str(p)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(src, [f"cannot read the config file: {e.strerror or e}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(src, ["the config file is not UTF-8 text"]) from None
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(src, [f"unknown config extension {suffix!r}: expected .yaml, .yml "
+                                    f"or .json"])
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(src, [f"not valid {suffix[1:].upper()}: {first}"]) from None
+    return parse_config(data, src)

@@ -1,0 +1,300 @@
+"""The round logic as sans-IO state machines: messages in, actions out.
+
+:class:`ServerRounds` is what the parameter server does with what arrived; the network layer
+(:mod:`byzps.server`) only moves validated messages to it and carries out the actions it
+returns. :class:`WorkerRounds` is the same for a worker. Tests drive both without sockets, and
+an in-process simulator can wire them together directly.
+
+Round r, server side::
+
+    begin_round()          -> [Broadcast(RoundStart(r, digest))]
+    on_message(id, Gradient) -> validated, stored; when every live worker answered:
+                              aggregate -> optimizer step -> [Broadcast(Update(r, a)), RoundClosed]
+    on_deadline()          -> close with what arrived if at least `quorum` rows, else RoundFailed
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+
+from byzps.training import Replica
+from byzps.wire import Gradient, Message, Resync, RoundStart, State, Stop, Update
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Actions
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``message`` to worker ``worker_id``."""
+    worker_id: int
+    message: Message
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Send ``message`` to every live worker (encode once)."""
+    message: Message
+
+
+@dataclass(frozen=True)
+class RoundClosed:
+    """Round ``round`` is done: the aggregate was applied to the PS replica.
+
+    Attributes:
+        accepted: worker ids whose gradient entered the aggregator, ascending.
+        rejected: worker id -> reason its message was excluded this round.
+        missing: live or registered workers that did not answer before the round closed.
+        losses: worker id -> reported loss (untrusted, informational).
+        seconds_aggregate: wall seconds spent in the aggregator and the optimizer step.
+    """
+    round: int
+    accepted: tuple[int, ...]
+    rejected: dict[int, str]
+    missing: tuple[int, ...]
+    losses: dict[int, float]
+    seconds_aggregate: float
+
+
+@dataclass(frozen=True)
+class RoundFailed:
+    """Round ``round`` could not close: fewer than ``quorum`` usable gradients by the deadline."""
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """All rounds are done; a STOP was broadcast."""
+    rounds: int
+
+
+Action = Union[Send, Broadcast, RoundClosed, RoundFailed, Finished]
+
+# ---------------------------------------------------------------------------------------------
+# Server
+
+
+@dataclass
+class _Open:
+    round: int
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    losses: dict[int, float] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+class ServerRounds:
+    """The parameter server's round state machine.
+
+    Args:
+        worker_ids: the n configured worker ids.
+        replica: the PS's replica; the machine applies each aggregate to it.
+        aggregate: callable ``(m, d) float32 -> (d,) float32``, the robust aggregator
+            (pre-aggregators included); it may raise ValueError when m rows are too few.
+        rounds: total number of rounds R; rounds are numbered 0..R-1.
+        quorum: the fewest gradients a round may close with at its deadline (1..n).
+        start_round: first round to run (for resumed runs).
+        clock: returns seconds (monotonic), used only to time the aggregator.
+
+    Raises:
+        ValueError: empty or duplicate worker ids, or a quorum outside 1..n.
+    """
+
+    def __init__(self, worker_ids: list[int], replica: Replica,
+                 aggregate: Callable[[torch.Tensor], torch.Tensor], rounds: int, quorum: int,
+                 start_round: int = 0, clock: Optional[Callable[[], float]] = None):
+        if not worker_ids or len(set(worker_ids)) != len(worker_ids):
+            raise ValueError(f"worker ids must be non-empty and unique, got {worker_ids}")
+        if not 1 <= quorum <= len(worker_ids):
+            raise ValueError(f"quorum must be in 1..{len(worker_ids)}, got {quorum}")
+        self.worker_ids = sorted(worker_ids)
+        self.replica = replica
+        self.aggregate = aggregate
+        self.rounds = rounds
+        self.quorum = quorum
+        self.round = start_round
+        self.live: set[int] = set()
+        self.current: Optional[_Open] = None
+        self.finished = start_round >= rounds
+        self._clock = clock or time.perf_counter
+
+    # -- membership ---------------------------------------------------------------------------
+
+    def connect(self, worker_id: int) -> list[Action]:
+        """A worker registered (identity already checked by the caller).
+
+        Returns:
+            a STATE for it, and the open round's RoundStart if a round is in progress.
+
+        Raises:
+            ValueError: unknown id or an id that is already live.
+        """
+        if worker_id not in self.worker_ids:
+            raise ValueError(f"unknown worker id {worker_id}; configured: {self.worker_ids}")
+        if worker_id in self.live:
+            raise ValueError(f"worker {worker_id} is already connected")
+        self.live.add(worker_id)
+        actions: list[Action] = [Send(worker_id, State(self.round, self.replica.state()))]
+        if self.current is not None and worker_id not in self.current.rows:
+            actions.append(Send(worker_id, RoundStart(self.round, self.replica.digest())))
+        return actions
+
+    def disconnect(self, worker_id: int) -> list[Action]:
+        """A worker's connection ended. The open round may now be complete."""
+        self.live.discard(worker_id)
+        return self._maybe_close(deadline=False)
+
+    # -- rounds -------------------------------------------------------------------------------
+
+    def begin_round(self) -> list[Action]:
+        """Open round ``self.round`` and ask every live worker for a gradient.
+
+        Raises:
+            RuntimeError: a round is already open or training is finished.
+        """
+        if self.current is not None or self.finished:
+            raise RuntimeError("begin_round called while a round is open or after the end")
+        self.current = _Open(self.round)
+        return [Broadcast(RoundStart(self.round, self.replica.digest()))]
+
+    def on_message(self, worker_id: int, msg: Message) -> list[Action]:
+        """Handle a validated message from the authenticated worker ``worker_id``.
+
+        Gradients are excluded (with a reason in the round's ``rejected``) when the header's
+        worker id is not the sender's, the worker already sent one this round, or it holds
+        NaN/Inf. A gradient for another round is stale and ignored.
+        """
+        if isinstance(msg, Resync):
+            return [Send(worker_id, State(self.round, self.replica.state()))] + (
+                [Send(worker_id, RoundStart(self.round, self.replica.digest()))]
+                if self.current is not None and worker_id not in self.current.rows else [])
+        if not isinstance(msg, Gradient):
+            log.warning("worker %d sent an unexpected %s; ignored", worker_id, type(msg).__name__)
+            return []
+        cur = self.current
+        if cur is None or msg.round != cur.round:
+            log.info("worker %d: stale gradient for round %d ignored (current %s)", worker_id,
+                     msg.round, None if cur is None else cur.round)
+            return []
+        if msg.worker_id != worker_id:
+            cur.rejected[worker_id] = f"header claims worker {msg.worker_id}"
+        elif worker_id in cur.rows or worker_id in cur.rejected:
+            cur.rejected[worker_id] = "duplicate gradient in one round"
+            cur.rows.pop(worker_id, None)
+        elif not bool(torch.isfinite(msg.tensor).all()):
+            cur.rejected[worker_id] = "non-finite values (NaN or Inf)"
+        else:
+            cur.rows[worker_id] = msg.tensor
+            if msg.loss is not None:
+                cur.losses[worker_id] = msg.loss
+        if worker_id in cur.rejected:
+            log.warning("round %d: gradient of worker %d excluded: %s", cur.round, worker_id,
+                        cur.rejected[worker_id])
+        return self._maybe_close(deadline=False)
+
+    def on_deadline(self) -> list[Action]:
+        """The round's deadline passed: close with what arrived, or fail without a quorum."""
+        return self._maybe_close(deadline=True)
+
+    def _maybe_close(self, deadline: bool) -> list[Action]:
+        cur = self.current
+        if cur is None:
+            return []
+        answered = set(cur.rows) | set(cur.rejected)
+        if not deadline and not (self.live <= answered):
+            return []
+        if len(cur.rows) < self.quorum:
+            if not deadline:
+                return []  # everybody live answered but too few usable: wait for reconnects
+            return [RoundFailed(cur.round, f"{len(cur.rows)} usable gradients by the deadline, "
+                                           f"quorum is {self.quorum}; rejected: "
+                                           f"{cur.rejected or 'none'}")]
+        ids = sorted(cur.rows)
+        start = self._clock()
+        try:
+            agg = self.aggregate(torch.stack([cur.rows[i] for i in ids]))
+        except ValueError as e:
+            return [RoundFailed(cur.round, f"aggregator refused {len(ids)} gradients: {e}")]
+        if not bool(torch.isfinite(agg).all()):
+            return [RoundFailed(cur.round, "aggregator returned non-finite values")]
+        self.replica.apply(agg)
+        seconds = self._clock() - start
+        closed = RoundClosed(cur.round, tuple(ids), dict(cur.rejected),
+                             tuple(w for w in self.worker_ids if w not in answered),
+                             dict(cur.losses), seconds)
+        self.current = None
+        self.round += 1
+        actions: list[Action] = [Broadcast(Update(cur.round, agg)), closed]
+        if self.round >= self.rounds:
+            self.finished = True
+            actions += [Broadcast(Stop(f"training finished after {self.rounds} rounds")),
+                        Finished(self.rounds)]
+        return actions
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker
+
+
+class WorkerRounds:
+    """A worker's state machine.
+
+    Args:
+        worker_id: this worker's id.
+        replica: this worker's replica (overwritten by the first STATE).
+        compute: ``round -> ((d,) float32 gradient, loss)``; honest or Byzantine.
+
+    Attributes:
+        stopped: the Stop message once received, else None.
+        rounds_done: number of UPDATEs applied.
+    """
+
+    def __init__(self, worker_id: int, replica: Replica,
+                 compute: Callable[[int], tuple[torch.Tensor, float]]):
+        self.worker_id = worker_id
+        self.replica = replica
+        self.compute = compute
+        self.synced = False
+        self.round: Optional[int] = None
+        self.stopped: Optional[Stop] = None
+        self.rounds_done = 0
+
+    def on_message(self, msg: Message) -> list[Message]:
+        """Handle a message from the PS; returns the messages to send back.
+
+        Raises:
+            ValueError: a message that makes no sense in this state (e.g. UPDATE before STATE);
+                the caller drops the connection and resyncs.
+        """
+        if isinstance(msg, State):
+            self.replica.load_state(msg.tensor)
+            self.round, self.synced = msg.round, True
+            return []
+        if isinstance(msg, Stop):
+            self.stopped = msg
+            return []
+        if not self.synced:
+            raise ValueError(f"{type(msg).__name__} before the initial STATE")
+        if isinstance(msg, RoundStart):
+            self.round = msg.round
+            if msg.digest != self.replica.digest():
+                log.warning("worker %d: replica differs from the PS before round %d; resync",
+                            self.worker_id, msg.round)
+                self.synced = False
+                return [Resync(msg.round)]
+            grad, loss = self.compute(msg.round)
+            return [Gradient(msg.round, self.worker_id, grad, loss)]
+        if isinstance(msg, Update):
+            if msg.round != self.round:
+                raise ValueError(f"UPDATE for round {msg.round} while in round {self.round}")
+            self.replica.apply(msg.tensor)
+            self.rounds_done += 1
+            return []
+        raise ValueError(f"unexpected {type(msg).__name__} from the PS")

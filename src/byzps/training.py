@@ -1,0 +1,130 @@
+"""The model replica: flat parameters, the one optimizer step, gradients and evaluation.
+
+Every process (the PS and each worker) holds a :class:`Replica`. Its parameters live in one
+flat float32 vector theta of length d; the module's weights are views into it, evaluated with
+``torch.func.functional_call``. The server and every worker call the same
+:meth:`Replica.apply` (``torch.optim.SGD`` on theta, with the configured learning rate and
+momentum), so replicas that start equal and receive the same aggregate stay bit-identical;
+:meth:`Replica.digest` lets a worker check that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from byzps.models import build_model
+
+DIGEST_BYTES = 16
+
+
+class Replica:
+    """One copy of the model and its optimizer state.
+
+    Args:
+        model_name: see :func:`byzps.models.build_model`.
+        seed: initial-weight seed.
+        learning_rate: SGD step size.
+        momentum: SGD momentum (PyTorch convention: buf = momentum * buf + a; theta -= lr * buf).
+
+    Attributes:
+        theta: ``(d,)`` float32 parameters (an ``nn.Parameter``).
+        d: number of parameters.
+    """
+
+    def __init__(self, model_name: str, seed: int, learning_rate: float, momentum: float):
+        self.module = build_model(model_name, seed)
+        self.module.requires_grad_(False)
+        named = list(self.module.named_parameters())
+        flat = torch.cat([p.detach().reshape(-1) for _, p in named]).to(torch.float32)
+        self.theta = nn.Parameter(flat)
+        self.d = flat.numel()
+        self._layout = [(name, p.shape, p.numel()) for name, p in named]
+        self.optimizer = torch.optim.SGD([self.theta], lr=learning_rate, momentum=momentum,
+                                         foreach=False)
+
+    def _views(self) -> dict[str, torch.Tensor]:
+        views, offset = {}, 0
+        for name, shape, numel in self._layout:
+            views[name] = self.theta[offset:offset + numel].view(shape)
+            offset += numel
+        return views
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, 10)`` for inputs ``(B, 1, 28, 28)`` float32."""
+        return functional_call(self.module, self._views(), (x,))
+
+    def gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Cross-entropy gradient on one minibatch.
+
+        Args:
+            x: ``(B, 1, 28, 28)`` float32 inputs.
+            y: ``(B,)`` int64 labels.
+
+        Returns:
+            ``(d,)`` float32 gradient with respect to theta (a new tensor) and the mean loss.
+        """
+        with torch.enable_grad():
+            loss = nn.functional.cross_entropy(self.forward(x), y)
+            (grad,) = torch.autograd.grad(loss, self.theta)
+        return grad.contiguous(), float(loss.detach())
+
+    def apply(self, aggregate: torch.Tensor) -> None:
+        """Take the optimizer step with the aggregated gradient.
+
+        Args:
+            aggregate: ``(d,)`` float32, finite.
+
+        Raises:
+            ValueError: wrong shape or dtype.
+        """
+        if aggregate.shape != (self.d,) or aggregate.dtype != torch.float32:
+            raise ValueError(f"aggregate must be ({self.d},) float32, got "
+                             f"{tuple(aggregate.shape)} {aggregate.dtype}")
+        self.theta.grad = aggregate
+        self.optimizer.step()
+        self.theta.grad = None
+
+    def momentum_buffer(self) -> torch.Tensor:
+        """``(d,)`` float32 SGD momentum buffer (zeros before the first step)."""
+        buf = self.optimizer.state.get(self.theta, {}).get("momentum_buffer")
+        return torch.zeros(self.d) if buf is None else buf
+
+    def state(self) -> torch.Tensor:
+        """``(2, d)`` float32 copy of [theta, momentum buffer]: what a joining worker needs."""
+        return torch.stack([self.theta.detach(), self.momentum_buffer()])
+
+    def load_state(self, state: torch.Tensor) -> None:
+        """Overwrite theta and the momentum buffer from :meth:`state`'s ``(2, d)`` tensor.
+
+        Raises:
+            ValueError: wrong shape or dtype.
+        """
+        if state.shape != (2, self.d) or state.dtype != torch.float32:
+            raise ValueError(f"state must be (2, {self.d}) float32, got {tuple(state.shape)} "
+                             f"{state.dtype}")
+        with torch.no_grad():
+            self.theta.copy_(state[0])
+        if self.optimizer.defaults["momentum"] != 0:
+            self.optimizer.state[self.theta]["momentum_buffer"] = state[1].clone()
+
+    def digest(self) -> str:
+        """Hex digest (16 bytes of BLAKE2b) of theta and the momentum buffer's raw bytes."""
+        h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+        h.update(self.theta.detach().numpy().tobytes())
+        h.update(self.momentum_buffer().numpy().tobytes())
+        return h.hexdigest()
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> tuple[float, float]:
+        """Mean cross-entropy loss and accuracy in [0, 1] on ``(m, 1, 28, 28)`` / ``(m,)`` data."""
+        total_loss, correct = 0.0, 0
+        for i in range(0, len(y), batch):
+            logits = self.forward(x[i:i + batch])
+            total_loss += float(nn.functional.cross_entropy(logits, y[i:i + batch],
+                                                            reduction="sum"))
+            correct += int((logits.argmax(1) == y[i:i + batch]).sum())
+        return total_loss / len(y), correct / len(y)

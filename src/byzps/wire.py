@@ -1,0 +1,372 @@
+"""The wire format: frames, message types, encode/decode, size limits. Pure: no I/O, no pickle.
+
+Frame layout (all little-endian)::
+
+    offset size field
+    0      4    magic b"BZPS"
+    4      1    protocol version (1)
+    5      1    message type (:class:`MsgType`)
+    6      2    reserved, must be 0
+    8      4    header length H (bytes, <= MAX_HEADER_BYTES)
+    12     8    payload length P (bytes)
+    20     H    header: UTF-8 JSON object, strict schema per message type
+    20+H   P    payload: raw little-endian tensor bytes (float32), empty for control messages
+
+A receiver knows the model size d, so it knows the exact payload size of every message type
+before reading the body; :func:`parse_prefix` and :func:`parse_header` refuse anything else,
+so a peer cannot make the receiver allocate more than ``2 * d * 4`` bytes for one frame.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAGIC = b"BZPS"
+VERSION = 1
+PREFIX = struct.Struct("<4sBBHIQ")
+PREFIX_BYTES = PREFIX.size  # 20
+MAX_HEADER_BYTES = 4096
+MAX_REASON_CHARS = 1000
+
+
+class MsgType(enum.IntEnum):
+    """Message type codes carried in byte 5 of the frame."""
+
+    HELLO = 1      # worker -> PS: I am worker `worker_id`
+    STATE = 2      # PS -> worker: full replica state (2, d): theta and momentum buffer
+    ROUND = 3      # PS -> worker: round r starts; digest of the PS replica before round r
+    GRADIENT = 4   # worker -> PS: gradient (d,) for round r
+    UPDATE = 5     # PS -> worker: aggregate (d,) of round r
+    STOP = 6       # PS -> worker: training is over (or aborted), with a reason
+    RESYNC = 7     # worker -> PS: my replica's digest differs; send STATE
+    REFUSE = 8     # PS -> peer: connection refused, with a reason, then closed
+
+
+class FrameError(ValueError):
+    """A frame that breaks the format or the limits; the message names what and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Worker -> PS, first frame of a connection."""
+    worker_id: int
+
+
+@dataclass(frozen=True)
+class State:
+    """PS -> worker: ``tensor`` is ``(2, d)`` float32 = [theta, momentum buffer] before ``round``."""
+    round: int
+    tensor: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    """PS -> worker: compute a gradient for ``round``; ``digest`` is the PS replica's digest."""
+    round: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """Worker -> PS: ``tensor`` ``(d,)`` float32 for ``round``; ``loss`` as reported (untrusted)."""
+    round: int
+    worker_id: int
+    tensor: torch.Tensor
+    loss: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Update:
+    """PS -> worker: the aggregate ``(d,)`` float32 of ``round``; every replica applies it."""
+    round: int
+    tensor: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Stop:
+    """PS -> worker: training ended; ``ok`` False means the PS aborted."""
+    reason: str
+    ok: bool = True
+
+
+@dataclass(frozen=True)
+class Resync:
+    """Worker -> PS: my digest differs in ``round``; please send STATE."""
+    round: int
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """PS -> peer: the connection is refused for ``reason`` and will be closed."""
+    reason: str
+
+
+Message = Union[Hello, State, RoundStart, Gradient, Update, Stop, Resync, Refuse]
+
+# ---------------------------------------------------------------------------------------------
+# Header schemas (strict: unknown keys, wrong types, bools for ints are all refused)
+
+
+class _H(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class _HelloH(_H):
+    worker_id: int = Field(ge=0, lt=2**31)
+
+
+class _TensorH(_H):
+    dtype: str
+    shape: list[int]
+
+
+class _StateH(_TensorH):
+    round: int = Field(ge=0, lt=2**40)
+
+
+class _RoundH(_H):
+    round: int = Field(ge=0, lt=2**40)
+    digest: str = Field(pattern=r"^[0-9a-f]{32}$")
+
+
+class _GradientH(_TensorH):
+    round: int = Field(ge=0, lt=2**40)
+    worker_id: int = Field(ge=0, lt=2**31)
+    loss: Optional[float] = None
+
+
+class _UpdateH(_TensorH):
+    round: int = Field(ge=0, lt=2**40)
+
+
+class _StopH(_H):
+    reason: str = Field(max_length=MAX_REASON_CHARS)
+    ok: bool
+
+
+class _ResyncH(_H):
+    round: int = Field(ge=0, lt=2**40)
+
+
+class _RefuseH(_H):
+    reason: str = Field(max_length=MAX_REASON_CHARS)
+
+
+_SCHEMAS: dict[MsgType, type[_H]] = {
+    MsgType.HELLO: _HelloH, MsgType.STATE: _StateH, MsgType.ROUND: _RoundH,
+    MsgType.GRADIENT: _GradientH, MsgType.UPDATE: _UpdateH, MsgType.STOP: _StopH,
+    MsgType.RESYNC: _ResyncH, MsgType.REFUSE: _RefuseH,
+}
+
+#: Tensor shape of each tensor-carrying type, as a function of d.
+_TENSOR_SHAPES = {
+    MsgType.STATE: lambda d: [2, d],
+    MsgType.GRADIENT: lambda d: [d],
+    MsgType.UPDATE: lambda d: [d],
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts.
+
+    Args:
+        d: model size; fixes every tensor's shape and so every payload size.
+        allowed: message types this receiver accepts in this state; others are refused
+            before the body is read.
+    """
+
+    d: int
+    allowed: frozenset[MsgType]
+
+    def payload_bytes(self, mtype: MsgType) -> int:
+        """Exact payload size in bytes of ``mtype`` (0 for control messages)."""
+        shape = _TENSOR_SHAPES.get(mtype)
+        return 0 if shape is None else int(np.prod(shape(self.d))) * 4
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The fixed 20-byte frame prefix, validated."""
+    mtype: MsgType
+    header_len: int
+    payload_len: int
+
+
+def parse_prefix(raw: bytes, limits: Limits) -> Prefix:
+    """Validate the 20-byte prefix before any further byte is read.
+
+    Raises:
+        FrameError: short prefix, bad magic or version, unknown or unexpected type, nonzero
+            reserved bytes, header over ``MAX_HEADER_BYTES``, or a payload length other than
+            the exact size for this type and d.
+    """
+    if len(raw) != PREFIX_BYTES:
+        raise FrameError(f"frame prefix must be {PREFIX_BYTES} bytes, got {len(raw)}")
+    magic, version, code, reserved, hlen, plen = PREFIX.unpack(raw)
+    if magic != MAGIC:
+        raise FrameError(f"bad magic {magic!r}: not a byzps peer (expected {MAGIC!r})")
+    if version != VERSION:
+        raise FrameError(f"protocol version {version} unsupported (expected {VERSION})")
+    try:
+        mtype = MsgType(code)
+    except ValueError:
+        raise FrameError(f"unknown message type {code}") from None
+    if mtype not in limits.allowed:
+        allowed = ", ".join(t.name for t in sorted(limits.allowed))
+        raise FrameError(f"message type {mtype.name} not accepted here (expected {allowed})")
+    if reserved != 0:
+        raise FrameError("reserved prefix bytes must be 0")
+    if not 2 <= hlen <= MAX_HEADER_BYTES:
+        raise FrameError(f"header length {hlen} outside 2..{MAX_HEADER_BYTES} bytes")
+    want = limits.payload_bytes(mtype)
+    if plen != want:
+        raise FrameError(f"{mtype.name} payload of {plen} bytes; expected exactly {want} "
+                         f"(d = {limits.d})")
+    return Prefix(mtype, hlen, plen)
+
+
+def parse_header(prefix: Prefix, raw: bytes, limits: Limits) -> dict[str, Any]:
+    """Decode and validate the JSON header of a frame whose prefix passed :func:`parse_prefix`.
+
+    Returns:
+        the header fields as a dict.
+
+    Raises:
+        FrameError: not UTF-8 JSON, schema violation, or tensor dtype/shape other than
+            float32 and the model's shape.
+    """
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FrameError(f"{prefix.mtype.name} header is not UTF-8 JSON: {e}") from None
+    try:
+        header = _SCHEMAS[prefix.mtype].model_validate(obj).model_dump()
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "header"
+        raise FrameError(f"{prefix.mtype.name} header field {loc}: {err['msg']}") from None
+    shape_of = _TENSOR_SHAPES.get(prefix.mtype)
+    if shape_of is not None:
+        if header["dtype"] != "float32":
+            raise FrameError(f"{prefix.mtype.name} dtype {header['dtype']!r}; expected 'float32'")
+        if header["shape"] != shape_of(limits.d):
+            raise FrameError(f"{prefix.mtype.name} shape {header['shape']}; expected "
+                             f"{shape_of(limits.d)}")
+    return header
+
+
+def build_message(prefix: Prefix, header: dict[str, Any], payload: Union[bytes, bytearray,
+                  memoryview]) -> Message:
+    """Assemble the message object from a validated prefix, header and payload.
+
+    A writable payload (``bytearray``) is wrapped without a copy; read-only bytes are copied.
+
+    Raises:
+        FrameError: payload length differs from the prefix.
+    """
+    if len(payload) != prefix.payload_len:
+        raise FrameError(f"payload cut short: {len(payload)} of {prefix.payload_len} bytes")
+    t = prefix.mtype
+    if t in _TENSOR_SHAPES:
+        arr = np.frombuffer(payload, dtype="<f4")
+        if not arr.flags.writeable:
+            arr = arr.copy()
+        tensor = torch.from_numpy(arr.astype(np.float32, copy=False)).view(header["shape"])
+    if t is MsgType.HELLO:
+        return Hello(header["worker_id"])
+    if t is MsgType.STATE:
+        return State(header["round"], tensor)
+    if t is MsgType.ROUND:
+        return RoundStart(header["round"], header["digest"])
+    if t is MsgType.GRADIENT:
+        return Gradient(header["round"], header["worker_id"], tensor, header["loss"])
+    if t is MsgType.UPDATE:
+        return Update(header["round"], tensor)
+    if t is MsgType.STOP:
+        return Stop(header["reason"], header["ok"])
+    if t is MsgType.RESYNC:
+        return Resync(header["round"])
+    return Refuse(header["reason"])
+
+
+def decode_frame(data: bytes, limits: Limits) -> Message:
+    """Decode one complete frame from ``data`` (exactly one frame, nothing more).
+
+    Raises:
+        FrameError: anything wrong, including trailing bytes or a frame cut short.
+    """
+    prefix = parse_prefix(bytes(data[:PREFIX_BYTES]), limits)
+    end = PREFIX_BYTES + prefix.header_len
+    if len(data) < end:
+        raise FrameError(f"header cut short: {len(data) - PREFIX_BYTES} of {prefix.header_len} "
+                         f"bytes")
+    header = parse_header(prefix, bytes(data[PREFIX_BYTES:end]), limits)
+    payload = data[end:]
+    if len(payload) > prefix.payload_len:
+        raise FrameError(f"{len(payload) - prefix.payload_len} bytes after the frame")
+    return build_message(prefix, header, payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    arr = t.detach().contiguous().cpu().numpy()
+    if arr.dtype != np.float32:
+        raise ValueError(f"tensors go on the wire as float32, got {arr.dtype}")
+    if sys.byteorder != "little":
+        arr = arr.astype("<f4")
+    return memoryview(arr).cast("B")
+
+
+def encode(msg: Message) -> list[Union[bytes, memoryview]]:
+    """Encode a message as a list of buffers to write in order (the tensor is not copied).
+
+    Raises:
+        ValueError: a tensor that is not float32, or a reason longer than 1000 characters.
+    """
+    payload: Union[bytes, memoryview] = b""
+    if isinstance(msg, Hello):
+        mtype, header = MsgType.HELLO, {"worker_id": msg.worker_id}
+    elif isinstance(msg, State):
+        mtype, header = MsgType.STATE, {"round": msg.round}
+    elif isinstance(msg, RoundStart):
+        mtype, header = MsgType.ROUND, {"round": msg.round, "digest": msg.digest}
+    elif isinstance(msg, Gradient):
+        mtype, header = MsgType.GRADIENT, {"round": msg.round, "worker_id": msg.worker_id,
+                                           "loss": msg.loss}
+    elif isinstance(msg, Update):
+        mtype, header = MsgType.UPDATE, {"round": msg.round}
+    elif isinstance(msg, Stop):
+        mtype, header = MsgType.STOP, {"reason": msg.reason[:MAX_REASON_CHARS], "ok": msg.ok}
+    elif isinstance(msg, Resync):
+        mtype, header = MsgType.RESYNC, {"round": msg.round}
+    elif isinstance(msg, Refuse):
+        mtype, header = MsgType.REFUSE, {"reason": msg.reason[:MAX_REASON_CHARS]}
+    else:
+        raise TypeError(f"not a byzps message: {type(msg).__name__}")
+    tensor = getattr(msg, "tensor", None)
+    if tensor is not None:
+        header["dtype"] = "float32"
+        header["shape"] = list(tensor.shape)
+        payload = _tensor_bytes(tensor)
+    if isinstance(msg, Gradient) and msg.loss is not None and not np.isfinite(msg.loss):
+        header["loss"] = None
+    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    prefix = PREFIX.pack(MAGIC, VERSION, int(mtype), 0, len(hbytes), len(payload))
+    return [prefix + hbytes, payload] if len(payload) else [prefix + hbytes]

@@ -1,0 +1,71 @@
+"""Shared fixtures: config builders and helpers to run real nodes as subprocesses."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE_CONFIG = {
+    "training": {"rounds": 3, "batch_size": 32, "learning_rate": 0.05, "momentum": 0.9,
+                 "seed": 0, "model": "small_cnn", "eval_every": 1, "round_timeout": 30.0,
+                 "train_limit": 2000, "test_limit": 500},
+    "aggregation": {"method": "coordinate_wise_median"},
+    "server": {"host": "127.0.0.1", "port": 9000, "bind_host": "127.0.0.1",
+               "connect_timeout": 60.0},
+    "workers": [
+        {"id": 0, "type": "honest", "data_shard": 0},
+        {"id": 1, "type": "honest", "data_shard": 1},
+        {"id": 2, "type": "honest", "data_shard": 2},
+        {"id": 3, "type": "byzantine", "data_shard": 3, "attack_scale": -1.0},
+    ],
+}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def base_config() -> dict:
+    """A deep copy of a small, valid 4-worker config (3 honest + 1 sign-flip)."""
+    cfg = copy.deepcopy(BASE_CONFIG)
+    cfg["server"]["port"] = free_port()
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    """Write ``cfg`` as YAML to ``path`` and return the path."""
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def node_env() -> dict:
+    """Environment for node subprocesses: one thread each, src on the path."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(ROOT / "src")
+    return env
+
+
+def start_node(config: Path, role: str, *extra: str, worker_id: int | None = None,
+               log: Path | None = None) -> subprocess.Popen:
+    """Start ``ps_node.py`` as a real process; stdout+stderr go to ``log`` (or a pipe)."""
+    cmd = [sys.executable, str(ROOT / "ps_node.py"), "--config", str(config), "--role", role]
+    if worker_id is not None:
+        cmd += ["--worker-id", str(worker_id)]
+    cmd += list(extra)
+    out = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,
+                            env=node_env(), cwd=ROOT)

@@ -1,0 +1,174 @@
+"""The sans-IO round logic, driven without sockets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from byzps.protocol import (Broadcast, Finished, RoundClosed, RoundFailed, Send, ServerRounds,
+                            WorkerRounds)
+from byzps.training import Replica
+from byzps.wire import Gradient, Resync, RoundStart, State, Stop, Update
+
+
+def replica(momentum=0.9):
+    return Replica("logreg", seed=0, learning_rate=0.1, momentum=momentum)
+
+
+def mean(rows):
+    return rows.mean(0)
+
+
+def machine(n=3, rounds=2, quorum=2):
+    return ServerRounds(list(range(n)), replica(), mean, rounds, quorum)
+
+
+def grad(m, wid, value, r=None):
+    return Gradient(m.round if r is None else r, wid, torch.full((m.replica.d,), float(value)))
+
+
+def test_connect_sends_state_and_begin_broadcasts_round():
+    m = machine()
+    acts = m.connect(0)
+    assert len(acts) == 1 and isinstance(acts[0], Send) and isinstance(acts[0].message, State)
+    assert torch.equal(acts[0].message.tensor[0], m.replica.theta.detach())
+    for w in (1, 2):
+        m.connect(w)
+    (b,) = m.begin_round()
+    assert isinstance(b, Broadcast) and b.message == RoundStart(0, m.replica.digest())
+
+
+def test_round_closes_when_all_live_answered_and_applies_the_aggregate():
+    m = machine()
+    for w in range(3):
+        m.connect(w)
+    m.begin_round()
+    theta0 = m.replica.theta.detach().clone()
+    assert m.on_message(0, grad(m, 0, 1.0)) == []
+    assert m.on_message(1, grad(m, 1, 2.0)) == []
+    acts = m.on_message(2, grad(m, 2, 6.0))
+    upd, closed = acts
+    assert isinstance(upd, Broadcast) and isinstance(upd.message, Update)
+    # mean of 1, 2, 6 = 3 in every coordinate; first SGD step: theta - 0.1 * 3
+    assert torch.allclose(upd.message.tensor, torch.full((m.replica.d,), 3.0))
+    assert torch.allclose(m.replica.theta.detach(), theta0 - 0.3)
+    assert isinstance(closed, RoundClosed) and closed.accepted == (0, 1, 2)
+    assert m.round == 1 and m.current is None
+
+
+def test_exclusions_nonfinite_impersonation_duplicate_stale():
+    m = machine(n=4, quorum=1)
+    for w in range(4):
+        m.connect(w)
+    m.begin_round()
+    bad = torch.zeros(m.replica.d)
+    bad[3] = float("nan")
+    assert m.on_message(0, Gradient(0, 0, bad)) == []
+    assert m.on_message(1, grad(m, 2, 1.0)) == []           # claims to be worker 2
+    assert m.on_message(2, grad(m, 2, 1.0, r=5)) == []      # stale: ignored, not answered
+    assert m.on_message(2, grad(m, 2, 1.0)) == []
+    assert m.on_message(2, grad(m, 2, 1.0)) == []           # duplicate: both dropped
+    acts = m.on_message(3, grad(m, 3, 4.0))
+    closed = next(a for a in acts if isinstance(a, RoundClosed))
+    assert closed.accepted == (3,)
+    assert closed.rejected == {0: "non-finite values (NaN or Inf)",
+                               1: "header claims worker 2",
+                               2: "duplicate gradient in one round"}
+
+
+def test_deadline_with_quorum_closes_without_quorum_fails():
+    m = machine(n=3, quorum=2)
+    for w in range(3):
+        m.connect(w)
+    m.begin_round()
+    m.on_message(0, grad(m, 0, 1.0))
+    (failed,) = m.on_deadline()
+    assert isinstance(failed, RoundFailed) and "quorum is 2" in failed.reason
+    m.on_message(1, grad(m, 1, 3.0))
+    acts = m.on_deadline()
+    closed = next(a for a in acts if isinstance(a, RoundClosed))
+    assert closed.accepted == (0, 1) and closed.missing == (2,)
+
+
+def test_disconnect_of_the_last_straggler_closes_the_round():
+    m = machine(n=3, quorum=2)
+    for w in range(3):
+        m.connect(w)
+    m.begin_round()
+    m.on_message(0, grad(m, 0, 1.0))
+    m.on_message(1, grad(m, 1, 1.0))
+    acts = m.disconnect(2)
+    assert any(isinstance(a, RoundClosed) for a in acts)
+
+
+def test_reconnect_mid_round_gets_state_and_the_open_round():
+    m = machine()
+    for w in range(3):
+        m.connect(w)
+    m.begin_round()
+    m.disconnect(1)
+    acts = m.connect(1)
+    assert [type(a.message) for a in acts] == [State, RoundStart]
+    with pytest.raises(ValueError, match="already connected"):
+        m.connect(1)
+    with pytest.raises(ValueError, match="unknown worker id 9"):
+        m.connect(9)
+
+
+def test_aggregator_refusal_and_last_round_finishes():
+    def picky(rows):
+        raise ValueError("needs more rows")
+    m = ServerRounds([0], replica(), picky, rounds=1, quorum=1)
+    m.connect(0)
+    m.begin_round()
+    (failed,) = m.on_message(0, grad(m, 0, 1.0))
+    assert isinstance(failed, RoundFailed) and "needs more rows" in failed.reason
+    m = ServerRounds([0], replica(), mean, rounds=1, quorum=1)
+    m.connect(0)
+    m.begin_round()
+    acts = m.on_message(0, grad(m, 0, 1.0))
+    assert isinstance(acts[-1], Finished) and isinstance(acts[-2].message, Stop)
+    assert m.finished
+
+
+def test_server_and_workers_stay_bit_identical_over_rounds():
+    """Wire the two machines together in memory: replicas must agree bit for bit."""
+    m = machine(n=2, rounds=3, quorum=2)
+    gens = {w: torch.Generator().manual_seed(w) for w in range(2)}
+    workers = {w: WorkerRounds(w, replica(), lambda r, w=w: (
+        torch.randn(m.replica.d, generator=gens[w]), 0.0)) for w in range(2)}
+    inbox = {w: [] for w in range(2)}
+
+    def deliver(actions):
+        for a in actions:
+            if isinstance(a, Send):
+                inbox[a.worker_id].append(a.message)
+            elif isinstance(a, Broadcast):
+                for w in inbox:
+                    inbox[w].append(a.message)
+
+    for w in range(2):
+        deliver(m.connect(w))
+    while not m.finished:
+        deliver(m.begin_round())
+        while any(inbox.values()):
+            for w in range(2):
+                while inbox[w]:
+                    for reply in workers[w].on_message(inbox[w].pop(0)):
+                        deliver(m.on_message(w, reply))
+    for w in range(2):
+        assert workers[w].stopped is not None and workers[w].rounds_done == 3
+        assert workers[w].replica.digest() == m.replica.digest()
+
+
+def test_worker_detects_drift_and_asks_for_resync():
+    w = WorkerRounds(0, replica(), lambda r: (torch.zeros(7850), 0.0))
+    with pytest.raises(ValueError, match="before the initial STATE"):
+        w.on_message(RoundStart(0, "0" * 32))
+    w.on_message(State(0, replica().state()))
+    assert w.on_message(RoundStart(0, "f" * 32)) == [Resync(0)]
+    m = machine()
+    m.connect(0)
+    m.begin_round()
+    acts = m.on_message(0, Resync(0))
+    assert [type(a.message) for a in acts] == [State, RoundStart]
