@@ -46,7 +46,7 @@ data.setdefault("training", {})["metrics_file"] = str(run_dir / "metrics.jsonl")
 (run_dir / "worker_ids").write_text(" ".join(str(w["id"]) for w in data["workers"]))
 PYEOF
 CFG=$RUN_DIR/config.yaml
-read -r -a IDS < "$RUN_DIR/worker_ids"
+read -r -a IDS < "$RUN_DIR/worker_ids" || true
 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }

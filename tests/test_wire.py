@@ -80,7 +80,7 @@ GOOD_GRAD = {"round": 1, "worker_id": 0, "loss": None, "dtype": "float32", "shap
     (raw_frame(4, GOOD_GRAD, bytes(20), magic=b"XXXX"), "bad magic"),
     (raw_frame(4, GOOD_GRAD, bytes(20), version=2), "protocol version 2"),
     (raw_frame(99, GOOD_GRAD, bytes(20)), "unknown message type 99"),
-    (raw_frame(4, GOOD_GRAD, bytes(20), reserved=1), "reserved"),
+    (raw_frame(4, GOOD_GRAD, bytes(20), reserved=1), "frame flags 0x1; expected 0x0"),
     (raw_frame(4, GOOD_GRAD, bytes(20), plen=2 ** 40), "expected exactly 20"),
     (raw_frame(4, GOOD_GRAD, bytes(16)), "expected exactly 20"),
     (raw_frame(4, GOOD_GRAD, bytes(20))[:-3], "cut short"),

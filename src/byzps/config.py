@@ -8,6 +8,7 @@ A config file (YAML or JSON, same schema) has four sections::
     workers:
       - {id: 0, type: honest, data_shard: 0}
       - {id: 3, type: byzantine, attack_scale: -1.0}
+      - {id: 4, type: byzantine, attack: alie, attack_params: {estimate_batches: 5}}
 
 Validation is strict: unknown keys, wrong types (a YAML ``on`` where a number belongs, the
 string ``"1e-3"`` that PyYAML reads from an unquoted ``1e-3``), out-of-range values, duplicate
@@ -17,7 +18,9 @@ what was expected.
 
 Deviation from shared/DESIGN.md: this module imports :mod:`byzps.aggregators` (itself a leaf
 that imports nothing of byzps) so that the method name and the rule's precondition on n and f
-are checked when the file is loaded, in one place, rather than later in the server.
+are checked when the file is loaded, in one place, rather than later in the server. For the
+same reason it imports :mod:`byzps.attacks` (which imports nothing of byzps beyond itself) and
+builds every worker's attack at load time.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from byzps import aggregators
+from byzps import aggregators, attacks
 
 MODEL_NAMES = ("cnn_mnist", "small_cnn", "mlp", "logreg")
 
@@ -59,6 +62,16 @@ class TrainingConfig(_Strict):
         batch_size: samples per worker minibatch (>= 1).
         learning_rate: SGD step size (> 0).
         momentum: server SGD momentum in [0, 1); every replica applies the same step.
+        worker_momentum: beta in [0, 1) of worker-side momentum; 0.0 (default) = off. When
+            on, every honest worker sends its momentum vector m_t = beta * m_{t-1} +
+            (1 - beta) * g_t (m_0 = 0, one step per round) instead of its raw minibatch
+            gradient g_t (Karimireddy et al. 2021, "Learning from history for Byzantine robust
+            optimization"; El Mhamdi et al. 2021, "Distributed momentum for Byzantine-resilient
+            stochastic gradient descent"), which lowers the variance the robust aggregator sees.
+            A Byzantine worker's ``honest_gradient`` is then its own momentum vector too.
+            Both momenta apply when both are set: the PS aggregates the worker momenta and
+            every replica takes its SGD step with server momentum ``momentum`` on top of that
+            aggregate. With worker momentum the papers usually set ``momentum: 0.0``.
         seed: seeds the initial model, the data split and the workers' sampling.
         model: model name (``cnn_mnist``, ``small_cnn``, ``mlp``, ``logreg``).
         eval_every: the PS evaluates on the test set every this many rounds and at the end.
@@ -66,12 +79,21 @@ class TrainingConfig(_Strict):
         train_limit: use only this many training samples (after a seeded shuffle); None = all.
         test_limit: evaluate on only the first this many test samples; None = all 10,000.
         metrics_file: if set, the PS appends one JSON record per round to this path.
+        quorum: fewest usable gradients a round may close with at its deadline (default
+            n - f, and never fewer than the rule needs).
+        round_retries: a round without a quorum at its deadline is retried (the PS asks the
+            workers that did not answer again) this many times; then the PS exits non-zero.
+        max_missed_rounds: a connected worker that misses this many round deadlines in a row
+            is disconnected (it may reconnect).
+        checkpoint_every: the PS writes a checkpoint every this many rounds (0 = never).
+        checkpoint_dir: folder of the PS's checkpoints (``latest.pt`` there).
     """
 
     rounds: int = Field(50, ge=1)
     batch_size: int = Field(64, ge=1, le=60000)
     learning_rate: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
+    worker_momentum: float = Field(0.0, ge=0, lt=1)
     seed: int = Field(0, ge=0)
     model: Literal["cnn_mnist", "small_cnn", "mlp", "logreg"] = "cnn_mnist"
     eval_every: int = Field(10, ge=1)
@@ -79,6 +101,11 @@ class TrainingConfig(_Strict):
     train_limit: Optional[int] = Field(None, ge=1, le=60000)
     test_limit: Optional[int] = Field(None, ge=1, le=10000)
     metrics_file: Optional[str] = None
+    quorum: Optional[int] = Field(None, ge=1)
+    round_retries: int = Field(3, ge=0)
+    max_missed_rounds: int = Field(3, ge=1)
+    checkpoint_every: int = Field(0, ge=0)
+    checkpoint_dir: str = Field("checkpoints", min_length=1)
 
 
 class AggregationConfig(_Strict):
@@ -109,12 +136,21 @@ class ServerConfig(_Strict):
         bind_host: address the PS listens on (default: ``host``).
         connect_timeout: seconds the PS waits for all workers to register, and a worker keeps
             retrying its connection to the PS.
+        min_workers: the PS starts after ``connect_timeout`` if at least this many workers
+            registered (default: the quorum); with all n it starts at once.
+        write_timeout: seconds a worker has to take one frame before the PS drops it.
+        secrets_file: key file (see ``byzps keygen``): on the PS all workers' keys, on a
+            worker at least its own. ``$BYZPS_SECRETS`` overrides it. None: no
+            authentication (local experiments only; the PS warns at start).
     """
 
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     bind_host: Optional[str] = Field(None, min_length=1)
     connect_timeout: float = Field(120.0, gt=0)
+    min_workers: Optional[int] = Field(None, ge=1)
+    write_timeout: float = Field(10.0, gt=0)
+    secrets_file: Optional[str] = None
 
     @property
     def listen_host(self) -> str:
@@ -130,7 +166,12 @@ class WorkerConfig(_Strict):
         type: ``honest`` or ``byzantine``.
         data_shard: index of this worker's iid shard in 0..n-1 (default: its list position).
         attack_scale: for a Byzantine worker, the factor s of the sign-flip attack (it sends s
-            times its own honest gradient).
+            times its own honest gradient); used when ``attack`` is None or ``sign_flip``.
+        attack: the attack of this worker when it runs as Byzantine (config type
+            ``byzantine`` or ``--worker-type byzantine``), one of
+            :func:`byzps.attacks.names`; None = ``sign_flip`` with ``attack_scale``.
+        attack_params: keyword parameters of the attack (see :func:`byzps.attacks.params`).
+            Checked when the config is loaded by building the attack.
         host, port: where the worker runs (informational).
     """
 
@@ -138,8 +179,20 @@ class WorkerConfig(_Strict):
     type: Literal["honest", "byzantine"] = "honest"
     data_shard: Optional[int] = Field(None, ge=0)
     attack_scale: float = -1.0
+    attack: Optional[str] = None
+    attack_params: dict[str, Any] = Field(default_factory=dict)
     host: Optional[str] = None
     port: Optional[int] = Field(None, ge=1, le=65535)
+
+    def attack_spec(self) -> tuple[str, dict[str, Any]]:
+        """``(name, params)`` for ``attacks.build(name, **params)``: the configured attack, or
+        ``sign_flip`` with ``scale = attack_scale`` when ``attack`` is None (``attack_scale``
+        also supplies sign_flip's scale when ``attack_params`` does not)."""
+        if self.attack is None or self.attack == "sign_flip":
+            params = dict(self.attack_params)
+            params.setdefault("scale", self.attack_scale)
+            return "sign_flip", params
+        return self.attack, dict(self.attack_params)
 
 
 class Config(_Strict):
@@ -210,6 +263,12 @@ class Config(_Strict):
         if a.krum_q is not None and a.method not in ("multi_krum",):
             raise ValueError(f"aggregation.krum_q: only meaningful for multi_krum, "
                              f"not {a.method!r}")
+        t, srv = self.training, self.server
+        if t.quorum is not None and t.quorum > self.n:
+            raise ValueError(f"training.quorum: expected at most n = {self.n}, got {t.quorum}")
+        if srv.min_workers is not None and srv.min_workers > self.n:
+            raise ValueError(f"server.min_workers: expected at most n = {self.n}, got "
+                             f"{srv.min_workers}")
         if self.f >= self.n:
             raise ValueError(f"aggregation.f: expected f < n = {self.n}, got {self.f}")
         if a.method not in aggregators.names():
@@ -220,7 +279,27 @@ class Config(_Strict):
             agg.check(self.n)
         except ValueError as e:
             raise ValueError(f"aggregation: {e}") from None
+        for k, w in enumerate(self.workers):
+            self._check_attack(k, w)
         return self
+
+    def _check_attack(self, k: int, w: WorkerConfig) -> None:
+        """Build worker ``k``'s attack once; ValueError naming ``workers.K.attack...``."""
+        if w.attack is None and w.attack_params:
+            raise ValueError(f"workers.{k}.attack_params: given without workers.{k}.attack; "
+                             f"name the attack (one of {', '.join(attacks.names())})")
+        explicit_scale = "attack_scale" in w.model_fields_set
+        if w.attack is not None and w.attack != "sign_flip" and explicit_scale:
+            raise ValueError(f"workers.{k}.attack_scale: only used by sign_flip, but attack is "
+                             f"{w.attack!r}; remove it (parameters go in attack_params)")
+        if w.attack == "sign_flip" and explicit_scale and "scale" in w.attack_params:
+            raise ValueError(f"workers.{k}.attack_params.scale: sign_flip's scale is also given "
+                             f"as workers.{k}.attack_scale; give it once")
+        try:
+            name, params = w.attack_spec()
+            attacks.build(name, **params).check(self.n, self.f)
+        except ValueError as e:
+            raise ValueError(f"workers.{k}.attack: {e}") from None
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -186,8 +186,15 @@ def locate_mnist(root: str | Path, download: bool = True) -> dict[str, Path]:
     raise DatasetNotFound(INSTALL_HINT)
 
 
-def load_mnist(root: str | Path, download: bool = True) -> Mnist:
-    """Load the four MNIST arrays (see :func:`locate_mnist` for where they come from).
+def load_mnist(root: str | Path, download: bool = True,
+               parts: tuple[str, ...] = ("train", "t10k")) -> Mnist:
+    """Load the MNIST arrays (see :func:`locate_mnist` for where they come from).
+
+    Args:
+        root: the ``--data-root`` folder.
+        download: whether to try the public mirrors as a last resort.
+        parts: which halves to read, ``"train"`` and/or ``"t10k"`` (test); the arrays of a
+            part not read are empty with the right trailing shape.
 
     Raises:
         DatasetNotFound: no copy found.
@@ -196,6 +203,9 @@ def load_mnist(root: str | Path, download: bool = True) -> Mnist:
     paths = locate_mnist(root, download=download)
     arrays = {}
     for stem, (_, shape) in MNIST_FILES.items():
+        if stem.split("-")[0] not in parts:
+            arrays[stem] = np.zeros((0,) + shape[1:], dtype=np.uint8)
+            continue
         arr = parse_idx(_read_maybe_gz(paths[stem]))
         if arr.shape != shape:
             raise IdxFormatError(f"{paths[stem]}: expected shape {shape}, got {arr.shape}")

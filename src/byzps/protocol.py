@@ -71,12 +71,19 @@ class RoundFailed:
 
 
 @dataclass(frozen=True)
+class Drop:
+    """Disconnect worker ``worker_id`` (it may reconnect later); ``reason`` is logged."""
+    worker_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Finished:
     """All rounds are done; a STOP was broadcast."""
     rounds: int
 
 
-Action = Union[Send, Broadcast, RoundClosed, RoundFailed, Finished]
+Action = Union[Send, Broadcast, RoundClosed, RoundFailed, Drop, Finished]
 
 # ---------------------------------------------------------------------------------------------
 # Server
@@ -102,6 +109,7 @@ class ServerRounds:
         quorum: the fewest gradients a round may close with at its deadline (1..n).
         start_round: first round to run (for resumed runs).
         clock: returns seconds (monotonic), used only to time the aggregator.
+        max_missed: a live worker that misses this many round closes in a row is dropped.
 
     Raises:
         ValueError: empty or duplicate worker ids, or a quorum outside 1..n.
@@ -109,7 +117,8 @@ class ServerRounds:
 
     def __init__(self, worker_ids: list[int], replica: Replica,
                  aggregate: Callable[[torch.Tensor], torch.Tensor], rounds: int, quorum: int,
-                 start_round: int = 0, clock: Optional[Callable[[], float]] = None):
+                 start_round: int = 0, clock: Optional[Callable[[], float]] = None,
+                 max_missed: int = 3):
         if not worker_ids or len(set(worker_ids)) != len(worker_ids):
             raise ValueError(f"worker ids must be non-empty and unique, got {worker_ids}")
         if not 1 <= quorum <= len(worker_ids):
@@ -124,6 +133,8 @@ class ServerRounds:
         self.current: Optional[_Open] = None
         self.finished = start_round >= rounds
         self._clock = clock or time.perf_counter
+        self.max_missed = max_missed
+        self.missed: dict[int, int] = {w: 0 for w in self.worker_ids}
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -203,6 +214,20 @@ class ServerRounds:
         """The round's deadline passed: close with what arrived, or fail without a quorum."""
         return self._maybe_close(deadline=True)
 
+    def retry_round(self) -> list[Action]:
+        """After a RoundFailed: ask again every live worker that has not answered the open
+        round (what arrived is kept).
+
+        Raises:
+            RuntimeError: no round is open.
+        """
+        cur = self.current
+        if cur is None:
+            raise RuntimeError("retry_round called with no open round")
+        digest = self.replica.digest()
+        return [Send(w, RoundStart(cur.round, digest)) for w in sorted(self.live)
+                if w not in cur.rows and w not in cur.rejected]
+
     def _maybe_close(self, deadline: bool) -> list[Action]:
         cur = self.current
         if cur is None:
@@ -226,12 +251,18 @@ class ServerRounds:
             return [RoundFailed(cur.round, "aggregator returned non-finite values")]
         self.replica.apply(agg)
         seconds = self._clock() - start
-        closed = RoundClosed(cur.round, tuple(ids), dict(cur.rejected),
-                             tuple(w for w in self.worker_ids if w not in answered),
+        missing = tuple(w for w in self.worker_ids if w not in answered)
+        closed = RoundClosed(cur.round, tuple(ids), dict(cur.rejected), missing,
                              dict(cur.losses), seconds)
         self.current = None
         self.round += 1
         actions: list[Action] = [Broadcast(Update(cur.round, agg)), closed]
+        for w in self.worker_ids:
+            self.missed[w] = self.missed[w] + 1 if (w in missing and w in self.live) else 0
+            if self.missed[w] >= self.max_missed:
+                self.missed[w] = 0
+                self.live.discard(w)
+                actions.append(Drop(w, f"missed {self.max_missed} round deadlines in a row"))
         if self.round >= self.rounds:
             self.finished = True
             actions += [Broadcast(Stop(f"training finished after {self.rounds} rounds")),

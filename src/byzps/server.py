@@ -80,7 +80,7 @@ class ParameterServer:
         self.cfg = cfg
         t = cfg.training
         self.rounds = rounds if rounds is not None else t.rounds
-        mnist = load_mnist(data_root)
+        mnist = load_mnist(data_root, parts=("t10k",))
         limit = t.test_limit or len(mnist.test_labels)
         self.test_x, self.test_y = to_tensors(mnist.test_images[:limit],
                                               mnist.test_labels[:limit])
@@ -99,12 +99,16 @@ class ParameterServer:
         self.metrics = JsonlWriter(t.metrics_file)
         self.port: Optional[int] = None
         self._all_connected = asyncio.Event()
+        self._handlers: set[asyncio.Task] = set()
+        self._closing = False
 
     # -- connections --------------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         wid: Optional[int] = None
+        task = asyncio.current_task()
+        self._handlers.add(task)
         try:
             hello = await read_message(reader, self.limits_hello, HELLO_TIMEOUT)
             assert isinstance(hello, Hello)
@@ -135,11 +139,15 @@ class ParameterServer:
                         HELLO_TIMEOUT)
         except (ConnectionError, OSError) as e:
             log.info("worker %s (%s): connection lost: %s", wid, peer, e)
+        except asyncio.CancelledError:
+            pass  # server shutdown; asyncio would otherwise log the cancellation as an error
         finally:
+            self._handlers.discard(task)
             writer.close()
             if wid is not None and self.writers.get(wid) is writer:
                 del self.writers[wid]
-                await self._execute(self.machine.disconnect(wid))
+                if not self._closing:
+                    await self._execute(self.machine.disconnect(wid))
 
     async def _send(self, wid: int, buffers: list) -> None:
         writer = self.writers.get(wid)
@@ -185,13 +193,23 @@ class ParameterServer:
         try:
             return await self._train()
         finally:
-            await self._execute([Broadcast(Stop("server shutting down", ok=False))]
-                                if not self.machine.finished else [])
-            for w in list(self.writers.values()):
-                w.close()
-            server.close()
-            await server.wait_closed()
-            self.metrics.close()
+            await self._shutdown(server)
+
+    async def _shutdown(self, server: asyncio.Server) -> None:
+        """Tell every worker to stop, give them a moment to hang up, then close everything."""
+        if not self.machine.finished:
+            await self._execute([Broadcast(Stop("server shutting down", ok=False))])
+        self._closing = True
+        server.close()
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=5.0)
+        for w in list(self.writers.values()):
+            w.close()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+        self.metrics.close()
 
     async def _wait_for_workers(self) -> None:
         try:

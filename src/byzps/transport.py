@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 from typing import Optional
 
-from byzps.wire import PREFIX_BYTES, FrameError, Limits, Message, build_message, encode, \
-    parse_header, parse_prefix
+from byzps.auth import MacSession
+from byzps.wire import MAC_BYTES, PREFIX_BYTES, FrameError, Limits, Message, build_message, \
+    encode, parse_header, parse_prefix
 
 
 class PeerClosed(ConnectionError):
     """The peer closed the connection (cleanly, between frames)."""
 
 
-async def _read_frame(reader: asyncio.StreamReader, limits: Limits) -> Message:
+async def _read_frame(reader: asyncio.StreamReader, limits: Limits,
+                      session: Optional[MacSession]) -> Message:
     try:
         raw = await reader.readexactly(PREFIX_BYTES)
     except asyncio.IncompleteReadError as e:
@@ -28,7 +30,8 @@ async def _read_frame(reader: asyncio.StreamReader, limits: Limits) -> Message:
             from None
     prefix = parse_prefix(raw, limits)
     try:
-        header = parse_header(prefix, await reader.readexactly(prefix.header_len), limits)
+        hbytes = await reader.readexactly(prefix.header_len)
+        header = parse_header(prefix, hbytes, limits)
         payload = bytearray(prefix.payload_len)
         view = memoryview(payload)
         got = 0
@@ -38,41 +41,57 @@ async def _read_frame(reader: asyncio.StreamReader, limits: Limits) -> Message:
                 raise asyncio.IncompleteReadError(b"", prefix.payload_len - got)
             view[got:got + len(chunk)] = chunk
             got += len(chunk)
+        trailer = await reader.readexactly(MAC_BYTES) if prefix.mac else b""
     except asyncio.IncompleteReadError:
         raise FrameError(f"connection closed inside a {prefix.mtype.name} frame") from None
+    if prefix.mac:
+        if session is None:
+            raise FrameError("a MAC'd frame but no authenticated session")
+        session.verify([raw + hbytes, payload], trailer)
     return build_message(prefix, header, payload)
 
 
 async def read_message(reader: asyncio.StreamReader, limits: Limits,
-                       timeout: Optional[float]) -> Message:
+                       timeout: Optional[float], session: Optional[MacSession] = None
+                       ) -> Message:
     """Read and validate one message.
 
     Args:
         reader: the stream.
-        limits: model size and the message types accepted now.
+        limits: model size, the message types accepted now, whether a MAC is required.
         timeout: seconds allowed for the whole frame once its first byte is awaited; None waits
             forever.
+        session: checks the MAC trailer of authenticated frames.
 
     Raises:
         PeerClosed: clean end of stream before a frame.
         FrameError: a malformed or oversized frame, or a stream cut inside one.
+        byzps.auth.AuthError: the MAC does not verify.
         TimeoutError: the frame did not arrive in time.
     """
     if timeout is None:
-        return await _read_frame(reader, limits)
-    return await asyncio.wait_for(_read_frame(reader, limits), timeout)
+        return await _read_frame(reader, limits, session)
+    return await asyncio.wait_for(_read_frame(reader, limits, session), timeout)
+
+
+def frame_buffers(msg: Message | list, session: Optional[MacSession]) -> list:
+    """The buffers to write for ``msg`` (or for pre-encoded, MAC-flagged buffers when
+    ``msg`` is a list), with the MAC trailer appended when ``session`` is given."""
+    buffers = msg if isinstance(msg, list) else encode(msg, mac=session is not None)
+    if session is not None:
+        buffers = buffers + [session.seal(buffers)]
+    return buffers
 
 
 async def write_message(writer: asyncio.StreamWriter, msg: Message | list,
-                        timeout: Optional[float]) -> None:
-    """Write one message (or pre-encoded buffers from :func:`byzps.wire.encode`) and drain.
+                        timeout: Optional[float], session: Optional[MacSession] = None) -> None:
+    """Write one message (or buffers from :func:`byzps.wire.encode`) and drain.
 
     Raises:
         TimeoutError: the peer did not take the bytes within ``timeout`` seconds.
         ConnectionError: the connection is gone.
     """
-    buffers = msg if isinstance(msg, list) else encode(msg)
-    writer.writelines(buffers)
+    writer.writelines(frame_buffers(msg, session))
     if timeout is None:
         await writer.drain()
     else:

@@ -6,11 +6,13 @@ Frame layout (all little-endian)::
     0      4    magic b"BZPS"
     4      1    protocol version (1)
     5      1    message type (:class:`MsgType`)
-    6      2    reserved, must be 0
+    6      2    flags: bit 0 = a 32-byte MAC trailer follows (authenticated sessions,
+                see :mod:`byzps.auth`); other bits must be 0
     8      4    header length H (bytes, <= MAX_HEADER_BYTES)
     12     8    payload length P (bytes)
     20     H    header: UTF-8 JSON object, strict schema per message type
     20+H   P    payload: raw little-endian tensor bytes (float32), empty for control messages
+    20+H+P 32   MAC trailer, only when flag bit 0 is set
 
 A receiver knows the model size d, so it knows the exact payload size of every message type
 before reading the body; :func:`parse_prefix` and :func:`parse_header` refuse anything else,
@@ -36,6 +38,8 @@ PREFIX = struct.Struct("<4sBBHIQ")
 PREFIX_BYTES = PREFIX.size  # 20
 MAX_HEADER_BYTES = 4096
 MAX_REASON_CHARS = 1000
+FLAG_MAC = 1
+MAC_BYTES = 32
 
 
 class MsgType(enum.IntEnum):
@@ -49,6 +53,8 @@ class MsgType(enum.IntEnum):
     STOP = 6       # PS -> worker: training is over (or aborted), with a reason
     RESYNC = 7     # worker -> PS: my replica's digest differs; send STATE
     REFUSE = 8     # PS -> peer: connection refused, with a reason, then closed
+    CHALLENGE = 9  # PS -> worker: prove you hold your key (server nonce)
+    AUTH = 10      # worker -> PS: response tag to the challenge
 
 
 class FrameError(ValueError):
@@ -61,8 +67,21 @@ class FrameError(ValueError):
 
 @dataclass(frozen=True)
 class Hello:
-    """Worker -> PS, first frame of a connection."""
+    """Worker -> PS, first frame of a connection; ``nonce`` (64 hex chars) when authenticating."""
     worker_id: int
+    nonce: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """PS -> worker: the server nonce (64 hex chars) to answer with :class:`Auth`."""
+    nonce: str
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Worker -> PS: the response tag (64 hex chars), see :func:`byzps.auth.auth_tag`."""
+    tag: str
 
 
 @dataclass(frozen=True)
@@ -114,7 +133,8 @@ class Refuse:
     reason: str
 
 
-Message = Union[Hello, State, RoundStart, Gradient, Update, Stop, Resync, Refuse]
+Message = Union[Hello, Challenge, Auth, State, RoundStart, Gradient, Update, Stop, Resync,
+                Refuse]
 
 # ---------------------------------------------------------------------------------------------
 # Header schemas (strict: unknown keys, wrong types, bools for ints are all refused)
@@ -124,8 +144,20 @@ class _H(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+_HEX32 = r"^[0-9a-f]{64}$"
+
+
 class _HelloH(_H):
     worker_id: int = Field(ge=0, lt=2**31)
+    nonce: Optional[str] = Field(None, pattern=_HEX32)
+
+
+class _ChallengeH(_H):
+    nonce: str = Field(pattern=_HEX32)
+
+
+class _AuthH(_H):
+    tag: str = Field(pattern=_HEX32)
 
 
 class _TensorH(_H):
@@ -168,7 +200,8 @@ class _RefuseH(_H):
 _SCHEMAS: dict[MsgType, type[_H]] = {
     MsgType.HELLO: _HelloH, MsgType.STATE: _StateH, MsgType.ROUND: _RoundH,
     MsgType.GRADIENT: _GradientH, MsgType.UPDATE: _UpdateH, MsgType.STOP: _StopH,
-    MsgType.RESYNC: _ResyncH, MsgType.REFUSE: _RefuseH,
+    MsgType.RESYNC: _ResyncH, MsgType.REFUSE: _RefuseH, MsgType.CHALLENGE: _ChallengeH,
+    MsgType.AUTH: _AuthH,
 }
 
 #: Tensor shape of each tensor-carrying type, as a function of d.
@@ -187,10 +220,12 @@ class Limits:
         d: model size; fixes every tensor's shape and so every payload size.
         allowed: message types this receiver accepts in this state; others are refused
             before the body is read.
+        mac: whether frames must carry a MAC trailer (authenticated session) or must not.
     """
 
     d: int
     allowed: frozenset[MsgType]
+    mac: bool = False
 
     def payload_bytes(self, mtype: MsgType) -> int:
         """Exact payload size in bytes of ``mtype`` (0 for control messages)."""
@@ -200,23 +235,24 @@ class Limits:
 
 @dataclass(frozen=True)
 class Prefix:
-    """The fixed 20-byte frame prefix, validated."""
+    """The fixed 20-byte frame prefix, validated; ``mac``: a MAC trailer follows the payload."""
     mtype: MsgType
     header_len: int
     payload_len: int
+    mac: bool = False
 
 
 def parse_prefix(raw: bytes, limits: Limits) -> Prefix:
     """Validate the 20-byte prefix before any further byte is read.
 
     Raises:
-        FrameError: short prefix, bad magic or version, unknown or unexpected type, nonzero
-            reserved bytes, header over ``MAX_HEADER_BYTES``, or a payload length other than
-            the exact size for this type and d.
+        FrameError: short prefix, bad magic or version, unknown or unexpected type, flags
+            other than what the session requires, header over ``MAX_HEADER_BYTES``, or a
+            payload length other than the exact size for this type and d.
     """
     if len(raw) != PREFIX_BYTES:
         raise FrameError(f"frame prefix must be {PREFIX_BYTES} bytes, got {len(raw)}")
-    magic, version, code, reserved, hlen, plen = PREFIX.unpack(raw)
+    magic, version, code, flags, hlen, plen = PREFIX.unpack(raw)
     if magic != MAGIC:
         raise FrameError(f"bad magic {magic!r}: not a byzps peer (expected {MAGIC!r})")
     if version != VERSION:
@@ -228,15 +264,18 @@ def parse_prefix(raw: bytes, limits: Limits) -> Prefix:
     if mtype not in limits.allowed:
         allowed = ", ".join(t.name for t in sorted(limits.allowed))
         raise FrameError(f"message type {mtype.name} not accepted here (expected {allowed})")
-    if reserved != 0:
-        raise FrameError("reserved prefix bytes must be 0")
+    want_flags = FLAG_MAC if limits.mac else 0
+    if flags != want_flags:
+        raise FrameError(f"frame flags {flags:#x}; expected {want_flags:#x} ("
+                         + ("this server requires authenticated frames)" if limits.mac else
+                            "no MAC expected on this connection)"))
     if not 2 <= hlen <= MAX_HEADER_BYTES:
         raise FrameError(f"header length {hlen} outside 2..{MAX_HEADER_BYTES} bytes")
     want = limits.payload_bytes(mtype)
     if plen != want:
         raise FrameError(f"{mtype.name} payload of {plen} bytes; expected exactly {want} "
                          f"(d = {limits.d})")
-    return Prefix(mtype, hlen, plen)
+    return Prefix(mtype, hlen, plen, bool(flags & FLAG_MAC))
 
 
 def parse_header(prefix: Prefix, raw: bytes, limits: Limits) -> dict[str, Any]:
@@ -287,7 +326,11 @@ def build_message(prefix: Prefix, header: dict[str, Any], payload: Union[bytes, 
             arr = arr.copy()
         tensor = torch.from_numpy(arr.astype(np.float32, copy=False)).view(header["shape"])
     if t is MsgType.HELLO:
-        return Hello(header["worker_id"])
+        return Hello(header["worker_id"], header["nonce"])
+    if t is MsgType.CHALLENGE:
+        return Challenge(header["nonce"])
+    if t is MsgType.AUTH:
+        return Auth(header["tag"])
     if t is MsgType.STATE:
         return State(header["round"], tensor)
     if t is MsgType.ROUND:
@@ -303,11 +346,18 @@ def build_message(prefix: Prefix, header: dict[str, Any], payload: Union[bytes, 
     return Refuse(header["reason"])
 
 
-def decode_frame(data: bytes, limits: Limits) -> Message:
+def decode_frame(data: bytes, limits: Limits, session=None) -> Message:
     """Decode one complete frame from ``data`` (exactly one frame, nothing more).
+
+    Args:
+        data: the frame's bytes.
+        limits: what is accepted.
+        session: a :class:`byzps.auth.MacSession` that checks the MAC trailer (when
+            ``limits.mac``).
 
     Raises:
         FrameError: anything wrong, including trailing bytes or a frame cut short.
+        byzps.auth.AuthError: a MAC that does not verify.
     """
     prefix = parse_prefix(bytes(data[:PREFIX_BYTES]), limits)
     end = PREFIX_BYTES + prefix.header_len
@@ -315,10 +365,16 @@ def decode_frame(data: bytes, limits: Limits) -> Message:
         raise FrameError(f"header cut short: {len(data) - PREFIX_BYTES} of {prefix.header_len} "
                          f"bytes")
     header = parse_header(prefix, bytes(data[PREFIX_BYTES:end]), limits)
-    payload = data[end:]
+    trailer = MAC_BYTES if prefix.mac else 0
+    payload = data[end:len(data) - trailer] if trailer else data[end:]
     if len(payload) > prefix.payload_len:
         raise FrameError(f"{len(payload) - prefix.payload_len} bytes after the frame")
-    return build_message(prefix, header, payload)
+    msg = build_message(prefix, header, payload)
+    if prefix.mac:
+        if session is None:
+            raise FrameError("a MAC'd frame but no session to check it")
+        session.verify([data[:end], payload], data[len(data) - trailer:])
+    return msg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,15 +390,22 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(arr).cast("B")
 
 
-def encode(msg: Message) -> list[Union[bytes, memoryview]]:
+def encode(msg: Message, mac: bool = False) -> list[Union[bytes, memoryview]]:
     """Encode a message as a list of buffers to write in order (the tensor is not copied).
+
+    With ``mac`` the MAC flag is set; the sender then appends
+    ``session.seal(buffers)`` (32 bytes) after the returned buffers.
 
     Raises:
         ValueError: a tensor that is not float32, or a reason longer than 1000 characters.
     """
     payload: Union[bytes, memoryview] = b""
     if isinstance(msg, Hello):
-        mtype, header = MsgType.HELLO, {"worker_id": msg.worker_id}
+        mtype, header = MsgType.HELLO, {"worker_id": msg.worker_id, "nonce": msg.nonce}
+    elif isinstance(msg, Challenge):
+        mtype, header = MsgType.CHALLENGE, {"nonce": msg.nonce}
+    elif isinstance(msg, Auth):
+        mtype, header = MsgType.AUTH, {"tag": msg.tag}
     elif isinstance(msg, State):
         mtype, header = MsgType.STATE, {"round": msg.round}
     elif isinstance(msg, RoundStart):
@@ -368,5 +431,6 @@ def encode(msg: Message) -> list[Union[bytes, memoryview]]:
     if isinstance(msg, Gradient) and msg.loss is not None and not np.isfinite(msg.loss):
         header["loss"] = None
     hbytes = json.dumps(header, separators=(",", ":")).encode()
-    prefix = PREFIX.pack(MAGIC, VERSION, int(mtype), 0, len(hbytes), len(payload))
+    prefix = PREFIX.pack(MAGIC, VERSION, int(mtype), FLAG_MAC if mac else 0, len(hbytes),
+                         len(payload))
     return [prefix + hbytes, payload] if len(payload) else [prefix + hbytes]

@@ -4,6 +4,14 @@ The per-message logic is :class:`byzps.protocol.WorkerRounds`; this module does 
 worker keeps retrying its connection with exponential backoff until
 ``server.connect_timeout`` seconds have passed, so it may start before the PS, and it
 reconnects the same way when the connection drops before the PS said STOP.
+
+What a worker sends each round (:meth:`Worker._compute`): the minibatch gradient g_t of its
+shard, or with ``training.worker_momentum`` beta > 0 its momentum vector
+m_t = beta * m_{t-1} + (1 - beta) * g_t (:class:`WorkerMomentum`). A Byzantine worker instead
+sends what its attack (``workers[].attack`` + ``attack_params``, default sign_flip with
+``attack_scale``) makes of an :class:`byzps.attacks.AttackContext` holding what it can see:
+that honest vector, its current minibatch, gradients at the current model, further minibatches
+of its own shard, n, f and its seed.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import numpy as np
 import torch
 
 from byzps import attacks
+from byzps.attacks.base import round_generator
 from byzps.config import Config
 from byzps.data import iid_shards, load_mnist, to_tensors
 from byzps.protocol import WorkerRounds
@@ -59,6 +68,49 @@ class ShardSampler:
         return self.x[idx], self.y[idx]
 
 
+class WorkerMomentum:
+    """Worker-side momentum (Karimireddy et al. 2021; El Mhamdi et al. 2021), explicit state.
+
+    ``m_t = beta * m_{t-1} + (1 - beta) * g_t`` with ``m_0 = 0`` (so ``m_1 = (1 - beta) * g_1``),
+    one step per round. With beta = 0 it is the identity (``step`` returns g itself) and keeps
+    no state. If the same round is answered twice (the PS re-asks after a reconnect), the second
+    call replaces that round's step instead of stepping again, so m_t stays one step per round.
+
+    Args:
+        beta: momentum in [0, 1).
+
+    Attributes:
+        buffer: ``(d,)`` float32 m after the latest step, or None before the first.
+
+    Raises:
+        ValueError: beta outside [0, 1).
+    """
+
+    def __init__(self, beta: float):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"worker momentum must be in [0, 1), got {beta}")
+        self.beta = float(beta)
+        self.buffer: Optional[torch.Tensor] = None
+        self._before: Optional[torch.Tensor] = None
+        self._round: Optional[int] = None
+
+    def step(self, round_: int, g: torch.Tensor) -> torch.Tensor:
+        """Fold the round's ``(d,)`` float32 gradient g into m and return m_t (``(d,)`` float32).
+
+        Raises:
+            ValueError: g's shape differs from the buffer's.
+        """
+        if self.beta == 0.0:
+            return g
+        base = self._before if round_ == self._round else self.buffer
+        if base is not None and base.shape != g.shape:
+            raise ValueError(f"worker momentum: gradient shape {tuple(g.shape)} differs from "
+                             f"the buffer's {tuple(base.shape)}")
+        m = g * (1.0 - self.beta) if base is None else base * self.beta + g * (1.0 - self.beta)
+        self._before, self.buffer, self._round = base, m, round_
+        return m
+
+
 def shard_tensors(cfg: Config, worker_id: int, data_root: str) -> tuple[torch.Tensor,
                                                                          torch.Tensor]:
     """Load MNIST and return this worker's iid shard as tensors.
@@ -66,7 +118,7 @@ def shard_tensors(cfg: Config, worker_id: int, data_root: str) -> tuple[torch.Te
     Raises:
         byzps.data.DatasetNotFound: no MNIST copy found.
     """
-    mnist = load_mnist(data_root)
+    mnist = load_mnist(data_root, parts=("train",))
     shards = iid_shards(len(mnist.train_labels), cfg.n, cfg.training.seed,
                         cfg.training.train_limit)
     idx = shards[cfg.shard_of(worker_id)]
@@ -95,21 +147,79 @@ class Worker:
         self.type = worker_type or wcfg.type
         t = cfg.training
         x, y = shard_tensors(cfg, worker_id, data_root)
-        self.sampler = ShardSampler(x, y, t.batch_size, seed=t.seed * 1_000_003 + worker_id)
+        self.seed = t.seed * 1_000_003 + worker_id
+        self.sampler = ShardSampler(x, y, t.batch_size, seed=self.seed)
+        self._shard = (x, y)
+        self._estimate_gen = round_generator(self.seed, -1, "sample_batch")
         self.replica = Replica(t.model, t.seed, t.learning_rate, t.momentum)
-        self.attack = attacks.build("sign_flip", scale=wcfg.attack_scale) \
-            if self.type == "byzantine" else None
+        self.momentum = WorkerMomentum(t.worker_momentum)
+        self.attack: Optional[attacks.Attack] = None
+        if self.type == "byzantine":
+            name, params = wcfg.attack_spec()
+            self.attack = attacks.build(name, **params)
+            log.info("worker %d is Byzantine: attack %s %s", worker_id, name, params)
+        # a raw-gradient attack (label_flip, mimic) gets its own momentum, like an honest worker
+        self.attack_momentum = WorkerMomentum(t.worker_momentum)
         self.machine = WorkerRounds(worker_id, self.replica, self._compute)
         self.limits = Limits(self.replica.d, frozenset({MsgType.STATE, MsgType.ROUND,
                                                         MsgType.UPDATE, MsgType.STOP,
                                                         MsgType.REFUSE}))
 
+    def _gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``(d,)`` float32 raw gradient on ``(B, 1, 28, 28)`` / ``(B,)`` data at the replica."""
+        return self.replica.gradient(x, y)[0]
+
+    def sample_batch(self, generator: Optional[torch.Generator] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A further minibatch of this worker's shard, for attacks' estimates.
+
+        B examples (the training batch size, at most the shard size) drawn uniformly without
+        replacement, independently of the training sampler's sequence.
+
+        Args:
+            generator: source of randomness; None = this worker's own estimation stream.
+
+        Returns:
+            ``(B, 1, 28, 28)`` float32 inputs and ``(B,)`` int64 labels.
+        """
+        x, y = self._shard
+        gen = self._estimate_gen if generator is None else generator
+        idx = torch.randperm(len(y), generator=gen)[:self.sampler.batch_size]
+        return x[idx], y[idx]
+
+    def context(self, round_: int, honest: torch.Tensor,
+                batch: tuple[torch.Tensor, torch.Tensor]) -> attacks.AttackContext:
+        """The :class:`byzps.attacks.AttackContext` of this worker for ``round_``.
+
+        Args:
+            round_: the round number.
+            honest: ``(d,)`` float32 the honest vector (gradient, or momentum when on).
+            batch: the current minibatch ``(x, y)``.
+        """
+        return attacks.AttackContext(
+            round_, honest, batch=batch, gradient=self._gradient,
+            sample_batch=self.sample_batch, n=self.cfg.n, f=self.cfg.f, seed=self.seed,
+            worker_momentum=self.cfg.training.worker_momentum)
+
     def _compute(self, round_: int) -> tuple[torch.Tensor, float]:
+        """``round -> ((d,) float32 vector to send, honest minibatch loss)``.
+
+        Raises:
+            RuntimeError: the attack returned a vector of the wrong size (a bug in it).
+        """
         x, y = self.sampler.next()
         grad, loss = self.replica.gradient(x, y)
+        sent = self.momentum.step(round_, grad)
         if self.attack is not None:
-            grad = self.attack(attacks.AttackContext(round_, grad))
-        return grad, loss
+            out = self.attack(self.context(round_, sent, (x, y)))
+            if out.numel() != self.replica.d:
+                raise RuntimeError(f"attack {self.attack.name!r} returned {out.numel()} values, "
+                                   f"expected d = {self.replica.d}")
+            out = out.to(torch.float32).reshape(-1).contiguous()
+            if self.attack.output_is_gradient:
+                out = self.attack_momentum.step(round_, out)
+            sent = out
+        return sent, loss
 
     async def _connect(self, deadline: float) -> tuple[asyncio.StreamReader,
                                                        asyncio.StreamWriter]:

@@ -2,21 +2,40 @@
 
 An attack turns what a Byzantine worker can see into the vector it sends. In a real TCP
 deployment a Byzantine worker sees only the model and its own shard; :class:`AttackContext`
-holds exactly that.
+holds exactly that (see :mod:`byzps.attacks.base` for the threat model and what collusion
+means here).
 
 Public API::
 
     atk = attacks.build("sign_flip", scale=-1.0)
     g_sent = atk(AttackContext(round=r, honest_gradient=g))     # (d,) float32
-    attacks.names()
+    attacks.names()            # ['alie', 'gaussian', 'inf', 'ipm', ...]
+    attacks.params("alie")     # {'z': None, 'estimate_batches': 5, 'collude_seed': None}
+    atk.needs                  # frozenset of AttackContext fields the attack reads
+
+Attacks: ``sign_flip``, ``gaussian``, ``alie``, ``ipm``, ``label_flip``, ``mimic``, ``inf``,
+``nan``, ``zero`` (one module each, with definition, parameters and source).
 """
 
 from __future__ import annotations
 
-from byzps.attacks.base import Attack, AttackContext
-from byzps.attacks.sign_flip import SignFlip
+import inspect
+from typing import Any
 
-_REGISTRY: dict[str, type[Attack]] = {"sign_flip": SignFlip}
+from byzps.attacks.alie import Alie, alie_z
+from byzps.attacks.base import CONTEXT_FIELDS, Attack, AttackContext
+from byzps.attacks.gaussian import Gaussian
+from byzps.attacks.inf import Inf
+from byzps.attacks.ipm import Ipm
+from byzps.attacks.label_flip import LabelFlip
+from byzps.attacks.mimic import Mimic
+from byzps.attacks.nan import Nan
+from byzps.attacks.sign_flip import SignFlip
+from byzps.attacks.zero import Zero
+
+_REGISTRY: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (SignFlip, Gaussian, Alie, Ipm, LabelFlip, Mimic, Inf, Nan, Zero)
+}
 
 
 def names() -> list[str]:
@@ -24,18 +43,43 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(name: str, **params) -> Attack:
-    """Build an attack by config name.
+def _lookup(name: Any) -> type[Attack]:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown attack {name!r}; valid choices: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def params(name: str) -> dict[str, Any]:
+    """The parameters of attack ``name`` and their defaults, in signature order.
 
     Raises:
-        ValueError: unknown name (listing the valid ones) or a bad parameter.
+        ValueError: unknown name (listing the valid ones).
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attack {name!r}; expected one of {', '.join(names())}")
+    sig = inspect.signature(_lookup(name).__init__)
+    return {p.name: p.default for p in list(sig.parameters.values())[1:]}
+
+
+def build(name: str, /, **params_: Any) -> Attack:
+    """Build an attack by config name.
+
+    Args:
+        name: one of :func:`names`.
+        **params_: the attack's parameters (see :func:`params`); omitted ones take defaults.
+
+    Raises:
+        ValueError: unknown name (listing the valid ones), unknown parameter (listing the
+            attack's parameters) or a bad parameter value.
+    """
+    cls = _lookup(name)
+    valid = params(name)
+    unknown = sorted(set(params_) - set(valid))
+    if unknown:
+        raise ValueError(f"attack {name!r}: unknown parameter(s) {', '.join(unknown)}; "
+                         f"expected {', '.join(valid) or 'no parameters'}")
     try:
-        return _REGISTRY[name](**params)
-    except TypeError as e:
+        return cls(**params_)
+    except ValueError as e:
         raise ValueError(f"attack {name!r}: {e}") from None
 
 
-__all__ = ["Attack", "AttackContext", "build", "names"]
+__all__ = ["Attack", "AttackContext", "CONTEXT_FIELDS", "alie_z", "build", "names", "params"]

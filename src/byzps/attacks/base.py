@@ -1,34 +1,171 @@
-"""The attack interface: what a Byzantine worker may see, and what it returns."""
+"""The attack interface: what a Byzantine worker may see, and what it returns.
+
+Threat model (non-omniscient). In a real TCP deployment a Byzantine worker sees only what any
+worker sees: the current model (through :attr:`AttackContext.gradient`), its own data shard
+(the current minibatch :attr:`AttackContext.batch` and further minibatches from
+:attr:`AttackContext.sample_batch`), the public config (n, f, the worker momentum) and its own
+seed. It never sees other workers' gradients. Attacks that the papers define on statistics of
+the honest gradients (ALIE, IPM, mimic) therefore *estimate* those statistics from several
+minibatches of the worker's own shard; see :mod:`byzps.attacks._estimate`.
+
+Collusion. Byzantine workers exchange no messages. Workers whose ``attack_params`` carry the
+same ``collude_seed`` draw the same random numbers in the same round (every random draw of an
+attack is seeded from ``(collude_seed, round)`` instead of the worker's own seed): gaussian
+workers send the very same noise vector, and estimating attacks sample the same positions
+within their own shards (which hold different examples, so their estimates still differ).
+Deterministic choices coincide whenever the config parameters coincide: ALIE's z (from n and
+f), IPM's epsilon, mimic's target class (given, or derived from the shared ``collude_seed``).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
+
+#: Names an attack may list in ``needs``: the :class:`AttackContext` fields it reads.
+CONTEXT_FIELDS = frozenset({"honest_gradient", "batch", "gradient", "sample_batch", "n", "f"})
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class AttackContext:
     """What a non-omniscient Byzantine worker knows when it answers a round.
 
+    Only ``round`` and ``honest_gradient`` are required; an attack that needs another field
+    declares it in :attr:`Attack.needs` and gets a ValueError naming the field when it is None.
+
     Attributes:
-        round: the round number r.
-        honest_gradient: ``(d,)`` float32, the gradient an honest worker would send from this
-            worker's own shard.
+        round: the round number r (>= 0).
+        honest_gradient: ``(d,)`` float32, the vector an honest worker would send from this
+            worker's shard: the minibatch gradient, or, with ``training.worker_momentum`` > 0,
+            this worker's momentum vector m_t.
+        batch: the current minibatch ``(x, y)``: ``(B, 1, 28, 28)`` float32 inputs and ``(B,)``
+            int64 labels (the one ``honest_gradient`` was computed on).
+        gradient: callable ``(x, y) -> (d,)`` float32, the loss gradient on any minibatch at
+            the current model (a raw gradient, no momentum). Raises what the model raises on
+            malformed inputs.
+        sample_batch: callable ``(generator: Optional[torch.Generator]) -> (x, y)`` drawing a
+            further minibatch of B examples (uniformly without replacement) from this worker's
+            own shard; with a generator the draw is a pure function of the generator's state,
+            without one it uses the worker's own estimation stream.
+        n: number of workers in the config.
+        f: number of Byzantine workers the aggregator tolerates (``Config.f``).
+        seed: this worker's own seed (distinct per worker, fixed by ``training.seed``).
+        worker_momentum: beta of ``training.worker_momentum`` in [0, 1) (0 = off).
     """
 
     round: int
     honest_gradient: torch.Tensor
+    batch: Optional[Batch] = None
+    gradient: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    sample_batch: Optional[Callable[[Optional[torch.Generator]], Batch]] = None
+    n: Optional[int] = None
+    f: Optional[int] = None
+    seed: int = 0
+    worker_momentum: float = 0.0
+
+    @property
+    def d(self) -> int:
+        """Model dimension d (the length of ``honest_gradient``)."""
+        return self.honest_gradient.numel()
 
 
 class Attack:
-    """Base class of attacks. Subclasses set ``name`` and implement ``__call__``.
+    """Base class of attacks. Subclasses set ``name`` and ``needs`` and implement ``__call__``.
 
     ``__call__(ctx) -> (d,)`` float32: the vector the Byzantine worker sends in round
     ``ctx.round``.
+
+    Class attributes:
+        name: the config name.
+        needs: the :class:`AttackContext` fields (names from :data:`CONTEXT_FIELDS`) the attack
+            reads; :meth:`require` checks them.
+        output_is_gradient: True when the returned vector is a raw gradient on (poisoned)
+            data rather than a transform of ``honest_gradient``; the worker then runs it
+            through its own momentum (a separate buffer) like an honest worker would, so that
+            with worker momentum the attack still looks like an honest worker on bad data.
     """
 
-    name = "attack"
+    name: ClassVar[str] = "attack"
+    needs: frozenset[str] = frozenset({"honest_gradient"})
+    output_is_gradient: ClassVar[bool] = False
 
     def __call__(self, ctx: AttackContext) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check(self, n: int, f: int) -> None:
+        """Check that the attack can run with n workers and tolerance f (default: always).
+
+        Raises:
+            ValueError: it cannot (the message says why).
+        """
+
+    def require(self, ctx: AttackContext) -> None:
+        """Check that every field in ``needs`` is set in ``ctx``.
+
+        Raises:
+            ValueError: naming the missing fields.
+        """
+        missing = sorted(k for k in self.needs if getattr(ctx, k) is None)
+        if missing:
+            raise ValueError(f"attack {self.name!r} needs {', '.join(missing)} in its "
+                             f"AttackContext (round {ctx.round})")
+
+
+def round_generator(seed: int, round_: int, salt: str) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded by a hash of ``(salt, seed, round_)``.
+
+    The same arguments give the same stream on every machine; different rounds or salts give
+    unrelated streams.
+
+    Args:
+        seed: any int (the worker's seed or a collusion seed).
+        round_: the round number.
+        salt: separates the streams of different uses (e.g. the attack name).
+    """
+    h = hashlib.blake2b(f"{salt}:{seed}:{round_}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h, "little") & (2 ** 63 - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter checks shared by the attack constructors (config values come from YAML/JSON).
+
+
+def finite_float(name: str, value: Any) -> float:
+    """``value`` as a finite float.
+
+    Raises:
+        ValueError: a bool, a non-number or a non-finite number.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def int_at_least(name: str, value: Any, low: int) -> int:
+    """``value`` as an int >= ``low``.
+
+    Raises:
+        ValueError: a bool, a non-int or a value below ``low``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def optional_seed(name: str, value: Any) -> Optional[int]:
+    """``value`` as None or an int >= 0 (a collusion seed).
+
+    Raises:
+        ValueError: anything else.
+    """
+    return None if value is None else int_at_least(name, value, 0)

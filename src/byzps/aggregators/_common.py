@@ -1,0 +1,287 @@
+"""Numerical helpers shared by the aggregation rules.
+
+Everything here works on a gradient matrix ``x`` of shape ``(n, d)`` (one row per worker) of
+dtype float32 or float64, on any device. Two conventions hold throughout:
+
+* **Bounded extra memory.** Work that needs a float64 copy, a transposed copy or a sort is done
+  on column chunks of about ``CHUNK_ELEMENTS`` entries, so the peak extra memory of a rule is
+  one chunk plus O(n^2 + d) floats, never a second copy of the input (the output of a
+  pre-aggregator is of course as large as its input).
+* **Accurate, overflow-free reductions.** Means of float32 rows are accumulated in float64 (so
+  the mean of identical float32 rows is that row exactly and 1e38-sized rows do not overflow);
+  pairwise distances are computed from rows centred on their coordinate-wise median in float64,
+  so adding the same vector to every row changes no selection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "SUPPORTED_DTYPES",
+    "as_matrix",
+    "column_chunks",
+    "coordinate_median",
+    "drop_nonfinite",
+    "nonfinite_rows",
+    "mean_rows",
+    "median_of_sorted",
+    "pairwise_sq_dists",
+    "row_norms",
+    "sorted_column_chunks",
+    "window_mean_around_median",
+]
+
+#: Number of matrix entries processed per column chunk (2**20 -> 8 MiB as float64).
+CHUNK_ELEMENTS = 1 << 20
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- input handling
+
+
+def as_matrix(grads: object, rule: str) -> torch.Tensor:
+    """Validate the input of a rule and return it detached.
+
+    Raises TypeError when ``grads`` is not a torch.Tensor or not float32/float64, ValueError
+    when it is not two-dimensional or has no rows or no columns.
+    """
+    if not isinstance(grads, torch.Tensor):
+        raise TypeError(
+            f"{rule}: expected a torch.Tensor of shape (n, d), got {type(grads).__name__}"
+        )
+    if grads.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{rule}: expected dtype float32 or float64, got {grads.dtype}")
+    if grads.dim() != 2:
+        raise ValueError(
+            f"{rule}: expected a 2-D tensor (n workers, d parameters), got shape "
+            f"{tuple(grads.shape)}"
+        )
+    n, d = grads.shape
+    if n == 0:
+        raise ValueError(f"{rule}: got no gradients (shape {tuple(grads.shape)})")
+    if d == 0:
+        raise ValueError(f"{rule}: gradients have no coordinates (shape {tuple(grads.shape)})")
+    return grads.detach()
+
+
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (n,) of rows holding at least one NaN or +-Inf.
+
+    Fast path: a row whose float sum is finite holds no NaN/Inf (NaN and Inf propagate through
+    a sum), so only rows whose sum is non-finite - either faulty or finite rows that overflowed -
+    are inspected entry by entry.
+    """
+    bad = ~torch.isfinite(x.sum(dim=1))
+    if bool(bad.any()):
+        for i in torch.nonzero(bad).flatten().tolist():
+            bad[i] = not bool(torch.isfinite(x[i]).all())
+    return bad
+
+
+def drop_nonfinite(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Return ``(rows of x that are entirely finite, number of rows dropped)``."""
+    bad = nonfinite_rows(x)
+    dropped = int(bad.sum())
+    if dropped:
+        x = x[~bad]
+    return x, dropped
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+def chunk_columns(n: int, d: int, elements: int | None = None) -> int:
+    """Number of columns per chunk.
+
+    A chunk holds about ``elements`` entries; by default ``min(CHUNK_ELEMENTS, n*d/8)`` (at
+    least 65536), so that the few chunk-sized temporaries a rule keeps alive (a float64 copy,
+    a sort's values and int64 indices) stay below the size of a float32 input.
+    """
+    if elements is None:
+        elements = min(CHUNK_ELEMENTS, max(n * d // 8, 1 << 16))
+    return max(1, min(d, elements // max(n, 1)))
+
+
+def column_chunks(n: int, d: int, elements: int | None = None) -> Iterator[tuple[int, int]]:
+    """Yield ``(start, stop)`` column ranges covering ``range(d)`` (see ``chunk_columns``)."""
+    step = chunk_columns(n, d, elements)
+    for start in range(0, d, step):
+        yield start, min(d, start + step)
+
+
+def _chunk64(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """A float64 copy of ``x[:, start:stop]`` (always a copy, safe to modify in place)."""
+    return x[:, start:stop].to(torch.float64, copy=True)
+
+
+def sorted_column_chunks(x: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, stop, s)`` where ``s`` (stop - start, n) holds each coordinate's n values
+    in ascending order (input dtype). Sorting a contiguous transposed chunk along its last
+    dimension is about twice as fast as sorting along dim 0."""
+    n, d = x.shape
+    for start, stop in column_chunks(n, d):
+        s, _ = torch.sort(x[:, start:stop].T.contiguous(), dim=1)
+        yield start, stop, s
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+def mean_rows(x: torch.Tensor) -> torch.Tensor:
+    """Mean of the rows of ``x`` (n, d) -> (d,) in x's dtype, accumulated in float64.
+
+    For float32 input the float64 sum of up to 2**29 rows is exact, so the mean of identical rows
+    is that row exactly and no finite input overflows. For float64 input a sum that overflows is
+    recomputed as the sum of ``row / n``.
+    """
+    n, d = x.shape
+    out = torch.empty(d, dtype=torch.float64, device=x.device)
+    for start, stop in column_chunks(n, d):
+        torch.sum(x[:, start:stop].to(torch.float64), dim=0, out=out[start:stop])
+    out.div_(n)
+    if x.dtype == torch.float64 and not bool(torch.isfinite(out).all()):
+        for start, stop in column_chunks(n, d):
+            torch.sum(x[:, start:stop] / n, dim=0, out=out[start:stop])
+    return out.to(x.dtype)
+
+
+def row_norms(x: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+    """Euclidean norms (n,) float64 of the rows of ``x - center`` (center (d,) or None).
+
+    Computed on float64 chunks with a per-row rescaling when squares would overflow, so the
+    result is finite for every finite input.
+    """
+    n, d = x.shape
+    sq = torch.zeros(n, dtype=torch.float64, device=x.device)
+    for start, stop in column_chunks(n, d):
+        c = _chunk64(x, start, stop)
+        if center is not None:
+            c.sub_(center[start:stop].to(torch.float64))
+        sq.add_((c * c).sum(dim=1))
+    norms = sq.sqrt_()
+    bad = ~torch.isfinite(norms)
+    if bool(bad.any()):  # only float64 rows with entries beyond ~1e154 get here
+        idx = torch.nonzero(bad).flatten()
+        for i in idx.tolist():
+            row = x[i].to(torch.float64)
+            if center is not None:
+                row = row - center.to(torch.float64)
+            m = row.abs().max()
+            norms[i] = m * torch.linalg.vector_norm(row / m) if bool(torch.isfinite(m)) else m
+    return norms
+
+
+def median_of_sorted(s: torch.Tensor) -> torch.Tensor:
+    """Median of each row of a row-sorted (c, n) tensor, as float64 (c,); for even n the mean
+    of the two middle values (computed as 0.5*a + 0.5*b so it cannot overflow)."""
+    n = s.shape[1]
+    if n % 2:
+        return s[:, n // 2].to(torch.float64)
+    lo = s[:, n // 2 - 1].to(torch.float64)
+    hi = s[:, n // 2].to(torch.float64)
+    return 0.5 * lo + 0.5 * hi
+
+
+def _median_transposed(t: torch.Tensor) -> torch.Tensor:
+    """Median (float64) of each row of an unsorted contiguous (c, n) tensor, even n -> mean of
+    the two middle values. Uses selection (kthvalue / topk), not a full sort."""
+    n = t.shape[1]
+    if n % 2:
+        return torch.kthvalue(t, (n + 1) // 2, dim=1).values.to(torch.float64)
+    if n == 2:
+        lo, hi = torch.aminmax(t, dim=1)
+    else:
+        # the n/2 + 1 smallest values; the two largest of them are the middle pair
+        low_half = torch.topk(t, n // 2 + 1, dim=1, largest=False, sorted=False).values
+        top2 = torch.topk(low_half, 2, dim=1, largest=True, sorted=True).values
+        hi, lo = top2[:, 0], top2[:, 1]
+    return 0.5 * lo.to(torch.float64) + 0.5 * hi.to(torch.float64)
+
+
+def coordinate_median(x: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median (d,) of ``x`` (n, d) in x's dtype; for even n the mean of the two
+    middle values. O(n d) time, one chunk of extra memory."""
+    n, d = x.shape
+    out = torch.empty(d, dtype=x.dtype, device=x.device)
+    if n == 1:
+        return out.copy_(x[0])
+    for start, stop in column_chunks(n, d):
+        t = x[:, start:stop].T.contiguous()
+        out[start:stop] = _median_transposed(t).to(x.dtype)
+    return out
+
+
+def window_mean_around_median(s: torch.Tensor, k: int) -> torch.Tensor:
+    """For each row of a row-sorted (c, n) tensor: the mean (float64) of the k values closest
+    to the row's median (even n: mean of the middle pair).
+
+    Ties (a value below and one above the median at the same distance) go to the lower value,
+    i.e. the chosen values are the k smallest of the key ``(|v - med|, v)``. They form a window
+    ``s[a:a+k]`` of the sorted row: sliding the window from a to a + 1 swaps ``s[a]`` for
+    ``s[a+k]``, which brings a strictly closer value exactly when ``s[a] + s[a+k] < 2 med``;
+    that test is monotone in a, so the window start is the number of a in [0, n - k) passing
+    it. O(n) per row after the sort.
+    """
+    c, n = s.shape
+    if k == n:
+        return s.to(torch.float64).sum(dim=1) / n
+    med = median_of_sorted(s)
+    # halves cannot overflow; exact for float32 data, correctly rounded for float64 data
+    mid = s[:, : n - k].to(torch.float64) * 0.5  # out of place: s may already be float64
+    mid += s[:, k:].to(torch.float64) * 0.5
+    start = (mid < med[:, None]).sum(dim=1)
+    if k == 1:
+        return torch.gather(s, 1, start[:, None])[:, 0].to(torch.float64)
+    idx = start[:, None] + torch.arange(k, device=s.device)[None, :]
+    return torch.gather(s, 1, idx).to(torch.float64).sum(dim=1) / k
+
+
+# --------------------------------------------------------------------------- distances
+
+
+def _centred_gram(x: torch.Tensor, scale: float) -> torch.Tensor:
+    n, d = x.shape
+    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    for start, stop in column_chunks(n, d):
+        c = _chunk64(x, start, stop)
+        if scale != 1.0:
+            c.mul_(scale)
+        # centre each coordinate on its (lower) median: translation-equivariant and robust to
+        # a minority of huge rows, so the Gram trick below loses no precision on honest rows
+        c.sub_(torch.median(c, dim=0).values)
+        gram.addmm_(c, c.T)
+    return gram
+
+
+def pairwise_sq_dists(x: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (n, n) float64 between the rows of ``x`` (n, d).
+
+    Rows are centred, per coordinate, on the coordinate-wise median in float64 (chunk by
+    chunk); then ``D_ij = |a_i|^2 + |a_j|^2 - 2 a_i.a_j`` on the centred rows ``a``, clamped at 0
+    with an exact zero diagonal. Centring makes the result independent of a common translation
+    of the rows (exactly so when the arithmetic is exact, e.g. small integers), and float64
+    keeps float32 inputs up to 3.4e38 free of overflow. For float64 inputs so large that squares
+    overflow, the rows are first multiplied by a power of two; distances are then returned up
+    to that common positive factor (every caller only compares distances).
+
+    Cost: O(n^2 d) flops (one matrix product) plus one coordinate-wise median, O(n^2 + chunk)
+    extra memory.
+    """
+    n, _ = x.shape
+    gram = _centred_gram(x, 1.0)
+    if not bool(torch.isfinite(gram).all()):
+        amax = float(x.abs().max())
+        scale = 2.0 ** -(math.frexp(amax)[1] + 2)  # rows now have |entries| <= 1/4
+        gram = _centred_gram(x, scale)
+    sq = gram.diagonal().clone()
+    dist = sq[:, None] + sq[None, :] - 2.0 * gram
+    dist.clamp_(min=0.0)
+    dist.fill_diagonal_(0.0)
+    dist = torch.nan_to_num(dist, nan=math.inf)  # cannot happen after rescaling; defensive
+    return dist

@@ -1,0 +1,53 @@
+"""Mean around the median (Xie et al. 2018)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import Aggregator
+from ._common import sorted_column_chunks, window_mean_around_median
+
+
+class MeaMed(Aggregator):
+    """``meamed``: per coordinate, the mean of the n - f values closest to the median.
+
+    Definition: for coordinate j with median m_j (even count: mean of the two middle values),
+    ``out[j]`` is the average of the n - f values x_i[j] with the smallest |x_i[j] - m_j|. Ties
+    (a value below and one above m_j at the same distance) go to the lower value, i.e. the
+    selected values are the n - f smallest of the key (|v - m_j|, v); they form a window of the
+    sorted values, which is how it is computed.
+
+    Parameters: ``f`` (int >= 0, default 0).
+
+    Precondition: n > f to run (else ValueError); the guarantee needs n > 2f, otherwise
+    ``warning(n)`` says so.
+
+    Complexity: O(d n log n) time (sort of transposed column chunks) plus O(d f) to pick the
+    window; one chunk of extra memory; sums in float64.
+
+    Source: C. Xie, O. Koyejo, I. Gupta, "Generalized Byzantine-tolerant SGD", arXiv:1802.10116
+    (2018), "mean around median".
+
+    Shapes and dtypes: (n, d) float32/float64 -> (d,) same dtype/device.
+    Errors: TypeError for a non-tensor or a non-float32/64 dtype; ValueError for a bad shape,
+    n <= f, or when every row holds NaN/Inf (such rows are dropped, f lowered by their count).
+    """
+
+    name = "meamed"
+
+    def _requirement(self, n: int, f: int) -> str | None:
+        if n <= f:
+            return f"meamed averages n - f values and needs n > f (n={n}, f={f})"
+        return None
+
+    def _guarantee(self, n: int, f: int) -> str | None:
+        if n <= 2 * f:
+            return "the guarantee of mean-around-median needs n > 2f"
+        return None
+
+    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        n, d = x.shape
+        out = torch.empty(d, dtype=x.dtype, device=x.device)
+        for start, stop, s in sorted_column_chunks(x):
+            out[start:stop] = window_mean_around_median(s, n - f).to(x.dtype)
+        return out

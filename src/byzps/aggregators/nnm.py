@@ -1,0 +1,68 @@
+"""Nearest neighbour mixing (Allouah et al. 2023), pre-aggregator."""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import F_PARAM, PreAggregator
+from ._common import column_chunks, pairwise_sq_dists
+
+
+class NNM(PreAggregator):
+    """``nnm``: replace every row by the mean of its n - f nearest rows (itself included).
+
+    Definition: for each i, let N_i be the n - f rows closest to x_i in Euclidean distance,
+    x_i itself always included (ties by index); ``y_i = (1/(n-f)) sum_{j in N_i} x_j``.
+    Distances are computed on rows centred on their coordinate-wise median in float64; the
+    sums are accumulated in float64.
+
+    Parameters: ``f`` (int >= 0, default 0).
+
+    Precondition: n > f (else ValueError); the paper's analysis assumes n > 2f, otherwise
+    ``warning(n)`` says so. Output rows: m = n.
+
+    Complexity: O(n^2 d) time (distances and the mixing product), O(n^2) plus one chunk of
+    extra memory besides the (n, d) output.
+
+    Source: Y. Allouah, S. Farhadkhani, R. Guerraoui, N. Gupta, R. Pinot, J. Stephan, "Fixing
+    by Mixing: A Recipe for Optimal Byzantine ML under Heterogeneity", AISTATS 2023.
+
+    Rows holding NaN/Inf come out as all-NaN rows (see ``PreAggregator``).
+    Shapes and dtypes: (n, d) float32/float64 -> (n, d) same dtype/device.
+    Errors: TypeError for a non-tensor or a non-float32/64 dtype; ValueError for a bad shape,
+    n <= f, or when every row holds NaN/Inf.
+    """
+
+    name = "nnm"
+    PARAMS = {"f": F_PARAM}
+
+    def _requirement(self, n: int, f: int) -> str | None:
+        if n <= f:
+            return f"nnm averages n - f neighbours and needs n > f (n={n}, f={f})"
+        return None
+
+    def _guarantee(self, n: int, f: int) -> str | None:
+        if n <= 2 * f:
+            return "nearest neighbour mixing's analysis assumes n > 2f"
+        return None
+
+    def neighbours(self, x: torch.Tensor, f: int | None = None) -> torch.Tensor:
+        """Indices (n, n - f) of each row's nearest rows, itself first."""
+        f = self.f if f is None else f
+        n = x.shape[0]
+        dist = pairwise_sq_dists(x)
+        dist.fill_diagonal_(-1.0)  # each row is its own first neighbour
+        return torch.sort(dist, dim=1, stable=True).indices[:, : n - f]
+
+    def _transform(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        n, d = x.shape
+        k = n - f
+        if k == n:
+            mix = torch.ones(n, n, dtype=torch.float64, device=x.device)
+        else:
+            mix = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+            mix.scatter_(1, self.neighbours(x, f), 1.0)
+        out = torch.empty_like(x)
+        for start, stop in column_chunks(n, d):
+            out[:, start:stop] = ((mix @ x[:, start:stop].to(torch.float64)) / k).to(x.dtype)
+        return out

@@ -1,0 +1,44 @@
+"""Coordinate-wise trimmed mean (Yin et al. 2018)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import Aggregator
+from ._common import sorted_column_chunks
+
+
+class TrimmedMean(Aggregator):
+    """``trimmed_mean``: per coordinate, drop the f smallest and f largest values, average the
+    remaining n - 2f.
+
+    Definition: with ``v_(1) <= ... <= v_(n)`` the sorted values of coordinate j,
+    ``out[j] = (1/(n-2f)) * sum_{k=f+1}^{n-f} v_(k)``.
+
+    Parameters: ``f`` (int >= 0, default 0): values trimmed on each side.
+
+    Precondition: n > 2f (else ValueError). Complexity: O(d n log n) time (sort of transposed
+    column chunks), one chunk of extra memory; the kept values are summed in float64.
+
+    Source: D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-Robust Distributed
+    Learning: Towards Optimal Statistical Rates", ICML 2018.
+
+    Shapes and dtypes: (n, d) float32/float64 -> (d,) same dtype/device.
+    Errors: TypeError for a non-tensor or a non-float32/64 dtype; ValueError for a bad shape,
+    n <= 2f, or when every row holds NaN/Inf (such rows are dropped, f lowered by their count).
+    """
+
+    name = "trimmed_mean"
+
+    def _requirement(self, n: int, f: int) -> str | None:
+        if n <= 2 * f:
+            return f"trimmed_mean needs n > 2f (n={n} must exceed 2f={2 * f})"
+        return None
+
+    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        n, d = x.shape
+        out = torch.empty(d, dtype=x.dtype, device=x.device)
+        for start, stop, s in sorted_column_chunks(x):
+            kept = s[:, f : n - f].to(torch.float64)
+            out[start:stop] = (kept.sum(dim=1) / (n - 2 * f)).to(x.dtype)
+        return out

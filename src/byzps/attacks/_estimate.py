@@ -1,0 +1,77 @@
+"""Non-omniscient estimates of the honest workers' statistics, from the attacker's own shard.
+
+ALIE, IPM and mimic are defined in their papers on the honest workers' gradients, which a
+Byzantine worker in a real TCP deployment never sees. Here it estimates them from
+k = ``estimate_batches`` minibatches of its own shard at the current model:
+
+* g_1 is the gradient of the current minibatch (``ctx.batch``); g_2..g_k come from
+  ``ctx.sample_batch(generator)`` with a generator seeded by ``(seed, round)``, where seed is the
+  attack's ``collude_seed`` if set, else the worker's own ``ctx.seed``.
+* Without worker momentum (beta = 0) honest workers send raw gradients:
+  mu_hat = mean_i g_i and sigma_hat = coordinate-wise standard deviation (Bessel-corrected,
+  k - 1 in the denominator).
+* With worker momentum beta > 0 honest workers send momenta m_t: the centre is this worker's
+  own momentum (``ctx.honest_gradient``) and sigma_hat is scaled by sqrt((1 - beta) / (1 + beta)),
+  the stationary standard deviation of an exponential moving average of i.i.d. noise with
+  standard deviation 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from byzps.attacks.base import AttackContext, round_generator
+
+
+def raw_gradients(ctx: AttackContext, k: int, seed: Optional[int], salt: str) -> torch.Tensor:
+    """The ``(k, d)`` float32 raw gradients g_1..g_k described in the module docstring.
+
+    Args:
+        ctx: needs ``batch`` and ``gradient`` (unless beta = 0, when g_1 is
+            ``honest_gradient``), and ``sample_batch`` when k > 1.
+        k: number of minibatches (>= 1).
+        seed: collusion seed, or None for the worker's own ``ctx.seed``.
+        salt: the attack name (separates its random stream from other attacks').
+
+    Raises:
+        ValueError: a needed context field is None.
+    """
+    if ctx.worker_momentum == 0:
+        rows = [ctx.honest_gradient]
+    else:
+        if ctx.batch is None or ctx.gradient is None:
+            raise ValueError("with worker momentum the estimate needs batch and gradient")
+        rows = [ctx.gradient(*ctx.batch)]
+    if k > 1:
+        if ctx.sample_batch is None or ctx.gradient is None:
+            raise ValueError(f"estimating from {k} minibatches needs sample_batch and gradient")
+        gen = round_generator(ctx.seed if seed is None else seed, ctx.round, salt)
+        rows += [ctx.gradient(*ctx.sample_batch(gen)) for _ in range(k - 1)]
+    return torch.stack([r.to(torch.float32).reshape(-1) for r in rows])
+
+
+def centre(ctx: AttackContext, grads: torch.Tensor) -> torch.Tensor:
+    """mu_hat ``(d,)`` float32: the mean of ``grads`` ``(k, d)``, or ``ctx.honest_gradient``
+    (the worker's momentum) when ``ctx.worker_momentum`` > 0."""
+    if ctx.worker_momentum == 0:
+        return grads.mean(dim=0)
+    return ctx.honest_gradient.to(torch.float32)
+
+
+def spread(ctx: AttackContext, grads: torch.Tensor) -> torch.Tensor:
+    """sigma_hat ``(d,)`` float32: coordinate-wise std of ``grads`` ``(k, d)`` (k >= 2, Bessel
+    corrected), times sqrt((1 - beta) / (1 + beta)) for worker momentum beta.
+
+    Raises:
+        ValueError: fewer than two rows.
+    """
+    if grads.shape[0] < 2:
+        raise ValueError("a standard deviation needs at least 2 minibatches")
+    sigma = grads.std(dim=0, correction=1)
+    beta = ctx.worker_momentum
+    if beta > 0:
+        sigma = sigma * math.sqrt((1 - beta) / (1 + beta))
+    return sigma
