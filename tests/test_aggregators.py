@@ -341,6 +341,13 @@ def test_distances_translation_and_float32_precision():
     shifted = torch.from_numpy(small + 1e4 * g.normal(size=1000)).float()
     ref = np_sqdist(shifted.double().numpy())
     np.testing.assert_allclose(pairwise_sq_dists(shifted).numpy(), ref, rtol=1e-9)
+    # row 0 a huge outlier (a Byzantine 1e30 row): the distances are recomputed around a
+    # central row, so the honest block keeps its precision
+    outlier = shifted.clone()
+    outlier[0] = 1e30
+    got = pairwise_sq_dists(outlier).numpy()
+    np.testing.assert_allclose(got[1:, 1:], ref[1:, 1:], rtol=1e-9)
+    assert (got[0, 1:] > 1e59).all()
     # integer data: a translation changes nothing at all
     ints = torch.from_numpy(g.integers(-50, 50, size=(7, 30)).astype(np.float64))
     v = torch.from_numpy(g.integers(-10**6, 10**6, size=30).astype(np.float64))

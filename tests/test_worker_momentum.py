@@ -75,7 +75,7 @@ def honest_sequence(cfg_seed: int, worker_id: int, rounds: int) -> list[torch.Te
     """The raw gradients g_0.. the worker computes: same sampler seed, same (unchanged) model."""
     sampler = ShardSampler(*SHARD, 8, seed=cfg_seed * 1_000_003 + worker_id)
     rep = Replica("logreg", cfg_seed, 0.05, 0.9)
-    return [rep.gradient(*sampler.next())[0] for _ in range(rounds)]
+    return [rep.gradient(*sampler.batch(r))[0] for r in range(rounds)]
 
 
 def test_honest_worker_sends_its_momentum(monkeypatch, base_config):
@@ -116,7 +116,7 @@ def test_label_flip_runs_through_its_own_momentum(monkeypatch, base_config):
     rep = Replica("logreg", 0, 0.05, 0.9)
     m = torch.zeros(w.replica.d)
     for r in range(3):
-        x, y = sampler.next()
+        x, y = sampler.batch(r)
         m = m * 0.5 + rep.gradient(x, 9 - y)[0] * 0.5
         assert torch.equal(w._compute(r)[0], m)
 

@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Optional
 
+from byzps.auth import AuthError
+from byzps.checkpoint import CheckpointError
 from byzps.config import ConfigError, load_config
 from byzps.data import DatasetNotFound, IdxFormatError
 
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the config's type for this worker")
     p.add_argument("--rounds", type=int, help="override training.rounds")
     p.add_argument("--data-root", default="./data", help="MNIST folder (default ./data)")
+    p.add_argument("--resume", action="store_true",
+                   help="server: continue from training.checkpoint_dir's latest checkpoint")
     return p
 
 
@@ -58,7 +62,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"config error: --worker-id {args.worker_id} is not in {args.config}'s "
                   f"workers (ids {ids})", file=sys.stderr)
             return 2
-    elif args.worker_id is not None or args.worker_type is not None:
+    if args.resume and args.role != "server":
+        parser.error("--resume is for --role server")
+    if args.role == "server" and (args.worker_id is not None or args.worker_type is not None):
         parser.error("--worker-id and --worker-type are for --role worker")
     _setup_logging(args.role, args.worker_id)
     try:
@@ -68,6 +74,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (DatasetNotFound, IdxFormatError) as e:
         print(f"data error: {e}", file=sys.stderr)
         return 1
+    except AuthError as e:
+        print(f"authentication error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -76,7 +88,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _run_server(cfg, args) -> int:
     from byzps.server import ParameterServer, TrainingFailed
 
-    ps = ParameterServer(cfg, args.data_root, args.rounds)
+    ps = ParameterServer(cfg, args.data_root, args.rounds, resume=args.resume)
     try:
         result = asyncio.run(ps.run())
     except TrainingFailed as e:

@@ -33,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from byzps import aggregators, attacks
+from byzps.robust import build_robust
 
 MODEL_NAMES = ("cnn_mnist", "small_cnn", "mlp", "logreg")
 
@@ -52,6 +53,37 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class DistributionConfig(_Strict):
+    """``training.distribution``: how the training data is split into the n worker shards.
+
+    Every distribution starts from the same pool: a seeded permutation of the training set,
+    cut to ``train_limit`` (so all of them use the same examples). Shards are disjoint, cover
+    the pool, and each must hold at least ``batch_size`` examples (else start-up fails).
+    See :func:`byzps.data.make_shards`.
+
+    Attributes:
+        name: ``iid`` (default: the pool cut into n pieces, as before this option existed),
+            ``dirichlet`` (per class, proportions over the shards drawn from Dir(alpha)),
+            ``label_sorted`` (the pool sorted by label, cut into n pieces) or ``gamma`` (a
+            fraction ``gamma`` of the pool split iid, the rest label-sorted).
+        alpha: Dirichlet concentration (> 0); only for ``dirichlet`` (default 1.0).
+        gamma: iid fraction in [0, 1]; only for ``gamma`` (default 0.5).
+    """
+
+    name: Literal["iid", "dirichlet", "label_sorted", "gamma"] = "iid"
+    alpha: Optional[float] = Field(None, gt=0)
+    gamma: Optional[float] = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _only_own_parameters(self) -> "DistributionConfig":
+        if self.alpha is not None and self.name != "dirichlet":
+            raise ValueError(f"alpha is a parameter of dirichlet, not of {self.name!r}")
+        if self.gamma is not None and self.name != "gamma":
+            raise ValueError(f"gamma is a parameter of the gamma distribution, not of "
+                             f"{self.name!r}")
+        return self
 
 
 class TrainingConfig(_Strict):
@@ -87,6 +119,8 @@ class TrainingConfig(_Strict):
             is disconnected (it may reconnect).
         checkpoint_every: the PS writes a checkpoint every this many rounds (0 = never).
         checkpoint_dir: folder of the PS's checkpoints (``latest.pt`` there).
+        distribution: how the data is split into shards (:class:`DistributionConfig`);
+            default iid.
     """
 
     rounds: int = Field(50, ge=1)
@@ -106,6 +140,7 @@ class TrainingConfig(_Strict):
     max_missed_rounds: int = Field(3, ge=1)
     checkpoint_every: int = Field(0, ge=0)
     checkpoint_dir: str = Field("checkpoints", min_length=1)
+    distribution: DistributionConfig = Field(default_factory=DistributionConfig)
 
 
 class AggregationConfig(_Strict):
@@ -118,6 +153,9 @@ class AggregationConfig(_Strict):
         krum_f: the seed's name for ``f`` (kept as an alias; must agree with ``f`` if both set).
         krum_q: Multi-Krum's q (gradients averaged); default n - f.
         params: further keyword parameters of the rule, passed to ``aggregators.build``.
+        pre_aggregators: pre-aggregators applied in order before the rule, each a mapping
+            ``{name: <one of aggregators.pre_names()>, <its parameters>}`` (``f`` defaults
+            to the config's f); see :func:`byzps.robust.build_robust`.
     """
 
     method: str
@@ -125,6 +163,7 @@ class AggregationConfig(_Strict):
     krum_f: Optional[int] = Field(None, ge=0)
     krum_q: Optional[int] = Field(None, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
+    pre_aggregators: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ServerConfig(_Strict):
@@ -279,6 +318,12 @@ class Config(_Strict):
             agg.check(self.n)
         except ValueError as e:
             raise ValueError(f"aggregation: {e}") from None
+        if a.pre_aggregators:
+            try:
+                build_robust(self).check(self.n)
+            except ValueError as e:
+                raise ValueError(f"aggregation.{e}" if str(e).startswith("pre_aggregators.")
+                                 else f"aggregation.pre_aggregators: {e}") from None
         for k, w in enumerate(self.workers):
             self._check_attack(k, w)
         return self

@@ -256,3 +256,210 @@ def iid_shards(num_samples: int, num_shards: int, seed: int,
     if len(perm) < num_shards:
         raise ValueError(f"{len(perm)} samples cannot fill {num_shards} shards")
     return [s.astype(np.int64) for s in np.array_split(perm, num_shards)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data distributions: how the pool of training examples is split into worker shards
+
+#: Names accepted by :func:`make_shards`.
+DISTRIBUTIONS = ("iid", "dirichlet", "label_sorted", "gamma")
+
+
+def sample_pool(num_samples: int, seed: int, limit: int | None = None) -> np.ndarray:
+    """The examples every distribution splits: a seeded permutation of ``range(num_samples)``
+    cut to its first ``limit`` entries (the same pool :func:`iid_shards` cuts).
+
+    Returns:
+        ``(min(limit, num_samples),)`` int64 indices, distinct.
+    """
+    perm = np.random.default_rng(seed).permutation(num_samples)
+    return (perm if limit is None else perm[:limit]).astype(np.int64)
+
+
+def split_even(indices: np.ndarray, num_shards: int) -> list[np.ndarray]:
+    """Cut ``indices`` in order into ``num_shards`` contiguous pieces whose sizes differ by at
+    most one (the first ``len % num_shards`` pieces are the larger ones; ``np.array_split``).
+
+    Raises:
+        ValueError: ``num_shards < 1``.
+    """
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    return [np.asarray(s, dtype=np.int64) for s in np.array_split(np.asarray(indices),
+                                                                  num_shards)]
+
+
+def label_sorted_split(indices: np.ndarray, labels: np.ndarray,
+                       num_shards: int) -> list[np.ndarray]:
+    """Extreme non-iid: sort ``indices`` by their label (stable: equal labels keep their order
+    in ``indices``), then :func:`split_even`. Each shard then holds one or two classes (for
+    n >= number of classes).
+
+    Args:
+        indices: ``(m,)`` int indices into ``labels``.
+        labels: ``(N,)`` integer labels of the whole dataset.
+        num_shards: n >= 1.
+
+    Returns:
+        n int64 index arrays, disjoint, covering ``indices``.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    order = np.argsort(np.asarray(labels)[indices], kind="stable")
+    return split_even(indices[order], num_shards)
+
+
+def gamma_split(indices: np.ndarray, labels: np.ndarray, num_shards: int,
+                gamma: float) -> list[np.ndarray]:
+    """Gamma-similarity split (Karimireddy et al. 2022): the first ``round(gamma * m)`` of
+    ``indices`` are split iid (:func:`split_even`), the rest label-sorted
+    (:func:`label_sorted_split`); shard k is iid piece k followed by sorted piece k.
+    ``gamma = 1`` is iid, ``gamma = 0`` label-sorted.
+
+    Args:
+        indices: ``(m,)`` int indices into ``labels`` (already shuffled: the iid part is
+            their prefix).
+        labels: ``(N,)`` integer labels.
+        num_shards: n >= 1.
+        gamma: iid fraction in [0, 1].
+
+    Raises:
+        ValueError: gamma outside [0, 1].
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    indices = np.asarray(indices, dtype=np.int64)
+    k = int(round(gamma * len(indices)))
+    iid = split_even(indices[:k], num_shards)
+    rest = label_sorted_split(indices[k:], labels, num_shards)
+    return [np.concatenate([a, b]).astype(np.int64) for a, b in zip(iid, rest)]
+
+
+def dirichlet_split(indices: np.ndarray, labels: np.ndarray,
+                    proportions: np.ndarray) -> list[np.ndarray]:
+    """Split each class of ``indices`` over the shards by the given proportions.
+
+    For class c (ascending label values), its examples in ``indices`` (in their order there),
+    m_c of them, are cut at ``floor(cumsum(proportions[c]) * m_c)``: shard k receives the
+    piece between cut k-1 and cut k (the last cut is m_c, so nothing is lost). Shard k is the
+    concatenation of its pieces over classes, in class order.
+
+    Args:
+        indices: ``(m,)`` int indices into ``labels``.
+        labels: ``(N,)`` integer labels.
+        proportions: ``(C, n)`` non-negative rows summing to 1, one row per distinct label of
+            ``indices`` (ascending).
+
+    Returns:
+        n int64 index arrays, disjoint, covering ``indices``.
+
+    Raises:
+        ValueError: ``proportions`` has the wrong number of rows or a negative entry.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    lab = np.asarray(labels)[indices]
+    classes = np.unique(lab)
+    proportions = np.asarray(proportions, dtype=np.float64)
+    if proportions.ndim != 2 or proportions.shape[0] != len(classes):
+        raise ValueError(f"proportions must be ({len(classes)}, n) (one row per class), got "
+                         f"{proportions.shape}")
+    if (proportions < 0).any():
+        raise ValueError("proportions must be non-negative")
+    n = proportions.shape[1]
+    pieces: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for c, p in zip(classes, proportions):
+        members = indices[lab == c]
+        cuts = np.floor(np.cumsum(p) / p.sum() * len(members)).astype(np.int64)
+        cuts[-1] = len(members)
+        start = 0
+        for k in range(n):
+            pieces[k].append(members[start:cuts[k]])
+            start = max(start, cuts[k])
+    return [np.concatenate(p).astype(np.int64) for p in pieces]
+
+
+def dirichlet_proportions(num_classes: int, num_shards: int, alpha: float,
+                          seed: int) -> np.ndarray:
+    """``(num_classes, num_shards)`` rows drawn from Dir(alpha * 1_n) with
+    ``np.random.default_rng([seed, 1])`` (a stream separate from the pool permutation's).
+
+    Raises:
+        ValueError: alpha <= 0.
+    """
+    if not alpha > 0:
+        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+    rng = np.random.default_rng([seed, 1])
+    return rng.dirichlet(np.full(num_shards, float(alpha)), size=num_classes)
+
+
+def make_shards(labels: np.ndarray, num_shards: int, seed: int, limit: int | None = None,
+                distribution: str = "iid", alpha: float | None = None,
+                gamma: float | None = None, min_size: int = 1) -> list[np.ndarray]:
+    """Split the training set into ``num_shards`` worker shards.
+
+    All distributions split the same pool (:func:`sample_pool`). ``iid`` gives exactly
+    :func:`iid_shards` (so runs from before distributions existed are unchanged);
+    ``label_sorted`` :func:`label_sorted_split`; ``gamma`` :func:`gamma_split` (default
+    gamma 0.5); ``dirichlet`` :func:`dirichlet_split` with :func:`dirichlet_proportions`
+    (default alpha 1.0).
+
+    Args:
+        labels: ``(N,)`` integer labels of the whole training set.
+        num_shards: n >= 1.
+        seed: ``training.seed``.
+        limit: ``training.train_limit`` (None = all N).
+        distribution: one of :data:`DISTRIBUTIONS`.
+        alpha, gamma: the distribution's parameter (None = its default).
+        min_size: every shard must hold at least this many examples (the batch size).
+
+    Returns:
+        n int64 index arrays into ``labels``, disjoint, covering the pool.
+
+    Raises:
+        ValueError: unknown distribution, a bad parameter, or a shard smaller than
+            ``min_size`` (the message names the shard, its size, and what to change).
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown data distribution {distribution!r}; expected one of "
+                         f"{', '.join(DISTRIBUTIONS)}")
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    labels = np.asarray(labels)
+    pool = sample_pool(len(labels), seed, limit)
+    if distribution == "iid":
+        shards = split_even(pool, num_shards)
+    elif distribution == "label_sorted":
+        shards = label_sorted_split(pool, labels, num_shards)
+    elif distribution == "gamma":
+        shards = gamma_split(pool, labels, num_shards, 0.5 if gamma is None else gamma)
+    else:
+        a = 1.0 if alpha is None else alpha
+        props = dirichlet_proportions(len(np.unique(labels[pool])), num_shards, a, seed)
+        shards = dirichlet_split(pool, labels, props)
+    sizes = [len(s) for s in shards]
+    small = [k for k, m in enumerate(sizes) if m < min_size]
+    if small:
+        k = small[0]
+        hint = (" (raise distribution.alpha, or lower batch_size)" if distribution == "dirichlet"
+                else " (use more data: train_limit; fewer workers; or a smaller batch_size)")
+        raise ValueError(f"data distribution {distribution}: shard {k} holds {sizes[k]} "
+                         f"examples, fewer than one batch of {min_size}; shard sizes "
+                         f"{sizes}{hint}")
+    return shards
+
+
+def config_shards(cfg, labels: np.ndarray) -> list[np.ndarray]:
+    """The shards of a :class:`byzps.config.Config`: :func:`make_shards` with
+    ``training.distribution`` (iid when the config has none), ``training.seed``,
+    ``training.train_limit`` and ``min_size = training.batch_size``.
+
+    Shard k belongs to the worker whose ``cfg.shard_of(id) == k``.
+
+    Raises:
+        ValueError: a shard smaller than one batch (see :func:`make_shards`).
+    """
+    t = cfg.training
+    dist = getattr(t, "distribution", None)
+    return make_shards(labels, cfg.n, t.seed, t.train_limit,
+                       distribution=dist.name if dist is not None else "iid",
+                       alpha=getattr(dist, "alpha", None), gamma=getattr(dist, "gamma", None),
+                       min_size=t.batch_size)

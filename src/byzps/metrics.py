@@ -1,11 +1,18 @@
-"""Per-round metric records and a JSON Lines writer."""
+"""Per-round metric records, a JSON Lines writer and reader, and a one-line progress display.
+
+:func:`round_record` builds the record of one round from the state machine's
+:class:`byzps.protocol.RoundClosed` (plus evaluation numbers and, where the caller has them,
+the gradients and the aggregate for distances); the PS and the simulator both write it, one
+JSON line per round, with :class:`JsonlWriter`.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 
 def _clean(value: Any) -> Any:
@@ -49,3 +56,145 @@ class JsonlWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def _distances(rows: Mapping[int, Any], aggregate: Any) -> dict[int, Optional[float]]:
+    """L2 distance of each row to the aggregate, in float64; None for a non-finite row."""
+    import torch
+
+    a = aggregate.detach().reshape(-1).to(torch.float64)
+    out: dict[int, Optional[float]] = {}
+    for wid, row in rows.items():
+        r = row.detach().reshape(-1).to(torch.float64)
+        if r.shape != a.shape or not bool(torch.isfinite(r).all()):
+            out[int(wid)] = None
+        else:
+            out[int(wid)] = float(torch.linalg.vector_norm(r - a))
+    return out
+
+
+def round_record(closed: Any, *, worker_ids: Optional[Iterable[int]] = None,
+                 seconds_round: Optional[float] = None,
+                 test_loss: Optional[float] = None, test_accuracy: Optional[float] = None,
+                 rows: Optional[Mapping[int, Any]] = None, aggregate: Any = None,
+                 latencies: Optional[Mapping[int, float]] = None,
+                 bytes_received: Optional[Mapping[int, int]] = None,
+                 now: Optional[float] = None) -> dict[str, Any]:
+    """The metrics record of one closed round (a pure function of its arguments).
+
+    Args:
+        closed: a :class:`byzps.protocol.RoundClosed` (fields ``round``, ``accepted``,
+            ``rejected``, ``missing``, ``losses``, ``seconds_aggregate``; an optional
+            ``distances`` mapping worker id -> L2 distance of its gradient to the aggregate is
+            used when present).
+        worker_ids: every configured worker id (default: those named in ``closed``); each
+            gets an entry in ``workers``.
+        seconds_round: wall seconds from the round's start to its close.
+        test_loss, test_accuracy: evaluation of the model after this round's step, when it was
+            evaluated (accuracy in [0, 1]); left out of the record when None.
+        rows: worker id -> ``(d,)`` tensor it sent this round (the simulator has them); with
+            ``aggregate`` (``(d,)``) gives each worker's distance to the aggregate.
+        latencies: worker id -> seconds from the round's start to its gradient's arrival.
+        bytes_received: worker id -> bytes received from it this round.
+        now: the record's ``time`` (Unix seconds); default ``time.time()``.
+
+    Returns:
+        a JSON-serialisable dict: ``round``, ``time``, ``seconds_round`` (when given),
+        ``seconds_aggregate``, ``accepted`` (ascending ids), ``rejected`` (id -> reason, keys
+        as strings), ``missing``, ``reported_loss`` (mean of the accepted workers' reported
+        losses, or None), ``test_loss``/``test_accuracy`` (when evaluated), and ``workers``:
+        ``{"<id>": {"status": "accepted" | "rejected" | "missing", "reason": str (rejected
+        only), "loss": float, "distance": float, "latency": float, "bytes": int}}`` with the
+        optional keys present only when known. Distances are Euclidean (L2), in gradient
+        units.
+    """
+    accepted = sorted(int(w) for w in closed.accepted)
+    rejected = {int(w): str(r) for w, r in closed.rejected.items()}
+    missing = sorted(int(w) for w in closed.missing)
+    losses = {int(w): float(v) for w, v in closed.losses.items()}
+    ids = sorted(set(worker_ids) if worker_ids is not None
+                 else set(accepted) | set(rejected) | set(missing))
+    dist: dict[int, Optional[float]] = {}
+    given = getattr(closed, "distances", None)
+    if given:
+        dist = {int(w): (None if v is None else float(v)) for w, v in given.items()}
+    elif rows is not None and aggregate is not None:
+        dist = _distances(rows, aggregate)
+    workers: dict[str, dict[str, Any]] = {}
+    for w in ids:
+        if w in rejected:
+            entry: dict[str, Any] = {"status": "rejected", "reason": rejected[w]}
+        elif w in accepted:
+            entry = {"status": "accepted"}
+        else:
+            entry = {"status": "missing"}
+        if w in losses:
+            entry["loss"] = losses[w]
+        if dist.get(w) is not None:
+            entry["distance"] = dist[w]
+        if latencies is not None and w in latencies:
+            entry["latency"] = float(latencies[w])
+        if bytes_received is not None and w in bytes_received:
+            entry["bytes"] = int(bytes_received[w])
+        workers[str(w)] = entry
+    acc_losses = [losses[w] for w in accepted if w in losses]
+    record: dict[str, Any] = {
+        "round": int(closed.round),
+        "time": time.time() if now is None else float(now),
+        "seconds_aggregate": float(closed.seconds_aggregate),
+        "accepted": accepted,
+        "rejected": {str(w): r for w, r in sorted(rejected.items())},
+        "missing": missing,
+        "reported_loss": sum(acc_losses) / len(acc_losses) if acc_losses else None,
+        "workers": workers,
+    }
+    if seconds_round is not None:
+        record["seconds_round"] = float(seconds_round)
+    if test_loss is not None:
+        record["test_loss"] = float(test_loss)
+    if test_accuracy is not None:
+        record["test_accuracy"] = float(test_accuracy)
+    return record
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete JSON line of ``path`` (a last line still being written is skipped).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def progress_line(record: Mapping[str, Any], rounds: int, seconds_per_round: Optional[float],
+                  accuracy: Optional[float] = None, width: int = 20) -> str:
+    """One status line: ``[#####.....] round 12/300  acc 0.9712  loss 0.215  rejected 1
+    0.84 s/round``.
+
+    Args:
+        record: the latest round record (:func:`round_record`'s layout).
+        rounds: total rounds R (> 0).
+        seconds_per_round: mean wall seconds per round so far, or None.
+        accuracy: the latest evaluated accuracy (the record's own if it has one).
+        width: characters of the bar.
+    """
+    done = int(record.get("round", -1)) + 1
+    filled = min(width, max(0, round(width * done / max(rounds, 1))))
+    acc = record.get("test_accuracy", accuracy)
+    loss = record.get("reported_loss")
+    parts = [f"[{'#' * filled}{'.' * (width - filled)}] round {done}/{rounds}"]
+    parts.append(f"acc {acc:.4f}" if acc is not None else "acc -")
+    parts.append(f"loss {loss:.3f}" if loss is not None else "loss -")
+    parts.append(f"rejected {len(record.get('rejected') or {})}")
+    if seconds_per_round is not None:
+        parts.append(f"{seconds_per_round:.2f} s/round")
+    return "  ".join(parts)

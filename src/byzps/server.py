@@ -1,9 +1,12 @@
-"""The parameter server: connections, registration, the round loop, deadlines, evaluation.
+"""The parameter server: connections, authentication, the round loop, deadlines, checkpoints.
 
 The round logic itself is :class:`byzps.protocol.ServerRounds`; this module reads validated
-messages from sockets, hands them to it, and carries out the actions it returns. A peer that
-sends a bad frame, an unknown id or a duplicate registration is refused or disconnected with a
-logged reason; nothing a peer sends stops the server.
+messages from sockets, hands them to it, and carries out the actions it returns. Every worker
+connection is a :class:`_Peer` with its own outgoing queue and sender task, so a worker that
+reads slowly delays nobody else: it is dropped when its queue backs up or a write takes longer
+than ``server.write_timeout``. A peer that sends a bad frame, fails authentication, claims an
+unknown or already connected id, or sends a forged or replayed message is refused or
+disconnected with a logged reason; nothing a peer sends stops the server.
 """
 
 from __future__ import annotations
@@ -11,25 +14,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from byzps import aggregators
+from byzps import aggregators, auth, checkpoint
 from byzps.config import Config
 from byzps.data import load_mnist, to_tensors
 from byzps.metrics import JsonlWriter
-from byzps.protocol import Action, Broadcast, RoundClosed, RoundFailed, Send, \
+from byzps.protocol import Action, Broadcast, Drop, RoundClosed, RoundFailed, Send, \
     ServerRounds
 from byzps.training import Replica
-from byzps.transport import PeerClosed, read_message, write_message
-from byzps.wire import FrameError, Hello, Limits, MsgType, Refuse, Stop, encode
+from byzps.transport import PeerClosed, frame_buffers, read_message, set_keepalive, \
+    write_message
+from byzps.wire import Auth, Challenge, FrameError, Hello, Limits, MsgType, Refuse, Stop, \
+    encode
 
 log = logging.getLogger(__name__)
 
-HELLO_TIMEOUT = 10.0   # seconds a new connection has to introduce itself
-WRITE_TIMEOUT = 30.0   # seconds a worker has to take one frame before it is dropped
+HELLO_TIMEOUT = 10.0   # seconds a new connection has to introduce (and authenticate) itself
+MAX_PENDING = 8        # frames queued for one worker before it counts as too slow
 
 
 class TrainingFailed(RuntimeError):
@@ -41,16 +46,18 @@ class ServerResult:
     """What a finished run reports.
 
     Attributes:
-        rounds: rounds completed.
+        rounds: index of the last round completed + 1 (absolute, also after a resume).
         test_accuracy: final accuracy on the evaluation set, in [0, 1].
         test_loss: final mean cross-entropy.
-        seconds: wall seconds from the first round to the end.
+        seconds: wall seconds from the first round of this process to the end.
+        digest: the PS replica's final digest.
     """
 
     rounds: int
     test_accuracy: float
     test_loss: float
     seconds: float
+    digest: str
 
 
 def min_rows(agg, n: int) -> int:
@@ -64,22 +71,43 @@ def min_rows(agg, n: int) -> int:
     return n
 
 
+@dataclass(eq=False)
+class _Peer:
+    worker_id: int
+    writer: asyncio.StreamWriter
+    session: Optional[auth.MacSession]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sender: Optional[asyncio.Task] = None
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, retry: bool = False):
+        super().__init__(reason)
+        self.retry = retry
+
+
 class ParameterServer:
     """Runs one training job as the PS.
 
     Args:
         cfg: validated config.
         data_root: MNIST folder (see :func:`byzps.data.locate_mnist`).
-        rounds: total rounds R (defaults to ``cfg.training.rounds``).
+        rounds: total rounds R (defaults to ``cfg.training.rounds``); absolute, so a resumed
+            run stops at the same round as an uninterrupted one.
+        resume: continue from ``training.checkpoint_dir``'s latest checkpoint.
 
     Raises:
-        byzps.data.DatasetNotFound: no MNIST copy found (raised by the constructor).
+        byzps.data.DatasetNotFound: no MNIST copy found.
+        byzps.auth.AuthError: the secrets file is unusable or lacks a worker's key.
+        byzps.checkpoint.CheckpointError: ``resume`` without a usable, matching checkpoint.
     """
 
-    def __init__(self, cfg: Config, data_root: str, rounds: Optional[int] = None):
+    def __init__(self, cfg: Config, data_root: str, rounds: Optional[int] = None,
+                 resume: bool = False):
         self.cfg = cfg
         t = cfg.training
         self.rounds = rounds if rounds is not None else t.rounds
+        self.keys = self._load_keys()
         mnist = load_mnist(data_root, parts=("t10k",))
         limit = t.test_limit or len(mnist.test_labels)
         self.test_x, self.test_y = to_tensors(mnist.test_images[:limit],
@@ -89,12 +117,24 @@ class ParameterServer:
         warning = getattr(self.aggregator, "warning", lambda n: None)(cfg.n)
         if warning:
             log.warning("%s", warning)
-        quorum = max(cfg.n - cfg.f, min_rows(self.aggregator, cfg.n))
+        start_round = 0
+        if resume:
+            ckpt = checkpoint.load(t.checkpoint_dir, cfg, self.replica.d)
+            self.replica.load_state(ckpt.state)
+            self.aggregator.load_state_dict(ckpt.aggregator_state)
+            torch.random.set_rng_state(ckpt.rng_state)
+            start_round = ckpt.round
+            log.info("resumed from %s/%s at round %d", t.checkpoint_dir, checkpoint.FILENAME,
+                     start_round)
+        quorum = t.quorum or max(cfg.n - cfg.f, min_rows(self.aggregator, cfg.n))
         self.machine = ServerRounds([w.id for w in cfg.workers], self.replica, self.aggregator,
-                                    self.rounds, quorum)
-        self.limits_hello = Limits(self.replica.d, frozenset({MsgType.HELLO}))
-        self.limits = Limits(self.replica.d, frozenset({MsgType.GRADIENT, MsgType.RESYNC}))
-        self.writers: dict[int, asyncio.StreamWriter] = {}
+                                    self.rounds, quorum, start_round=start_round,
+                                    max_missed=t.max_missed_rounds)
+        d, mac = self.replica.d, self.keys is not None
+        self.limits_hello = Limits(d, frozenset({MsgType.HELLO}))
+        self.limits_auth = Limits(d, frozenset({MsgType.AUTH}))
+        self.limits = Limits(d, frozenset({MsgType.GRADIENT, MsgType.RESYNC}), mac=mac)
+        self.peers: dict[int, _Peer] = {}
         self.events: asyncio.Queue = asyncio.Queue()
         self.metrics = JsonlWriter(t.metrics_file)
         self.port: Optional[int] = None
@@ -102,73 +142,140 @@ class ParameterServer:
         self._handlers: set[asyncio.Task] = set()
         self._closing = False
 
+    def _load_keys(self) -> Optional[dict[int, bytes]]:
+        path = auth.secrets_path(self.cfg.server.secrets_file)
+        if path is None:
+            return None
+        keys = auth.load_keys(path)
+        missing = sorted(w.id for w in self.cfg.workers if w.id not in keys)
+        if missing:
+            raise auth.AuthError(f"secrets file {path} has no key for worker(s) {missing}; "
+                                 f"regenerate it with `byzps keygen`")
+        return keys
+
     # -- connections --------------------------------------------------------------------------
 
+    async def _handshake(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> tuple[int, Optional[auth.MacSession]]:
+        hello = await read_message(reader, self.limits_hello, HELLO_TIMEOUT)
+        assert isinstance(hello, Hello)
+        wid = hello.worker_id
+        if wid not in self.machine.worker_ids:
+            raise _Refused(f"unknown worker id {wid}; configured ids are "
+                           f"{self.machine.worker_ids}")
+        session = None
+        if self.keys is not None:
+            if hello.nonce is None:
+                raise _Refused(f"worker {wid}: this PS requires authentication; give the worker "
+                               f"its key (server.secrets_file or $BYZPS_SECRETS)")
+            server_nonce = auth.new_nonce()
+            await write_message(writer, Challenge(server_nonce.hex()), HELLO_TIMEOUT)
+            answer = await read_message(reader, self.limits_auth, HELLO_TIMEOUT)
+            assert isinstance(answer, Auth)
+            client_nonce = bytes.fromhex(hello.nonce)
+            try:
+                auth.check_tag(self.keys[wid], wid, client_nonce, server_nonce,
+                               bytes.fromhex(answer.tag))
+            except auth.AuthError as e:
+                raise _Refused(str(e)) from None
+            session = auth.MacSession(self.keys[wid], wid, client_nonce, server_nonce,
+                                      is_server=True)
+        if wid in self.peers:
+            raise _Refused(f"worker {wid} is already connected", retry=True)
+        return wid, session
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        wid: Optional[int] = None
+        addr = writer.get_extra_info("peername")
+        set_keepalive(writer.get_extra_info("socket"))
         task = asyncio.current_task()
         self._handlers.add(task)
+        peer: Optional[_Peer] = None
+        who = f"peer {addr}"
         try:
-            hello = await read_message(reader, self.limits_hello, HELLO_TIMEOUT)
-            assert isinstance(hello, Hello)
-            wid = hello.worker_id
-            if wid not in self.machine.worker_ids:
-                raise _Refused(f"unknown worker id {wid}; configured ids are "
-                               f"{self.machine.worker_ids}")
-            if wid in self.writers:
-                raise _Refused(f"worker {wid} is already connected")
-            self.writers[wid] = writer
-            log.info("worker %d registered from %s", wid, peer)
-            await self._execute(self.machine.connect(wid))
-            if set(self.writers) == set(self.machine.worker_ids):
+            wid, session = await self._handshake(reader, writer)
+            who = f"worker {wid} ({addr})"
+            peer = _Peer(wid, writer, session)
+            peer.sender = asyncio.create_task(self._sender(peer))
+            self.peers[wid] = peer
+            log.info("%s registered%s", who, " (authenticated)" if session else "")
+            self._execute(self.machine.connect(wid))
+            if set(self.peers) == set(self.machine.worker_ids):
                 self._all_connected.set()
             while True:
-                msg = await read_message(reader, self.limits, None)
-                await self._execute(self.machine.on_message(wid, msg))
+                msg = await read_message(reader, self.limits, None, session)
+                self._execute(self.machine.on_message(wid, msg))
         except _Refused as e:
-            log.warning("refused connection from %s: %s", peer, e)
-            await _try_send(writer, Refuse(str(e)))
-            wid = None  # never registered
+            log.warning("refused %s: %s", who, e)
+            await _try_send(writer, Refuse(str(e), e.retry))
         except PeerClosed:
-            log.info("worker %s (%s) closed the connection", wid, peer)
-        except FrameError as e:
-            log.warning("worker %s (%s): bad frame, connection closed: %s", wid, peer, e)
+            log.info("%s closed the connection", who)
+        except (FrameError, auth.AuthError) as e:
+            log.warning("%s: bad frame, connection closed: %s", who, e)
         except (asyncio.TimeoutError, TimeoutError):
-            log.warning("peer %s sent no complete HELLO within %.0f s; closed", peer,
-                        HELLO_TIMEOUT)
+            log.warning("%s did not complete its HELLO/authentication within %.0f s; closed",
+                        who, HELLO_TIMEOUT)
         except (ConnectionError, OSError) as e:
-            log.info("worker %s (%s): connection lost: %s", wid, peer, e)
+            log.info("%s: connection lost: %s", who, e)
         except asyncio.CancelledError:
             pass  # server shutdown; asyncio would otherwise log the cancellation as an error
         finally:
             self._handlers.discard(task)
             writer.close()
-            if wid is not None and self.writers.get(wid) is writer:
-                del self.writers[wid]
-                if not self._closing:
-                    await self._execute(self.machine.disconnect(wid))
+            if peer is not None:
+                self._forget(peer)
 
-    async def _send(self, wid: int, buffers: list) -> None:
-        writer = self.writers.get(wid)
-        if writer is None:
+    def _forget(self, peer: _Peer) -> None:
+        """Remove a peer (once) and tell the round logic it is gone."""
+        if self.peers.get(peer.worker_id) is not peer:
             return
-        try:
-            await write_message(writer, buffers, WRITE_TIMEOUT)
-        except (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError) as e:
-            log.warning("worker %d: send failed (%s); dropping it", wid, e or type(e).__name__)
-            writer.close()
-            if self.writers.get(wid) is writer:
-                del self.writers[wid]
-                await self._execute(self.machine.disconnect(wid))
+        del self.peers[peer.worker_id]
+        peer.writer.close()
+        if peer.sender is not None and peer.sender is not asyncio.current_task():
+            peer.sender.cancel()
+        if not self._closing:
+            self._execute(self.machine.disconnect(peer.worker_id))
 
-    async def _execute(self, actions: list[Action]) -> None:
+    async def _sender(self, peer: _Peer) -> None:
+        timeout = self.cfg.server.write_timeout
+        try:
+            while True:
+                buffers = await peer.queue.get()
+                await write_message(peer.writer, buffers, timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            log.warning("worker %d took no frame within server.write_timeout=%g s; dropped",
+                        peer.worker_id, timeout)
+        except (ConnectionError, OSError) as e:
+            log.info("worker %d: send failed (%s); dropped", peer.worker_id, e)
+        except asyncio.CancelledError:
+            return
+        self._forget(peer)
+
+    def _enqueue(self, wid: int, buffers: list) -> None:
+        peer = self.peers.get(wid)
+        if peer is None:
+            return
+        if peer.queue.qsize() >= MAX_PENDING:
+            log.warning("worker %d has %d frames unread; dropped as too slow", wid,
+                        peer.queue.qsize())
+            self._forget(peer)
+            return
+        peer.queue.put_nowait(frame_buffers(buffers, peer.session))
+
+    def _execute(self, actions: list[Action]) -> None:
+        """Carry out the round logic's actions. Never blocks: sends are queued per peer."""
+        mac = self.keys is not None
         for action in actions:
             if isinstance(action, Send):
-                await self._send(action.worker_id, encode(action.message))
+                self._enqueue(action.worker_id, encode(action.message, mac=mac))
             elif isinstance(action, Broadcast):
-                buffers = encode(action.message)
-                await asyncio.gather(*(self._send(w, buffers) for w in list(self.writers)))
+                buffers = encode(action.message, mac=mac)   # encoded once for everyone
+                for wid in list(self.peers):
+                    self._enqueue(wid, buffers)
+            elif isinstance(action, Drop):
+                peer = self.peers.get(action.worker_id)
+                if peer is not None:
+                    log.warning("worker %d dropped: %s", action.worker_id, action.reason)
+                    self._forget(peer)
             else:
                 self.events.put_nowait(action)
 
@@ -178,18 +285,22 @@ class ParameterServer:
         """Listen, wait for workers, run every round, evaluate, stop the workers.
 
         Raises:
-            TrainingFailed: too few workers registered in time, or a round without a quorum.
+            TrainingFailed: too few workers registered in time, or a round without a quorum
+                after ``training.round_retries`` retries.
             OSError: the port cannot be bound.
         """
         s = self.cfg.server
         server = await asyncio.start_server(self._handle, s.listen_host, s.port,
                                             limit=1 << 20)
         self.port = server.sockets[0].getsockname()[1]
-        log.info("PS listening on %s:%d; n=%d workers, f=%d, aggregator %s, %d rounds, d=%d",
-                 s.listen_host, self.port, self.cfg.n, self.cfg.f, self.cfg.aggregation.method,
-                 self.rounds, self.replica.d)
-        log.warning("no worker authentication is configured: any process that reaches %s:%d can "
-                    "act as a worker", s.listen_host, self.port)
+        log.info("PS listening on %s:%d; n=%d workers, f=%d, aggregator %s, rounds %d..%d, "
+                 "d=%d, quorum %d", s.listen_host, self.port, self.cfg.n, self.cfg.f,
+                 self.cfg.aggregation.method, self.machine.round, self.rounds - 1,
+                 self.replica.d, self.machine.quorum)
+        if self.keys is None:
+            log.warning("NO AUTHENTICATION: server.secrets_file is not set, so any process that "
+                        "reaches %s:%d can act as a worker. Use `byzps keygen` for real "
+                        "deployments.", s.listen_host, self.port)
         try:
             return await self._train()
         finally:
@@ -198,31 +309,44 @@ class ParameterServer:
     async def _shutdown(self, server: asyncio.Server) -> None:
         """Tell every worker to stop, give them a moment to hang up, then close everything."""
         if not self.machine.finished:
-            await self._execute([Broadcast(Stop("server shutting down", ok=False))])
-        self._closing = True
+            self._execute([Broadcast(Stop("server shutting down", ok=False))])
         server.close()
+        pending = [p.sender for p in self.peers.values() if p.sender is not None]
+        deadline = time.monotonic() + 5.0
+        while any(not p.queue.empty() for p in self.peers.values()) and \
+                time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         if self._handlers:
-            await asyncio.wait(set(self._handlers), timeout=5.0)
-        for w in list(self.writers.values()):
-            w.close()
-        for task in list(self._handlers):
+            await asyncio.wait(set(self._handlers), timeout=max(0.1, deadline - time.monotonic()))
+        self._closing = True
+        for p in list(self.peers.values()):
+            p.writer.close()
+        for task in list(self._handlers) + pending:
             task.cancel()
-        if self._handlers:
-            await asyncio.gather(*self._handlers, return_exceptions=True)
+        await asyncio.gather(*self._handlers, *pending, return_exceptions=True)
         self.metrics.close()
 
     async def _wait_for_workers(self) -> None:
+        s = self.cfg.server
+        needed = s.min_workers or self.machine.quorum
         try:
-            await asyncio.wait_for(self._all_connected.wait(), self.cfg.server.connect_timeout)
+            await asyncio.wait_for(self._all_connected.wait(), s.connect_timeout)
         except (asyncio.TimeoutError, TimeoutError):
-            missing = sorted(set(self.machine.worker_ids) - set(self.writers))
-            if len(self.writers) < self.machine.quorum:
+            missing = sorted(set(self.machine.worker_ids) - set(self.peers))
+            if len(self.peers) < needed:
                 raise TrainingFailed(
-                    f"only {len(self.writers)} of {self.cfg.n} workers registered within "
-                    f"server.connect_timeout={self.cfg.server.connect_timeout:g} s (quorum "
-                    f"{self.machine.quorum}); missing worker ids: {missing}") from None
+                    f"only {len(self.peers)} of {self.cfg.n} workers registered within "
+                    f"server.connect_timeout={s.connect_timeout:g} s (need {needed}); missing "
+                    f"worker ids: {missing}") from None
             log.warning("starting without workers %s (not registered within %g s)", missing,
-                        self.cfg.server.connect_timeout)
+                        s.connect_timeout)
+
+    def _checkpoint(self) -> None:
+        t = self.cfg.training
+        path = checkpoint.save(t.checkpoint_dir, checkpoint.Checkpoint(
+            self.machine.round, self.replica.state(), self.aggregator.state_dict(),
+            torch.random.get_rng_state(), checkpoint.fingerprint(self.cfg)))
+        log.info("checkpoint of round %d written to %s", self.machine.round, path)
 
     async def _train(self) -> ServerResult:
         t = self.cfg.training
@@ -233,7 +357,7 @@ class ParameterServer:
         while not self.machine.finished:
             r = self.machine.round
             round_start = time.perf_counter()
-            await self._execute(self.machine.begin_round())
+            self._execute(self.machine.begin_round())
             closed = await self._await_close(r, t.round_timeout)
             record = {"round": r, "seconds_round": time.perf_counter() - round_start,
                       "seconds_aggregate": closed.seconds_aggregate,
@@ -250,30 +374,36 @@ class ParameterServer:
                          list(closed.accepted),
                          f", rejected {closed.rejected}" if closed.rejected else "")
             self.metrics.write(record)
-        log.info("training finished; PS replica digest %s", self.replica.digest())
-        return ServerResult(self.rounds, test_acc, test_loss, time.perf_counter() - start)
+            if t.checkpoint_every and (r + 1) % t.checkpoint_every == 0:
+                self._checkpoint()
+        digest = self.replica.digest()
+        log.info("training finished; PS replica digest %s", digest)
+        return ServerResult(self.rounds, test_acc, test_loss, time.perf_counter() - start,
+                            digest)
 
     async def _await_close(self, r: int, timeout: float) -> RoundClosed:
+        retries = 0
         deadline = time.monotonic() + timeout
         while True:
-            remaining = deadline - time.monotonic()
             try:
-                event = await asyncio.wait_for(self.events.get(), max(remaining, 0.0))
+                event = await asyncio.wait_for(self.events.get(),
+                                               max(deadline - time.monotonic(), 0.0))
             except (asyncio.TimeoutError, TimeoutError):
-                await self._execute(self.machine.on_deadline())
-                event = self.events.get_nowait() if not self.events.empty() else None
-                if event is None:
-                    raise TrainingFailed(f"round {r}: no usable gradients by the deadline "
-                                         f"(training.round_timeout={timeout:g} s)") from None
-            if isinstance(event, RoundFailed):
-                raise TrainingFailed(f"round {event.round}: {event.reason}")
+                self._execute(self.machine.on_deadline())
+                continue
             if isinstance(event, RoundClosed):
                 return event
+            if isinstance(event, RoundFailed):
+                retries += 1
+                if retries > self.cfg.training.round_retries:
+                    raise TrainingFailed(
+                        f"round {event.round}: {event.reason}; gave up after "
+                        f"training.round_retries={self.cfg.training.round_retries} retries")
+                log.warning("round %d: %s; retry %d of %d", event.round, event.reason, retries,
+                            self.cfg.training.round_retries)
+                self._execute(self.machine.retry_round())
+                deadline = time.monotonic() + timeout
             # Finished needs no handling here: the caller's loop checks machine.finished
-
-
-class _Refused(Exception):
-    pass
 
 
 async def _try_send(writer: asyncio.StreamWriter, msg) -> None:

@@ -8,6 +8,7 @@ off after ``timeout`` seconds.
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Optional
 
 from byzps.auth import MacSession
@@ -96,3 +97,16 @@ async def write_message(writer: asyncio.StreamWriter, msg: Message | list,
         await writer.drain()
     else:
         await asyncio.wait_for(writer.drain(), timeout)
+
+
+def set_keepalive(sock: Optional[socket.socket], idle: int = 10, interval: int = 5,
+                  count: int = 3) -> None:
+    """Enable TCP keepalive so a dead peer is noticed within about idle + interval * count
+    seconds (Linux knobs where available)."""
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
+                        ("TCP_KEEPCNT", count)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)

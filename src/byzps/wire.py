@@ -129,8 +129,10 @@ class Resync:
 
 @dataclass(frozen=True)
 class Refuse:
-    """PS -> peer: the connection is refused for ``reason`` and will be closed."""
+    """PS -> peer: the connection is refused for ``reason`` and will be closed; ``retry``: the
+    cause may pass (e.g. the PS still holds this id's previous connection)."""
     reason: str
+    retry: bool = False
 
 
 Message = Union[Hello, Challenge, Auth, State, RoundStart, Gradient, Update, Stop, Resync,
@@ -195,6 +197,7 @@ class _ResyncH(_H):
 
 class _RefuseH(_H):
     reason: str = Field(max_length=MAX_REASON_CHARS)
+    retry: bool
 
 
 _SCHEMAS: dict[MsgType, type[_H]] = {
@@ -264,7 +267,8 @@ def parse_prefix(raw: bytes, limits: Limits) -> Prefix:
     if mtype not in limits.allowed:
         allowed = ", ".join(t.name for t in sorted(limits.allowed))
         raise FrameError(f"message type {mtype.name} not accepted here (expected {allowed})")
-    want_flags = FLAG_MAC if limits.mac else 0
+    # REFUSE is sent before a session exists (or instead of one), so it never carries a MAC
+    want_flags = FLAG_MAC if limits.mac and mtype is not MsgType.REFUSE else 0
     if flags != want_flags:
         raise FrameError(f"frame flags {flags:#x}; expected {want_flags:#x} ("
                          + ("this server requires authenticated frames)" if limits.mac else
@@ -343,7 +347,7 @@ def build_message(prefix: Prefix, header: dict[str, Any], payload: Union[bytes, 
         return Stop(header["reason"], header["ok"])
     if t is MsgType.RESYNC:
         return Resync(header["round"])
-    return Refuse(header["reason"])
+    return Refuse(header["reason"], header["retry"])
 
 
 def decode_frame(data: bytes, limits: Limits, session=None) -> Message:
@@ -420,7 +424,8 @@ def encode(msg: Message, mac: bool = False) -> list[Union[bytes, memoryview]]:
     elif isinstance(msg, Resync):
         mtype, header = MsgType.RESYNC, {"round": msg.round}
     elif isinstance(msg, Refuse):
-        mtype, header = MsgType.REFUSE, {"reason": msg.reason[:MAX_REASON_CHARS]}
+        mtype, header = MsgType.REFUSE, {"reason": msg.reason[:MAX_REASON_CHARS],
+                                         "retry": msg.retry}
     else:
         raise TypeError(f"not a byzps message: {type(msg).__name__}")
     tensor = getattr(msg, "tensor", None)

@@ -24,14 +24,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from byzps import attacks
+from byzps import attacks, auth
 from byzps.attacks.base import round_generator
 from byzps.config import Config
 from byzps.data import iid_shards, load_mnist, to_tensors
 from byzps.protocol import WorkerRounds
 from byzps.training import Replica
-from byzps.transport import PeerClosed, read_message, write_message
-from byzps.wire import FrameError, Hello, Limits, MsgType, Refuse
+from byzps.transport import PeerClosed, read_message, set_keepalive, write_message
+from byzps.wire import Auth, Challenge, FrameError, Hello, Limits, MsgType, Refuse
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +54,29 @@ class ShardSampler:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
         self.x, self.y = x, y
         self.batch_size = min(batch_size, len(y))
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self._order = torch.empty(0, dtype=torch.int64)
-        self._pos = 0
+        self._epoch = -1
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next ``(B, 1, 28, 28)`` inputs and ``(B,)`` labels."""
-        if self._pos + self.batch_size > len(self._order):
-            self._order = torch.randperm(len(self.y), generator=self.gen)
-            self._pos = 0
-        idx = self._order[self._pos:self._pos + self.batch_size]
-        self._pos += self.batch_size
+    def batch(self, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The minibatch of round ``round_``: ``(B, 1, 28, 28)`` inputs and ``(B,)`` labels.
+
+        A pure function of (seed, round): epoch e = round // (m // B) uses the permutation
+        seeded by (seed, e), so a worker that reconnects, or a PS resumed from a checkpoint,
+        sees exactly the batches an uninterrupted run would.
+
+        Raises:
+            ValueError: a negative round.
+        """
+        if round_ < 0:
+            raise ValueError(f"round must be >= 0, got {round_}")
+        per_epoch = len(self.y) // self.batch_size
+        epoch, pos = divmod(round_, per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = torch.randperm(len(self.y), generator=gen)
+            self._epoch = epoch
+        idx = self._order[pos * self.batch_size:(pos + 1) * self.batch_size]
         return self.x[idx], self.y[idx]
 
 
@@ -137,6 +149,7 @@ class Worker:
     Raises:
         KeyError: unknown worker id.
         byzps.data.DatasetNotFound: no MNIST copy found.
+        byzps.auth.AuthError: the secrets file is unusable or lacks this worker's key.
     """
 
     def __init__(self, cfg: Config, worker_id: int, worker_type: Optional[str],
@@ -161,9 +174,14 @@ class Worker:
         # a raw-gradient attack (label_flip, mimic) gets its own momentum, like an honest worker
         self.attack_momentum = WorkerMomentum(t.worker_momentum)
         self.machine = WorkerRounds(worker_id, self.replica, self._compute)
-        self.limits = Limits(self.replica.d, frozenset({MsgType.STATE, MsgType.ROUND,
-                                                        MsgType.UPDATE, MsgType.STOP,
-                                                        MsgType.REFUSE}))
+        self.key = self._load_key()
+        d = self.replica.d
+        running = frozenset({MsgType.STATE, MsgType.ROUND, MsgType.UPDATE, MsgType.STOP,
+                             MsgType.REFUSE})
+        self.limits = Limits(d, running)
+        self.limits_mac = Limits(d, running, mac=True)
+        self.limits_first = Limits(d, frozenset({MsgType.CHALLENGE, MsgType.STATE,
+                                                 MsgType.REFUSE}))
 
     def _gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``(d,)`` float32 raw gradient on ``(B, 1, 28, 28)`` / ``(B,)`` data at the replica."""
@@ -207,7 +225,7 @@ class Worker:
         Raises:
             RuntimeError: the attack returned a vector of the wrong size (a bug in it).
         """
-        x, y = self.sampler.next()
+        x, y = self.sampler.batch(round_)
         grad, loss = self.replica.gradient(x, y)
         sent = self.momentum.step(round_, grad)
         if self.attack is not None:
@@ -237,32 +255,74 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    def _load_key(self) -> Optional[bytes]:
+        path = auth.secrets_path(self.cfg.server.secrets_file)
+        if path is None:
+            return None
+        keys = auth.load_keys(path)
+        if self.id not in keys:
+            raise auth.AuthError(f"secrets file {path} has no key for worker {self.id}")
+        return keys[self.id]
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                         ) -> Optional[auth.MacSession]:
+        """Introduce (and authenticate) this worker; returns the MAC session or None."""
+        nonce = auth.new_nonce() if self.key is not None else None
+        await write_message(writer, Hello(self.id, nonce.hex() if nonce else None), 30.0)
+        first = await read_message(reader, self.limits_first, 60.0)
+        if isinstance(first, Refuse):
+            return self._refused(first)
+        if self.key is None:
+            if isinstance(first, Challenge):
+                raise WorkerFailed(f"worker {self.id}: the PS requires authentication and this "
+                                   f"worker has no key: set server.secrets_file or "
+                                   f"${auth.ENV_SECRETS} to a file from `byzps keygen`")
+            self.machine.on_message(first)
+            return None
+        if not isinstance(first, Challenge):
+            raise WorkerFailed(f"worker {self.id}: the PS at {self.cfg.server.host}:"
+                               f"{self.cfg.server.port} does not authenticate but this worker "
+                               f"has a key; refusing to talk to it (wrong server or a downgrade)")
+        server_nonce = bytes.fromhex(first.nonce)
+        tag = auth.auth_tag(self.key, self.id, nonce, server_nonce)
+        await write_message(writer, Auth(tag.hex()), 30.0)
+        return auth.MacSession(self.key, self.id, nonce, server_nonce, is_server=False)
+
+    def _refused(self, msg: Refuse) -> None:
+        if msg.retry:
+            raise ConnectionError(f"refused for now: {msg.reason}")
+        raise WorkerFailed(f"worker {self.id}: the PS refused us: {msg.reason}")
+
     async def run(self) -> int:
-        """Work until the PS says STOP.
+        """Work until the PS says STOP, reconnecting (with backoff, for up to
+        ``server.connect_timeout`` seconds each time) when the connection drops.
 
         Returns:
             number of rounds whose update this worker applied.
 
         Raises:
-            WorkerFailed: refused, PS unreachable, or the PS aborted training.
+            WorkerFailed: refused, PS unreachable, authentication failure, or the PS aborted.
         """
         timeout = self.cfg.server.connect_timeout
         while True:
             reader, writer = await self._connect(time.monotonic() + timeout)
+            set_keepalive(writer.get_extra_info("socket"))
             try:
-                await write_message(writer, Hello(self.id), 30.0)
-                log.info("worker %d (%s) connected to the PS", self.id, self.type)
+                session = await self._handshake(reader, writer)
+                limits = self.limits if session is None else self.limits_mac
+                log.info("worker %d (%s) connected to the PS%s", self.id, self.type,
+                         " (authenticated)" if session else "")
                 while self.machine.stopped is None:
-                    msg = await read_message(reader, self.limits, None)
+                    msg = await read_message(reader, limits, None, session)
                     if isinstance(msg, Refuse):
-                        raise WorkerFailed(f"worker {self.id}: the PS refused us: {msg.reason}")
+                        self._refused(msg)
                     for reply in self.machine.on_message(msg):
-                        await write_message(writer, reply, 60.0)
-            except (PeerClosed, ConnectionError, OSError, FrameError, ValueError,
+                        await write_message(writer, reply, 60.0, session)
+            except (PeerClosed, ConnectionError, OSError, FrameError, auth.AuthError, ValueError,
                     asyncio.TimeoutError, TimeoutError) as e:
                 log.warning("worker %d: connection to the PS lost (%s); reconnecting", self.id,
                             e or type(e).__name__)
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.5)
                 continue
             finally:
                 writer.close()

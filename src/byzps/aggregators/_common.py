@@ -9,8 +9,8 @@ dtype float32 or float64, on any device. Two conventions hold throughout:
   pre-aggregator is of course as large as its input).
 * **Accurate, overflow-free reductions.** Means of float32 rows are accumulated in float64 (so
   the mean of identical float32 rows is that row exactly and 1e38-sized rows do not overflow);
-  pairwise distances are computed from rows centred on their coordinate-wise median in float64,
-  so adding the same vector to every row changes no selection.
+  pairwise distances are computed in float64 from rows centred on a central data row, so
+  adding the same vector to every row changes no selection.
 """
 
 from __future__ import annotations
@@ -245,43 +245,66 @@ def window_mean_around_median(s: torch.Tensor, k: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- distances
 
 
-def _centred_gram(x: torch.Tensor, scale: float) -> torch.Tensor:
+def _centred_gram(x: torch.Tensor, centre: int, scale: float) -> torch.Tensor:
+    """Gram matrix (n, n) float64 of the rows of ``scale * (x - x[centre])``."""
     n, d = x.shape
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     for start, stop in column_chunks(n, d):
         c = _chunk64(x, start, stop)
         if scale != 1.0:
             c.mul_(scale)
-        # centre each coordinate on its (lower) median: translation-equivariant and robust to
-        # a minority of huge rows, so the Gram trick below loses no precision on honest rows
-        c.sub_(torch.median(c, dim=0).values)
+        c.sub_(c[centre].clone())
         gram.addmm_(c, c.T)
     return gram
+
+
+def _dist_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    sq = gram.diagonal().clone()
+    dist = sq[:, None] + sq[None, :] - 2.0 * gram
+    dist.clamp_(min=0.0)
+    dist.fill_diagonal_(0.0)
+    return torch.nan_to_num(dist, nan=math.inf)  # defensive: cannot happen after rescaling
+
+
+def _gram_dists(x: torch.Tensor, centre: int) -> torch.Tensor:
+    gram = _centred_gram(x, centre, 1.0)
+    if not bool(torch.isfinite(gram).all()):
+        # float64 rows beyond ~1e150: bring every entry below 1/4 by a power of two
+        amax = float(x.abs().max())
+        scale = 2.0 ** -(math.frexp(amax)[1] + 2)
+        gram = _centred_gram(x, centre, scale)
+    return _dist_from_gram(gram)
+
+
+#: a centre row whose median squared distance to the rows exceeds this many times the
+#: smallest such median is re-chosen (float64 keeps ~16 digits; 1e4 costs at most 4 of them)
+_CENTRE_SLACK = 1e4
 
 
 def pairwise_sq_dists(x: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances (n, n) float64 between the rows of ``x`` (n, d).
 
-    Rows are centred, per coordinate, on the coordinate-wise median in float64 (chunk by
-    chunk); then ``D_ij = |a_i|^2 + |a_j|^2 - 2 a_i.a_j`` on the centred rows ``a``, clamped at 0
-    with an exact zero diagonal. Centring makes the result independent of a common translation
-    of the rows (exactly so when the arithmetic is exact, e.g. small integers), and float64
-    keeps float32 inputs up to 3.4e38 free of overflow. For float64 inputs so large that squares
-    overflow, the rows are first multiplied by a power of two; distances are then returned up
-    to that common positive factor (every caller only compares distances).
+    Computed as ``D_ij = |a_i|^2 + |a_j|^2 - 2 a_i.a_j`` in float64 (one matrix product over
+    column chunks) on rows centred on one of the rows, ``a_i = x_i - x_c``, clamped at 0 with an
+    exact zero diagonal. Subtracting a data row makes the result independent of a common
+    translation of the rows (exactly so when the arithmetic is exact, e.g. small integers), and
+    the rounding error of an entry is about 1e-16 (|a_i|^2 + |a_j|^2), small next to the
+    distances among the bulk of the rows as long as the centre row lies in that bulk. The
+    first pass centres on row 0; if row 0 turns out to be far away (its median squared
+    distance to the rows exceeds 1e4 times the smallest such median: an outlier, e.g. a
+    Byzantine row of size 1e30), the distances are recomputed centred on the most central row
+    (smallest median distance). Float64 keeps float32 inputs up to 3.4e38 free of overflow;
+    for float64 inputs so large that squares overflow, the rows are first multiplied by a power
+    of two and distances are returned up to that common positive factor (every caller only
+    compares distances).
 
-    Cost: O(n^2 d) flops (one matrix product) plus one coordinate-wise median, O(n^2 + chunk)
-    extra memory.
+    Cost: O(n^2 d) flops in one (rarely two) passes, O(n^2) plus one chunk of extra memory.
     """
     n, _ = x.shape
-    gram = _centred_gram(x, 1.0)
-    if not bool(torch.isfinite(gram).all()):
-        amax = float(x.abs().max())
-        scale = 2.0 ** -(math.frexp(amax)[1] + 2)  # rows now have |entries| <= 1/4
-        gram = _centred_gram(x, scale)
-    sq = gram.diagonal().clone()
-    dist = sq[:, None] + sq[None, :] - 2.0 * gram
-    dist.clamp_(min=0.0)
-    dist.fill_diagonal_(0.0)
-    dist = torch.nan_to_num(dist, nan=math.inf)  # cannot happen after rescaling; defensive
+    dist = _gram_dists(x, 0)
+    if n > 2:
+        typical = torch.median(dist, dim=1).values  # lower median, self distance included
+        best = int(torch.argmin(typical))
+        if best != 0 and float(typical[0]) > _CENTRE_SLACK * float(typical[best]):
+            dist = _gram_dists(x, best)
     return dist

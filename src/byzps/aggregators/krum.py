@@ -42,8 +42,9 @@ class MultiKrum(Aggregator):
     Definition: the score of row i is the sum of its squared Euclidean distances to its
     n - f - 2 nearest other rows (Blanchard et al. 2017); the q rows with the lowest scores
     are averaged (q = 1 is Krum). Equal scores are ordered by total squared distance to all
-    rows, then by index. Distances are computed on rows centred on their coordinate-wise
-    median in float64, so a common translation of all rows changes no selection.
+    rows, then by index. Distances are computed in float64 on rows centred on a central data
+    row (see ``_common.pairwise_sq_dists``), so a common translation of all rows changes no
+    selection.
 
     Parameters: ``f`` (int >= 0, default 0), ``q`` (int >= 1 or None, default None meaning
     n - f).

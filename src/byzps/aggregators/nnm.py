@@ -13,8 +13,8 @@ class NNM(PreAggregator):
 
     Definition: for each i, let N_i be the n - f rows closest to x_i in Euclidean distance,
     x_i itself always included (ties by index); ``y_i = (1/(n-f)) sum_{j in N_i} x_j``.
-    Distances are computed on rows centred on their coordinate-wise median in float64; the
-    sums are accumulated in float64.
+    Distances are computed in float64 on rows centred on a central data row (translation
+    invariant); the sums are accumulated in float64.
 
     Parameters: ``f`` (int >= 0, default 0).
 

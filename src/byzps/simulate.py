@@ -1,0 +1,260 @@
+"""One training job in one process, no sockets: the PS's and the workers' state machines wired
+together directly.
+
+The simulator runs the same round logic as a TCP run: the server side is a
+:class:`byzps.protocol.ServerRounds` with the config's replica, robust pipeline
+(:func:`byzps.robust.build_robust`) and quorum; each worker is a real
+:class:`byzps.worker.Worker` (its constructor does no I/O), whose
+:class:`byzps.protocol.WorkerRounds` computes exactly what the worker process would send.
+Messages are handed over in memory (tensors copied, as the wire would): STATE to every worker
+as it "connects", then per round ROUND -> GRADIENT -> UPDATE. Every worker always answers, so
+no deadline ever passes; for the same config and seed the final PS replica is bit-identical
+to a TCP run without timeouts or disconnections (with the same number of torch threads per
+process: the node launcher and :func:`simulate` both use one).
+
+    result = simulate(cfg, data_root="./data", rounds=20, metrics_file="m.jsonl")
+    result.digest, result.test_accuracy
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from byzps.config import Config
+from byzps.data import config_shards, load_mnist, to_tensors
+from byzps.metrics import JsonlWriter, round_record
+from byzps.protocol import Broadcast, RoundClosed, RoundFailed, Send, ServerRounds
+from byzps.robust import build_robust, default_quorum
+from byzps.training import Replica
+from byzps.wire import Gradient, Update
+
+log = logging.getLogger(__name__)
+
+
+class SimulationFailed(RuntimeError):
+    """The simulated run cannot go on (a round could not close); the message says why."""
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """What a finished simulation reports.
+
+    Attributes:
+        rounds: rounds completed.
+        test_accuracy: final accuracy in [0, 1] on the (limited) test set.
+        test_loss: final mean cross-entropy.
+        seconds: wall seconds of the round loop (set-up excluded).
+        digest: the PS replica's digest (:meth:`byzps.training.Replica.digest`), 32 hex chars.
+        records: the per-round metrics records (:func:`byzps.metrics.round_record`).
+    """
+
+    rounds: int
+    test_accuracy: float
+    test_loss: float
+    seconds: float
+    digest: str
+    records: list[dict[str, Any]] = field(repr=False, default_factory=list)
+
+    @property
+    def seconds_per_round(self) -> float:
+        """Mean wall seconds per simulated round."""
+        return self.seconds / max(self.rounds, 1)
+
+
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` (restored after); None = unchanged."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _copy(msg: Any) -> Any:
+    """The message as the receiver would decode it: its tensor copied (and a non-finite
+    reported loss sent as None, as the wire format does)."""
+    tensor = getattr(msg, "tensor", None)
+    if tensor is None:
+        return msg
+    changes: dict[str, Any] = {"tensor": tensor.detach().clone().contiguous()}
+    if isinstance(msg, Gradient) and msg.loss is not None and not math.isfinite(msg.loss):
+        changes["loss"] = None
+    return dataclasses.replace(msg, **changes)
+
+
+class Simulation:
+    """A whole job (PS + every worker of the config) in this process.
+
+    Args:
+        cfg: validated config.
+        data_root: MNIST folder (see :func:`byzps.data.locate_mnist`).
+        rounds: total rounds R (default ``cfg.training.rounds``).
+        metrics_file: JSON Lines path for one record per round (default
+            ``cfg.training.metrics_file``; None = no file).
+
+    Raises:
+        byzps.data.DatasetNotFound: no MNIST copy.
+        ValueError: a data shard smaller than one batch (the message says which and why).
+    """
+
+    def __init__(self, cfg: Config, data_root: str, rounds: Optional[int] = None,
+                 metrics_file: Optional[str] = None):
+        from byzps.worker import ShardSampler, Worker
+
+        self.cfg = cfg
+        t = cfg.training
+        self.rounds = rounds if rounds is not None else t.rounds
+        mnist = load_mnist(data_root, parts=("train", "t10k"))
+        limit = t.test_limit or len(mnist.test_labels)
+        self.test_x, self.test_y = to_tensors(mnist.test_images[:limit],
+                                              mnist.test_labels[:limit])
+        # the PS, built as ParameterServer.__init__ builds it
+        self.replica = Replica(t.model, t.seed, t.learning_rate, t.momentum)
+        self.robust = build_robust(cfg)
+        warning = self.robust.warning(cfg.n)
+        if warning:
+            log.warning("%s", warning)
+        self.machine = ServerRounds([w.id for w in cfg.workers], self.replica, self.robust,
+                                    self.rounds, default_quorum(cfg, self.robust),
+                                    max_missed=t.max_missed_rounds)
+        # the workers, built by the worker's own constructor
+        shards = config_shards(cfg, mnist.train_labels)   # raises if a shard < one batch
+        self.workers: dict[int, Worker] = {}
+        dist = t.distribution.name
+        for w in cfg.workers:
+            worker = Worker(cfg, w.id, None, data_root)
+            if dist != "iid":
+                # the worker's constructor knows only iid shards; give it the configured one
+                idx = shards[cfg.shard_of(w.id)]
+                x, y = to_tensors(mnist.train_images[idx], mnist.train_labels[idx])
+                worker.sampler = ShardSampler(x, y, t.batch_size, seed=worker.seed)
+                worker._shard = (x, y)
+            self.workers[w.id] = worker
+        self.metrics_file = metrics_file if metrics_file is not None else t.metrics_file
+        self._rows: dict[int, torch.Tensor] = {}
+        self._aggregate: Optional[torch.Tensor] = None
+
+    # -- message passing ----------------------------------------------------------------------
+
+    def _to_worker(self, wid: int, msg: Any, queue: deque) -> None:
+        for reply in self.workers[wid].machine.on_message(_copy(msg)):
+            reply = _copy(reply)
+            if isinstance(reply, Gradient):
+                self._rows[wid] = reply.tensor
+            queue.extend(self.machine.on_message(wid, reply))
+
+    def _execute(self, actions: list) -> list:
+        """Deliver every Send/Broadcast (and what the replies cause); return the other
+        actions (RoundClosed, RoundFailed, Drop, Finished) in order."""
+        events, queue = [], deque(actions)
+        while queue:
+            action = queue.popleft()
+            if isinstance(action, Send):
+                if action.worker_id in self.machine.live:
+                    self._to_worker(action.worker_id, action.message, queue)
+            elif isinstance(action, Broadcast):
+                if isinstance(action.message, Update):
+                    self._aggregate = action.message.tensor
+                for wid in sorted(self.machine.live):
+                    self._to_worker(wid, action.message, queue)
+            else:
+                events.append(action)
+        return events
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def run(self, on_record: Optional[Callable[[dict[str, Any]], None]] = None) -> SimResult:
+        """Connect every worker, run every round, evaluate as the PS does.
+
+        Args:
+            on_record: called with each round's record as soon as it is written.
+
+        Raises:
+            SimulationFailed: a round could not close (e.g. too few usable gradients, or the
+                aggregator refused them).
+        """
+        t = self.cfg.training
+        writer = JsonlWriter(self.metrics_file)
+        records: list[dict[str, Any]] = []
+        try:
+            for wid in sorted(self.workers):
+                self._raise_on_failure(self._execute(self.machine.connect(wid)))
+            start = time.perf_counter()
+            test_loss, test_acc = float("nan"), float("nan")
+            while not self.machine.finished:
+                r = self.machine.round
+                round_start = time.perf_counter()
+                self._rows, self._aggregate = {}, None
+                events = self._execute(self.machine.begin_round())
+                if not any(isinstance(e, RoundClosed) for e in events):
+                    events += self._execute(self.machine.on_deadline())
+                self._raise_on_failure(events)
+                closed = next((e for e in events if isinstance(e, RoundClosed)), None)
+                if closed is None:
+                    raise SimulationFailed(f"round {r} did not close: {events}")
+                evaluated = (r + 1) % t.eval_every == 0 or self.machine.finished
+                if evaluated:
+                    test_loss, test_acc = self.replica.evaluate(self.test_x, self.test_y)
+                    log.info("round %d/%d: test accuracy %.4f, test loss %.4f", r + 1,
+                             self.rounds, test_acc, test_loss)
+                record = round_record(
+                    closed, worker_ids=self.machine.worker_ids,
+                    seconds_round=time.perf_counter() - round_start,
+                    test_loss=test_loss if evaluated else None,
+                    test_accuracy=test_acc if evaluated else None,
+                    rows=self._rows, aggregate=self._aggregate)
+                writer.write(record)
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
+            seconds = time.perf_counter() - start
+        finally:
+            writer.close()
+        digest = self.replica.digest()
+        log.info("training finished; PS replica digest %s", digest)
+        done = len(records)
+        return SimResult(done, test_acc, test_loss, seconds, digest, records)
+
+    @staticmethod
+    def _raise_on_failure(events: list) -> None:
+        for e in events:
+            if isinstance(e, RoundFailed):
+                raise SimulationFailed(f"round {e.round}: {e.reason}")
+
+
+def simulate(cfg: Config, data_root: str = "./data", rounds: Optional[int] = None,
+             metrics_file: Optional[str] = None, threads: Optional[int] = 1,
+             on_record: Optional[Callable[[dict[str, Any]], None]] = None) -> SimResult:
+    """Build a :class:`Simulation` and run it.
+
+    Args:
+        cfg: validated config.
+        data_root: MNIST folder.
+        rounds: override of ``training.rounds``.
+        metrics_file: JSON Lines output (default ``training.metrics_file``).
+        threads: torch intra-op threads while it runs (1 = what each TCP node uses under the
+            launcher and the tests; bit-identity with a TCP run needs the same count); None
+            leaves torch's setting alone.
+        on_record: called with each round's metrics record.
+
+    Raises:
+        SimulationFailed: a round could not close.
+        byzps.data.DatasetNotFound: no MNIST copy.
+        ValueError: a shard smaller than one batch.
+    """
+    with torch_threads(threads):
+        return Simulation(cfg, data_root, rounds, metrics_file).run(on_record)
