@@ -1,7 +1,15 @@
-"""Command line: the seed's ``ps_node.py`` flags (also installed as the ``byzps-node`` command).
+"""Command line: the seed's ``ps_node.py`` flags (:func:`main`, also installed as the
+``byzps-node`` command) and the ``byzps`` command (:func:`byzps_main`) with subcommands::
 
-Exit codes: 0 success; 1 the run failed (no quorum, PS unreachable, refused, aborted); 2 bad
-usage or config (one line per problem, no traceback).
+    byzps run CONFIG [--rounds R] [--data-root DIR] [--run-dir DIR]   PS + workers, local TCP
+    byzps simulate CONFIG [--rounds R] [--data-root DIR] [--metrics F] one process, no sockets
+    byzps grid GRID.yaml [--jobs J] [--out DIR] [--rounds R]           sweep in simulation
+    byzps keygen CONFIG --out DIR                                      worker key files
+    byzps list                                                         rules, attacks, models
+    byzps plot METRICS.jsonl [...] -o out.png                          accuracy/loss curves
+
+Exit codes: 0 success; 1 the run failed (no quorum, PS unreachable, refused, aborted, a node
+failed); 2 bad usage or config (one line per problem, no traceback); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -113,6 +121,225 @@ def _run_worker(cfg, args) -> int:
     except WorkerFailed as e:
         print(f"worker error: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The `byzps` command
+
+
+def build_byzps_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``byzps`` command (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="byzps", description="Byzantine-robust training with a "
+                                "parameter server: run, simulate, sweep, plot.")
+    p.add_argument("--log-level", default=os.environ.get("BYZPS_LOG_LEVEL", "WARNING"),
+                   help="logging level of this process (default WARNING, or $BYZPS_LOG_LEVEL)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the PS and every worker as local processes over TCP")
+    r.add_argument("config")
+    r.add_argument("--rounds", type=int, help="override training.rounds")
+    r.add_argument("--data-root", default="./data", help="MNIST folder (default ./data)")
+    r.add_argument("--run-dir", help="run folder (default runs/<config>-<time>-<pid>)")
+
+    s = sub.add_parser("simulate", help="run the job in one process through the same round "
+                       "logic, without sockets")
+    s.add_argument("config")
+    s.add_argument("--rounds", type=int, help="override training.rounds")
+    s.add_argument("--data-root", default="./data", help="MNIST folder (default ./data)")
+    s.add_argument("--metrics", help="JSON Lines metrics file (default training.metrics_file)")
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1, as every TCP node uses under `byzps run`; "
+                        "bit-identity with a TCP run needs the same count)")
+
+    g = sub.add_parser("grid", help="sweep rules x attacks x f x ... in simulation")
+    g.add_argument("grid")
+    g.add_argument("--jobs", "-j", type=int, default=1, help="parallel processes (default 1)")
+    g.add_argument("--out", help="output folder (default runs/grid-<grid file stem>)")
+    g.add_argument("--data-root", default="./data", help="MNIST folder (default ./data)")
+    g.add_argument("--rounds", type=int, help="override the grid's rounds")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+
+    k = sub.add_parser("keygen", help="write worker keys: DIR/ps.secrets.yaml (all) and "
+                       "DIR/worker-<id>.secrets.yaml (one each)")
+    k.add_argument("config")
+    k.add_argument("--out", required=True, help="folder for the key files")
+    k.add_argument("--force", action="store_true", help="overwrite existing key files")
+
+    sub.add_parser("list", help="aggregators, pre-aggregators, attacks, models, distributions")
+
+    pl = sub.add_parser("plot", help="plot accuracy and loss of metrics files")
+    pl.add_argument("metrics", nargs="+", help="metrics.jsonl file(s)")
+    pl.add_argument("-o", "--out", required=True, help="PNG path")
+    return p
+
+
+def byzps_main(argv: Optional[list[str]] = None) -> int:
+    """Run the ``byzps`` command; returns the exit code (see the module docstring)."""
+    parser = build_byzps_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=str(args.log_level).upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    if getattr(args, "rounds", None) is not None and args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    handler = {"run": _cmd_run, "simulate": _cmd_simulate, "grid": _cmd_grid,
+               "keygen": _cmd_keygen, "list": _cmd_list, "plot": _cmd_plot}[args.command]
+    try:
+        return handler(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (DatasetNotFound, IdxFormatError) as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _cmd_run(args) -> int:
+    from byzps.launcher import default_run_dir, launch
+
+    run_dir = args.run_dir or default_run_dir(args.config)
+    summary = launch(args.config, run_dir, data_root=args.data_root, rounds=args.rounds)
+    if summary.interrupted:
+        return 130
+    return 0 if summary.ok else 1
+
+
+def _cmd_simulate(args) -> int:
+    from byzps.simulate import SimulationFailed, simulate
+    from byzps.metrics import progress_line
+
+    cfg = load_config(args.config)
+    total = args.rounds or cfg.training.rounds
+    tty = sys.stderr.isatty()
+    state = {"acc": None, "last": None}
+
+    def show(rec: dict) -> None:
+        if rec.get("test_accuracy") is not None:
+            state["acc"] = rec["test_accuracy"]
+        line = progress_line(rec, total, rec.get("seconds_round"), state["acc"])
+        if tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif rec.get("test_accuracy") is not None:
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        result = simulate(cfg, args.data_root, args.rounds, args.metrics,
+                          threads=args.threads, on_record=show)
+    except SimulationFailed as e:
+        print(f"\nsimulation failed: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:   # a data shard smaller than one batch
+        print(f"\nconfig error: {e}", file=sys.stderr)
+        return 2
+    if tty:
+        print(file=sys.stderr)
+    print(f"final test accuracy: {result.test_accuracy:.4f} (loss {result.test_loss:.4f}) "
+          f"after {result.rounds} rounds in {result.seconds:.1f} s "
+          f"({result.seconds_per_round:.3f} s/round); PS replica digest {result.digest}",
+          flush=True)
+    return 0
+
+
+def _cmd_grid(args) -> int:
+    from pathlib import Path
+
+    from byzps.grid import GridError, load_grid, run_grid
+
+    if args.jobs < 1:
+        print(f"usage error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
+    try:
+        grid = load_grid(args.grid)
+    except GridError as e:
+        print(f"grid error: {e}", file=sys.stderr)
+        return 2
+    if args.rounds is not None:
+        grid.rounds = args.rounds
+    out = args.out or str(Path("runs") / f"grid-{Path(args.grid).stem}")
+    try:
+        run_grid(grid, out, data_root=args.data_root, jobs=args.jobs,
+                 plots=not args.no_plots)
+    except RuntimeError as e:
+        print(f"grid error: {e}", file=sys.stderr)
+        return 1
+    print((Path(out) / "table.md").read_text(), end="")
+    return 0
+
+
+def _cmd_keygen(args) -> int:
+    from pathlib import Path
+
+    from byzps.auth import generate_keys, write_keys
+
+    cfg = load_config(args.config)
+    out = Path(args.out)
+    ids = [w.id for w in cfg.workers]
+    targets = [out / "ps.secrets.yaml"] + [out / f"worker-{i}.secrets.yaml" for i in ids]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not args.force:
+        print(f"keygen: refusing to overwrite {', '.join(existing)} (use --force)",
+              file=sys.stderr)
+        return 2
+    keys = generate_keys(ids)
+    try:
+        write_keys(out / "ps.secrets.yaml", keys)
+        for i in ids:
+            write_keys(out / f"worker-{i}.secrets.yaml", {i: keys[i]})
+    except OSError as e:
+        print(f"keygen: cannot write the key files in {out}: {e.strerror or e}",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {out / 'ps.secrets.yaml'} (all {len(ids)} keys: for the PS) and "
+          f"worker-<id>.secrets.yaml for ids {ids} (one key each: copy each to its worker's "
+          f"machine); set server.secrets_file or $BYZPS_SECRETS to the file on each machine")
+    return 0
+
+
+def list_text() -> str:
+    """The text of ``byzps list``: every aggregator, pre-aggregator, attack, model and data
+    distribution with its parameters and defaults."""
+    from byzps import aggregators, attacks
+    from byzps.data import DISTRIBUTIONS
+    from byzps.models import model_names
+
+    def fmt(params: dict) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in params.items()) or "-"
+
+    lines = ["aggregators (aggregation.method; parameters in aggregation.params):"]
+    lines += [f"  {n:24s} {fmt(aggregators.params(n))}" for n in aggregators.names()]
+    lines.append("pre-aggregators (aggregation.pre_aggregators: [{name: ..., params...}]):")
+    lines += [f"  {n:24s} {fmt(aggregators.pre_params(n))}" for n in aggregators.pre_names()]
+    lines.append("attacks (workers[].attack; parameters in workers[].attack_params):")
+    lines += [f"  {n:24s} {fmt(attacks.params(n))}" for n in attacks.names()]
+    lines.append("models (training.model):")
+    lines += [f"  {n}" for n in model_names()]
+    lines.append("data distributions (training.distribution: {name: ...}):")
+    extra = {"dirichlet": "alpha=1.0", "gamma": "gamma=0.5"}
+    lines += [f"  {n:24s} {extra.get(n, '-')}" for n in DISTRIBUTIONS]
+    return "\n".join(lines)
+
+
+def _cmd_list(args) -> int:
+    print(list_text())
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from byzps.plotting import PlottingUnavailable, plot_metrics
+
+    try:
+        out = plot_metrics(args.metrics, args.out)
+    except PlottingUnavailable as e:
+        print(f"plot: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"plot: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
     return 0
 
 

@@ -178,6 +178,7 @@ class ServerConfig(_Strict):
         min_workers: the PS starts after ``connect_timeout`` if at least this many workers
             registered (default: the quorum); with all n it starts at once.
         write_timeout: seconds a worker has to take one frame before the PS drops it.
+        hello_timeout: seconds a new connection has to introduce and authenticate itself.
         secrets_file: key file (see ``byzps keygen``): on the PS all workers' keys, on a
             worker at least its own. ``$BYZPS_SECRETS`` overrides it. None: no
             authentication (local experiments only; the PS warns at start).
@@ -189,6 +190,7 @@ class ServerConfig(_Strict):
     connect_timeout: float = Field(120.0, gt=0)
     min_workers: Optional[int] = Field(None, ge=1)
     write_timeout: float = Field(10.0, gt=0)
+    hello_timeout: float = Field(10.0, gt=0)
     secrets_file: Optional[str] = None
 
     @property

@@ -153,8 +153,8 @@ def build_pipeline(method: str, params: Mapping[str, Any],
     """
     pres = []
     for k, entry in enumerate(pre_aggregators):
-        name, p = pre_spec(entry, f)
         try:
+            name, p = pre_spec(entry, f)
             pres.append(aggregators.build_pre(name, **p))
         except ValueError as e:
             raise ValueError(f"pre_aggregators.{k}: {e}") from None

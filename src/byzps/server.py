@@ -33,7 +33,6 @@ from byzps.wire import Auth, Challenge, FrameError, Hello, Limits, MsgType, Refu
 
 log = logging.getLogger(__name__)
 
-HELLO_TIMEOUT = 10.0   # seconds a new connection has to introduce (and authenticate) itself
 MAX_PENDING = 8        # frames queued for one worker before it counts as too slow
 
 
@@ -157,7 +156,8 @@ class ParameterServer:
 
     async def _handshake(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> tuple[int, Optional[auth.MacSession]]:
-        hello = await read_message(reader, self.limits_hello, HELLO_TIMEOUT)
+        timeout = self.cfg.server.hello_timeout
+        hello = await read_message(reader, self.limits_hello, timeout)
         assert isinstance(hello, Hello)
         wid = hello.worker_id
         if wid not in self.machine.worker_ids:
@@ -169,8 +169,8 @@ class ParameterServer:
                 raise _Refused(f"worker {wid}: this PS requires authentication; give the worker "
                                f"its key (server.secrets_file or $BYZPS_SECRETS)")
             server_nonce = auth.new_nonce()
-            await write_message(writer, Challenge(server_nonce.hex()), HELLO_TIMEOUT)
-            answer = await read_message(reader, self.limits_auth, HELLO_TIMEOUT)
+            await write_message(writer, Challenge(server_nonce.hex()), timeout)
+            answer = await read_message(reader, self.limits_auth, timeout)
             assert isinstance(answer, Auth)
             client_nonce = bytes.fromhex(hello.nonce)
             try:
@@ -212,8 +212,8 @@ class ParameterServer:
         except (FrameError, auth.AuthError) as e:
             log.warning("%s: bad frame, connection closed: %s", who, e)
         except (asyncio.TimeoutError, TimeoutError):
-            log.warning("%s did not complete its HELLO/authentication within %.0f s; closed",
-                        who, HELLO_TIMEOUT)
+            log.warning("%s did not complete its HELLO/authentication within "
+                        "server.hello_timeout=%g s; closed", who, self.cfg.server.hello_timeout)
         except (ConnectionError, OSError) as e:
             log.info("%s: connection lost: %s", who, e)
         except asyncio.CancelledError:
@@ -229,7 +229,7 @@ class ParameterServer:
         if self.peers.get(peer.worker_id) is not peer:
             return
         del self.peers[peer.worker_id]
-        peer.writer.close()
+        peer.writer.transport.abort()   # close() would wait for a slow reader to take its data
         if peer.sender is not None and peer.sender is not asyncio.current_task():
             peer.sender.cancel()
         if not self._closing:
@@ -357,6 +357,7 @@ class ParameterServer:
         while not self.machine.finished:
             r = self.machine.round
             round_start = time.perf_counter()
+            log.debug("round %d begins; live workers %s", r, sorted(self.machine.live))
             self._execute(self.machine.begin_round())
             closed = await self._await_close(r, t.round_timeout)
             record = {"round": r, "seconds_round": time.perf_counter() - round_start,
@@ -385,12 +386,17 @@ class ParameterServer:
         retries = 0
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                event = await asyncio.wait_for(self.events.get(),
-                                               max(deadline - time.monotonic(), 0.0))
-            except (asyncio.TimeoutError, TimeoutError):
-                self._execute(self.machine.on_deadline())
-                continue
+            event = None
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                try:
+                    event = await asyncio.wait_for(self.events.get(), remaining)
+                except (asyncio.TimeoutError, TimeoutError):
+                    pass
+            if event is None:
+                log.debug("round %d: deadline passed", r)
+                self._execute(self.machine.on_deadline())  # always closes or fails the round
+                event = self.events.get_nowait()
             if isinstance(event, RoundClosed):
                 return event
             if isinstance(event, RoundFailed):

@@ -99,12 +99,13 @@ def drop_nonfinite(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 def chunk_columns(n: int, d: int, elements: int | None = None) -> int:
     """Number of columns per chunk.
 
-    A chunk holds about ``elements`` entries; by default ``min(CHUNK_ELEMENTS, n*d/8)`` (at
+    A chunk holds about ``elements`` entries; by default ``min(CHUNK_ELEMENTS, n*d/16)`` (at
     least 65536), so that the few chunk-sized temporaries a rule keeps alive (a float64 copy,
-    a sort's values and int64 indices) stay below the size of a float32 input.
+    and what the allocator keeps of previous chunks) stay well below the size of a float32
+    input.
     """
     if elements is None:
-        elements = min(CHUNK_ELEMENTS, max(n * d // 8, 1 << 16))
+        elements = min(CHUNK_ELEMENTS, max(n * d // 16, 1 << 16))
     return max(1, min(d, elements // max(n, 1)))
 
 
@@ -120,34 +121,48 @@ def _chunk64(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return x[:, start:stop].to(torch.float64, copy=True)
 
 
-def sorted_column_chunks(x: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(start, stop, s)`` where ``s`` (stop - start, n) holds each coordinate's n values
-    in ascending order (input dtype). Sorting a contiguous transposed chunk along its last
-    dimension is about twice as fast as sorting along dim 0."""
+def sorted_column_chunks(
+    x: torch.Tensor, rows: torch.Tensor | None = None
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, stop, s)`` where ``s`` (stop - start, m) holds each coordinate's values
+    over the rows of ``x`` (or only ``rows``, int64 indices, m of them) in ascending order
+    (input dtype). Sorting a contiguous transposed chunk along its last dimension is about
+    twice as fast as sorting along dim 0."""
     n, d = x.shape
-    for start, stop in column_chunks(n, d):
-        s, _ = torch.sort(x[:, start:stop].T.contiguous(), dim=1)
+    m = n if rows is None else int(rows.numel())
+    # a sort keeps values, int64 indices and its own buffers alive: use quarter-size chunks
+    elements = max(min(CHUNK_ELEMENTS, n * d // 16) // 4, 1 << 14)
+    for start, stop in column_chunks(m, d, elements):
+        block = x[:, start:stop] if rows is None else x[rows, start:stop]
+        s, _ = torch.sort(block.T.contiguous(), dim=1)
         yield start, stop, s
 
 
 # --------------------------------------------------------------------------- reductions
 
 
-def mean_rows(x: torch.Tensor) -> torch.Tensor:
-    """Mean of the rows of ``x`` (n, d) -> (d,) in x's dtype, accumulated in float64.
+def mean_rows(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of the rows of ``x`` (n, d) -> (d,) in x's dtype, accumulated in float64; with
+    ``rows`` (int64 indices) the mean of those rows only, gathered chunk by chunk (no copy of
+    the selected rows).
 
     For float32 input the float64 sum of up to 2**29 rows is exact, so the mean of identical rows
     is that row exactly and no finite input overflows. For float64 input a sum that overflows is
-    recomputed as the sum of ``row / n``.
+    recomputed as the sum of ``row / m``.
     """
     n, d = x.shape
+    m = n if rows is None else int(rows.numel())
+
+    def block(start: int, stop: int) -> torch.Tensor:
+        return x[:, start:stop] if rows is None else x[rows, start:stop]
+
     out = torch.empty(d, dtype=torch.float64, device=x.device)
-    for start, stop in column_chunks(n, d):
-        torch.sum(x[:, start:stop].to(torch.float64), dim=0, out=out[start:stop])
-    out.div_(n)
+    for start, stop in column_chunks(m, d):
+        torch.sum(block(start, stop).to(torch.float64), dim=0, out=out[start:stop])
+    out.div_(m)
     if x.dtype == torch.float64 and not bool(torch.isfinite(out).all()):
-        for start, stop in column_chunks(n, d):
-            torch.sum(x[:, start:stop] / n, dim=0, out=out[start:stop])
+        for start, stop in column_chunks(m, d):
+            torch.sum(block(start, stop) / m, dim=0, out=out[start:stop])
     return out.to(x.dtype)
 
 
@@ -163,7 +178,7 @@ def row_norms(x: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tens
         c = _chunk64(x, start, stop)
         if center is not None:
             c.sub_(center[start:stop].to(torch.float64))
-        sq.add_((c * c).sum(dim=1))
+        sq.add_(c.square_().sum(dim=1))
     norms = sq.sqrt_()
     bad = ~torch.isfinite(norms)
     if bool(bad.any()):  # only float64 rows with entries beyond ~1e154 get here

@@ -108,9 +108,9 @@ class Bucketing(PreAggregator):
             out = torch.empty(m, d, dtype=x.dtype, device=x.device)
             xs = x if not dropped else None
             for start, stop in column_chunks(n, d):
-                block = (xs[:, start:stop] if xs is not None else x[good, start:stop])
-                out[:, start:stop] = ((member @ block.to(torch.float64)) / sizes[:, None]).to(
-                    x.dtype
+                block = xs[:, start:stop] if xs is not None else x[good, start:stop]
+                out[:, start:stop].copy_(
+                    torch.mm(member, block.to(torch.float64)).div_(sizes[:, None])
                 )
             if dropped:
                 out[torch.unique(bucket_of[bad])] = math.nan

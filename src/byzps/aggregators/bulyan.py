@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._base import Aggregator
-from ._common import column_chunks, pairwise_sq_dists, window_mean_around_median
+from ._common import pairwise_sq_dists, sorted_column_chunks, window_mean_around_median
 from .krum import krum_order
 
 
@@ -65,7 +65,6 @@ class Bulyan(Aggregator):
         beta = theta - 2 * f
         idx = self.select(x, f)
         out = torch.empty(d, dtype=x.dtype, device=x.device)
-        for start, stop in column_chunks(theta, d):
-            s, _ = torch.sort(x[idx, start:stop].T.contiguous(), dim=1)
+        for start, stop, s in sorted_column_chunks(x, idx):
             out[start:stop] = window_mean_around_median(s, beta).to(x.dtype)
         return out

@@ -124,7 +124,7 @@ class CenteredClipping(Aggregator):
                 v_new[start:stop] = v[start:stop] + step
                 if not last:
                     c.sub_(step)
-                    sq.add_((c * c).sum(dim=1))
+                    sq.add_(c.square_().sum(dim=1))
             v = v_new
             if not last:
                 dist = sq.sqrt_()

@@ -15,7 +15,8 @@ def scale_rows(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     f64 = factor.to(torch.float64)[:, None]
     for start, stop in column_chunks(n, d):
-        out[:, start:stop] = (x[:, start:stop].to(torch.float64) * f64).to(x.dtype)
+        c = x[:, start:stop].to(torch.float64, copy=True)
+        out[:, start:stop].copy_(c.mul_(f64))
     return out
 
 

@@ -75,16 +75,16 @@ class GeometricMedian(Aggregator):
             p = w / w.sum()  # normalised weights: the step cannot overflow
             z_new = torch.empty_like(z)
             sq = torch.zeros(n, dtype=torch.float64, device=x.device)
-            step_sq = 0.0
+            step_sq = torch.zeros((), dtype=torch.float64, device=x.device)
             for start, stop in column_chunks(n, d):
                 c = x[:, start:stop].to(torch.float64, copy=True)
                 c.sub_(z[start:stop])  # x - z
                 step = p @ c
                 z_new[start:stop] = z[start:stop] + step
                 c.sub_(step)  # x - z_new
-                sq.add_((c * c).sum(dim=1))
-                step_sq += float(step @ step)
-            moved = math.sqrt(step_sq)
+                sq.add_(c.square_().sum(dim=1))
+                step_sq += step @ step
+            moved = math.sqrt(float(step_sq))
             limit = self.tol * g / n
             dist = sq.sqrt_()
             if not bool(torch.isfinite(dist).all()):

@@ -109,7 +109,7 @@ class MultiKrum(Aggregator):
         n = x.shape[0]
         order = krum_order(pairwise_sq_dists(x), f)
         chosen = torch.sort(order[: self._count(n, f)]).values
-        return mean_rows(x[chosen])
+        return mean_rows(x, chosen)
 
 
 class Krum(MultiKrum):

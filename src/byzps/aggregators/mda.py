@@ -103,4 +103,5 @@ class MDA(Aggregator):
         return best_keep
 
     def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return mean_rows(x[self.select(x, f)])
+        keep = self.select(x, f)
+        return mean_rows(x, torch.nonzero(keep).flatten())

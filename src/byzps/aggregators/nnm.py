@@ -64,5 +64,5 @@ class NNM(PreAggregator):
             mix.scatter_(1, self.neighbours(x, f), 1.0)
         out = torch.empty_like(x)
         for start, stop in column_chunks(n, d):
-            out[:, start:stop] = ((mix @ x[:, start:stop].to(torch.float64)) / k).to(x.dtype)
+            out[:, start:stop].copy_(torch.mm(mix, x[:, start:stop].to(torch.float64)).div_(k))
         return out

@@ -1,0 +1,543 @@
+"""``byzps grid``: sweep rules x attacks x f x distributions x seeds in simulation.
+
+A grid file (YAML) holds a base config and the lists to sweep::
+
+    base:                  # a config as in README.md; `workers` and `aggregation` are made per cell
+      training: {rounds: 800, model: cnn_mnist, worker_momentum: 0.9, ...}
+      server: {host: 127.0.0.1, port: 9000}
+    honest: 10             # honest workers; each cell adds f Byzantine workers (ids after them)
+    sweep:
+      aggregator:          # a name, or {method, params, pre_aggregators, label}
+        - mean
+        - {method: trimmed_mean, pre_aggregators: [{name: clipping}, {name: nnm}],
+           label: trimmed_mean+clip+nnm}
+      pre_aggregators: [[]]          # optional: chains crossed with every aggregator entry
+      attack: [sign_flip, {name: alie, params: {estimate_batches: 5}}]
+      f: [1, 3]
+      distribution: [iid, {name: dirichlet, alpha: 0.5}]   # optional, default [iid]
+      seed: [0]                                            # optional, default [base seed]
+
+Each cell runs :func:`byzps.simulate.simulate` in its own process (``--jobs`` at a time, one
+torch thread each) and writes ``OUT/cells/<cell>/metrics.jsonl`` and ``result.json``. A cell
+whose ``result.json`` exists for the same cell config (rounds included) is skipped, so an
+interrupted grid resumes where it stopped. At the end (also when every cell was already done)
+the grid writes ``OUT/results.csv``, ``OUT/table.md`` (worst-case accuracy over attacks, per
+rule and f) and PNGs (``heatmap_*.png``: rule x attack final accuracy; ``curves_*.png``: accuracy per round).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import copy
+import csv
+import itertools
+import json
+import math
+import multiprocessing
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+import yaml
+
+from byzps.config import ConfigError, parse_config
+
+
+class GridError(ValueError):
+    """A grid file that cannot be used; the message names the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid.
+
+    Attributes:
+        rule: display label of the rule (pre-aggregators included).
+        method, params, pre_aggregators: the aggregation section of the cell.
+        attack, attack_params: every Byzantine worker's attack.
+        f: number of Byzantine workers (and the rule's f).
+        distribution: ``{name, ...}`` of ``training.distribution``.
+        seed: ``training.seed``.
+    """
+
+    rule: str
+    method: str
+    params: tuple
+    pre_aggregators: tuple
+    attack: str
+    attack_params: tuple
+    f: int
+    distribution: tuple
+    seed: int
+
+    @property
+    def dist_label(self) -> str:
+        """``iid``, ``dirichlet(alpha=0.5)`` ..."""
+        d = dict(self.distribution)
+        extra = ",".join(f"{k}={v}" for k, v in sorted(d.items()) if k != "name")
+        return d["name"] + (f"({extra})" if extra else "")
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe unique id of the cell."""
+        atk = self.attack + "".join(f"-{k}{v}" for k, v in self.attack_params)
+        raw = f"{self.rule}__{atk}__f{self.f}__{self.dist_label}__s{self.seed}"
+        return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", raw)
+
+    def spec(self) -> dict[str, Any]:
+        """The cell as plain JSON data (stored in result.json to detect a changed grid)."""
+        return {"rule": self.rule, "method": self.method, "params": dict(self.params),
+                "pre_aggregators": [dict(p) for p in self.pre_aggregators],
+                "attack": self.attack, "attack_params": dict(self.attack_params), "f": self.f,
+                "distribution": dict(self.distribution), "seed": self.seed}
+
+
+def _freeze(d: dict) -> tuple:
+    return tuple(sorted((k, _freeze(v) if isinstance(v, dict) else v) for k, v in d.items()))
+
+
+def _chain_label(chain: list) -> str:
+    return "+".join(str(p.get("name", "?")) for p in chain) + ">" if chain else ""
+
+
+def _entries(value: Any, key: str, name_key: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise GridError(f"sweep.{key}: expected a non-empty list, got {value!r}")
+    out = []
+    for k, v in enumerate(value):
+        if isinstance(v, str):
+            v = {name_key: v}
+        if not isinstance(v, dict) or not isinstance(v.get(name_key), str):
+            raise GridError(f"sweep.{key}.{k}: expected a name or a mapping with {name_key!r}, "
+                            f"got {v!r}")
+        out.append(dict(v))
+    return out
+
+
+@dataclass
+class Grid:
+    """A parsed grid file.
+
+    Attributes:
+        base: the base config mapping (deep-copied per cell).
+        honest: number of honest workers.
+        cells: every cell, in sweep order.
+        rounds: rounds per cell (``rounds`` key or the base's ``training.rounds``).
+    """
+
+    base: dict
+    honest: int
+    cells: list[Cell]
+    rounds: int
+
+    def config(self, cell: Cell, metrics_file: Optional[str] = None) -> dict:
+        """The full config mapping of ``cell`` (validate with ``parse_config``)."""
+        cfg = copy.deepcopy(self.base)
+        t = cfg.setdefault("training", {})
+        t["rounds"] = self.rounds
+        t["seed"] = cell.seed
+        t["distribution"] = dict(cell.distribution)
+        t["metrics_file"] = metrics_file
+        cfg.setdefault("server", {"host": "127.0.0.1", "port": 9000})
+        agg = {"method": cell.method, "f": cell.f}
+        if cell.params:
+            agg["params"] = dict(cell.params)
+        if cell.pre_aggregators:
+            agg["pre_aggregators"] = [dict(p) for p in cell.pre_aggregators]
+        cfg["aggregation"] = agg
+        workers = [{"id": i, "type": "honest"} for i in range(self.honest)]
+        for j in range(cell.f):
+            w = {"id": self.honest + j, "type": "byzantine", "attack": cell.attack}
+            if cell.attack_params:
+                w["attack_params"] = dict(cell.attack_params)
+            workers.append(w)
+        cfg["workers"] = workers
+        return cfg
+
+
+def parse_grid(data: Any, source: str = "<grid>") -> Grid:
+    """Validate a grid mapping (see the module docstring) and expand its cells.
+
+    Every cell's config is validated (rule preconditions, attack parameters) up front.
+
+    Raises:
+        GridError: a missing or malformed key, or a cell whose config is invalid (the message
+            names the cell and the config problem).
+    """
+    if not isinstance(data, dict):
+        raise GridError(f"{source}: expected a mapping with base, honest, sweep")
+    unknown = sorted(set(data) - {"base", "honest", "sweep", "rounds"})
+    if unknown:
+        raise GridError(f"{source}: unknown key(s) {unknown}; expected base, honest, sweep, "
+                        f"rounds")
+    base = data.get("base")
+    if not isinstance(base, dict):
+        raise GridError(f"{source}: base: expected a config mapping")
+    honest = data.get("honest")
+    if isinstance(honest, bool) or not isinstance(honest, int) or honest < 1:
+        raise GridError(f"{source}: honest: expected an integer >= 1, got {honest!r}")
+    sweep = data.get("sweep")
+    if not isinstance(sweep, dict):
+        raise GridError(f"{source}: sweep: expected a mapping")
+    unknown = sorted(set(sweep) - {"aggregator", "pre_aggregators", "attack", "f",
+                                   "distribution", "seed"})
+    if unknown:
+        raise GridError(f"{source}: sweep: unknown key(s) {unknown}")
+    rules = _entries(sweep.get("aggregator"), "aggregator", "method")
+    chains = sweep.get("pre_aggregators", [[]])
+    if not isinstance(chains, list) or not chains or not all(isinstance(c, list)
+                                                             for c in chains):
+        raise GridError(f"{source}: sweep.pre_aggregators: expected a list of lists")
+    attacks = _entries(sweep.get("attack"), "attack", "name")
+    fs = sweep.get("f")
+    if not isinstance(fs, list) or not fs or not all(isinstance(f, int) and
+                                                     not isinstance(f, bool) and f >= 0
+                                                     for f in fs):
+        raise GridError(f"{source}: sweep.f: expected a non-empty list of integers >= 0")
+    dists = _entries(sweep.get("distribution", ["iid"]), "distribution", "name")
+    base_seed = (base.get("training") or {}).get("seed", 0)
+    seeds = sweep.get("seed", [base_seed])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise GridError(f"{source}: sweep.seed: expected a non-empty list of integers")
+    rounds = data.get("rounds", (base.get("training") or {}).get("rounds", 50))
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise GridError(f"{source}: rounds: expected an integer >= 1, got {rounds!r}")
+    cells = []
+    for rule, chain, atk, f, dist, seed in itertools.product(rules, chains, attacks, fs, dists,
+                                                             seeds):
+        own = list(rule.get("pre_aggregators", []))
+        if not all(isinstance(p, dict) for p in own + list(chain)):
+            raise GridError(f"{source}: pre-aggregator entries must be mappings {{name: ...}}")
+        pres = list(chain) + own          # the swept chain first, then the rule's own
+        label = rule.get("label") or _chain_label(own) + rule["method"]
+        label = _chain_label(chain) + label
+        unknown = sorted(set(rule) - {"method", "params", "pre_aggregators", "label"})
+        if unknown:
+            raise GridError(f"{source}: sweep.aggregator entry {rule}: unknown key(s) {unknown}")
+        cells.append(Cell(label, rule["method"], _freeze(rule.get("params", {})),
+                          tuple(_freeze(p) for p in pres), atk["name"],
+                          _freeze(atk.get("params", {})), f, _freeze(dist), seed))
+    grid = Grid(base, honest, cells, rounds)
+    for cell in cells:
+        try:
+            parse_config(grid.config(cell), f"cell {cell.key}")
+        except ConfigError as e:
+            raise GridError(str(e)) from None
+    keys = [c.key for c in cells]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise GridError(f"{source}: cells {dup} appear twice; give the rules distinct labels")
+    return grid
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and validate a grid YAML file (see :func:`parse_grid`).
+
+    Raises:
+        GridError: unreadable file, bad YAML or a bad grid.
+    """
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise GridError(f"{p}: cannot read: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise GridError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_grid(data, str(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running cells
+
+
+def run_cell(config: dict, cell_dir: str, data_root: str, spec: dict) -> dict:
+    """Simulate one cell (in the calling process) and write ``cell_dir/result.json``.
+
+    Args:
+        config: the cell's config mapping.
+        cell_dir: its folder (``metrics.jsonl`` and ``result.json`` go there).
+        data_root: MNIST folder.
+        spec: :meth:`Cell.spec`, stored in the result.
+
+    Returns:
+        the result mapping: ``spec``, ``status`` (``ok``, or ``failed`` when a round could not
+        close), ``final_accuracy``, ``final_loss``, ``best_accuracy``, ``rounds``, ``seconds``,
+        ``seconds_per_round``, ``digest``, ``error``.
+    """
+    import logging
+
+    import torch
+
+    from byzps.simulate import SimulationFailed, simulate
+
+    logging.getLogger("byzps").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    d = Path(cell_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    metrics = d / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()
+    cfg = parse_config(config, str(d))
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"spec": spec, "config": cell_identity(config),
+                              "rounds_planned": cfg.training.rounds}
+    try:
+        res = simulate(cfg, data_root, metrics_file=str(metrics), threads=1)
+        accs = [r["test_accuracy"] for r in res.records if r.get("test_accuracy") is not None]
+        result.update(status="ok", final_accuracy=res.test_accuracy, final_loss=res.test_loss,
+                      best_accuracy=max(accs) if accs else None, rounds=res.rounds,
+                      seconds=res.seconds, seconds_per_round=res.seconds_per_round,
+                      digest=res.digest, error=None)
+    except SimulationFailed as e:
+        from byzps.metrics import read_jsonl
+        recs = read_jsonl(metrics) if metrics.exists() else []
+        accs = [r["test_accuracy"] for r in recs if r.get("test_accuracy") is not None]
+        result.update(status="failed", final_accuracy=None, final_loss=None,
+                      best_accuracy=max(accs) if accs else None, rounds=len(recs),
+                      seconds=time.perf_counter() - t0,
+                      seconds_per_round=(time.perf_counter() - t0) / max(len(recs), 1),
+                      digest=None, error=str(e))
+    tmp = d / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=_jsonable))
+    tmp.replace(d / "result.json")
+    return result
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return str(v)
+
+
+def cell_identity(config: dict) -> dict:
+    """What decides a cell's result: its config without ``training.metrics_file`` (as plain
+    JSON data, stored in result.json and compared on resume)."""
+    c = json.loads(json.dumps(config))
+    c.get("training", {}).pop("metrics_file", None)
+    return c
+
+
+def _finished(cell_dir: Path, spec: dict, config: dict) -> Optional[dict]:
+    p = cell_dir / "result.json"
+    if not p.exists():
+        return None
+    try:
+        res = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = res.get("spec") == spec and res.get("config") == cell_identity(config)
+    return res if same and res.get("status") in ("ok", "failed") else None
+
+
+def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: int = 1,
+             stream: Optional[TextIO] = None, plots: bool = True) -> list[dict]:
+    """Run every unfinished cell (``jobs`` processes at a time), then write the reports.
+
+    Args:
+        grid: the parsed grid.
+        out_dir: output folder (created); cells go to ``out_dir/cells/<key>/``.
+        data_root: MNIST folder.
+        jobs: parallel processes (>= 1); each uses one torch thread.
+        stream: where progress lines go (default stderr).
+        plots: also write the PNGs (needs matplotlib; skipped with a note when missing).
+
+    Returns:
+        the result mapping of every cell, in grid order (each with its ``key``).
+
+    Raises:
+        RuntimeError: a cell crashed with an unexpected error (its traceback is in the
+            message); finished cells keep their results, so a rerun resumes.
+    """
+    stream = stream or sys.stderr
+    out = Path(out_dir)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    todo = []
+    for cell in grid.cells:
+        done = _finished(out / "cells" / cell.key, cell.spec(), grid.config(cell))
+        if done is not None:
+            results[cell.key] = done
+        else:
+            todo.append(cell)
+    total = len(grid.cells)
+    print(f"byzps grid: {total} cells, {total - len(todo)} already done, {len(todo)} to run "
+          f"with {jobs} process(es); output in {out}", file=stream, flush=True)
+    t0 = time.perf_counter()
+    errors = []
+    if todo:
+        ctx = multiprocessing.get_context("spawn")
+        pool = cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx)
+        try:
+            futures = {pool.submit(run_cell, grid.config(c), str(out / "cells" / c.key),
+                                   data_root, c.spec()): c for c in todo}
+            finished = 0
+            try:
+                for fut in cf.as_completed(futures):
+                    cell = futures[fut]
+                    finished += 1
+                    try:
+                        res = fut.result()
+                    except Exception:  # a crash in a cell: report, keep the others going
+                        errors.append(f"{cell.key}: {traceback.format_exc(limit=3)}")
+                        print(f"[{finished}/{len(todo)}] {cell.key}: CRASHED", file=stream,
+                              flush=True)
+                        continue
+                    results[cell.key] = res
+                    elapsed = time.perf_counter() - t0
+                    eta = elapsed / finished * (len(todo) - finished)
+                    acc = res.get("final_accuracy")
+                    print(f"[{finished}/{len(todo)}] {cell.key}: "
+                          f"{'acc %.4f' % acc if acc is not None else res['status']} "
+                          f"({res['seconds']:.0f} s, {res['seconds_per_round']:.3f} s/round); "
+                          f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s", file=stream, flush=True)
+            except KeyboardInterrupt:
+                # Ctrl-C reached the cell processes too (same process group); drop the queue
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    ordered = []
+    for cell in grid.cells:
+        if cell.key in results:
+            ordered.append(dict(results[cell.key], key=cell.key))
+    write_reports(grid, ordered, out, plots=plots, stream=stream)
+    print(f"byzps grid: done in {time.perf_counter() - t0:.0f} s; {out / 'results.csv'}, "
+          f"{out / 'table.md'}", file=stream, flush=True)
+    if errors:
+        raise RuntimeError("cells crashed:\n" + "\n".join(errors))
+    return ordered
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+CSV_FIELDS = ["key", "rule", "method", "pre_aggregators", "attack", "f", "distribution",
+              "seed", "status", "final_accuracy", "best_accuracy", "final_loss", "rounds",
+              "seconds", "seconds_per_round", "error"]
+
+
+def _row(res: dict) -> dict:
+    s = res["spec"]
+    dist = dict(s["distribution"])
+    extra = ",".join(f"{k}={v}" for k, v in sorted(dist.items()) if k != "name")
+    return {"key": res["key"], "rule": s["rule"], "method": s["method"],
+            "pre_aggregators": "+".join(p["name"] for p in s["pre_aggregators"]),
+            "attack": s["attack"], "f": s["f"],
+            "distribution": dist["name"] + (f"({extra})" if extra else ""), "seed": s["seed"],
+            "status": res["status"], "final_accuracy": res.get("final_accuracy"),
+            "best_accuracy": res.get("best_accuracy"), "final_loss": res.get("final_loss"),
+            "rounds": res.get("rounds"), "seconds": res.get("seconds"),
+            "seconds_per_round": res.get("seconds_per_round"), "error": res.get("error")}
+
+
+def worst_case_table(rows: list[dict]) -> dict[str, dict[tuple[str, int], tuple[float, str]]]:
+    """Worst case over attacks: distribution -> (rule, f) -> (accuracy, attack).
+
+    Accuracy of (rule, attack, f, distribution) is the mean over seeds of the final test
+    accuracy; a failed run counts as 0.0. The worst case is the minimum over attacks.
+    """
+    acc: dict[tuple, list[float]] = {}
+    for r in rows:
+        a = r["final_accuracy"] if r["status"] == "ok" and r["final_accuracy"] is not None \
+            else 0.0
+        acc.setdefault((r["distribution"], r["rule"], r["f"], r["attack"]), []).append(a)
+    out: dict[str, dict[tuple[str, int], tuple[float, str]]] = {}
+    for (dist, rule, f, attack), vals in acc.items():
+        m = sum(vals) / len(vals)
+        cur = out.setdefault(dist, {}).get((rule, f))
+        if cur is None or m < cur[0]:
+            out[dist][(rule, f)] = (m, attack)
+    return out
+
+
+def markdown_tables(rows: list[dict]) -> str:
+    """The Markdown report: per distribution, worst-case accuracy over attacks (rows: rules,
+    columns: f), then per f the full rule x attack table of final accuracy."""
+    rules = list(dict.fromkeys(r["rule"] for r in rows))
+    fs = sorted({r["f"] for r in rows})
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    lines = []
+    for dist, table in worst_case_table(rows).items():
+        lines += [f"### Worst-case test accuracy over attacks ({dist})", "",
+                  "| rule | " + " | ".join(f"f = {f}" for f in fs) + " |",
+                  "|---|" + "---|" * len(fs)]
+        for rule in rules:
+            cells = []
+            for f in fs:
+                v = table.get((rule, f))
+                cells.append(f"{v[0]:.4f} ({v[1]})" if v else "")
+            lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for dist in dict.fromkeys(r["distribution"] for r in rows):
+        for f in fs:
+            sub = [r for r in rows if r["f"] == f and r["distribution"] == dist]
+            if not sub:
+                continue
+            lines += [f"### Final test accuracy, f = {f} ({dist})", "",
+                      "| rule | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+            for rule in rules:
+                cells = []
+                for atk in attacks:
+                    vals = [r for r in sub if r["rule"] == rule and r["attack"] == atk]
+                    if not vals:
+                        cells.append("")
+                    elif any(v["status"] != "ok" for v in vals):
+                        cells.append("failed")
+                    else:
+                        cells.append(f"{sum(v['final_accuracy'] for v in vals) / len(vals):.4f}")
+                lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def write_reports(grid: Grid, results: list[dict], out: Path, plots: bool = True,
+                  stream: Optional[TextIO] = None) -> None:
+    """Write ``results.csv``, ``table.md`` and (with matplotlib) the PNGs for ``results``."""
+    rows = [_row(r) for r in results]
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    (out / "table.md").write_text(markdown_tables(rows) + "\n")
+    if not plots or not rows:
+        return
+    try:
+        from byzps.metrics import read_jsonl
+        from byzps.plotting import PlottingUnavailable, plot_curves, plot_heatmap
+        rules = list(dict.fromkeys(r["rule"] for r in rows))
+        attacks = list(dict.fromkeys(r["attack"] for r in rows))
+        for dist in dict.fromkeys(r["distribution"] for r in rows):
+            for f in sorted({r["f"] for r in rows}):
+                sub = [r for r in rows if r["f"] == f and r["distribution"] == dist
+                       and r["seed"] == rows[0]["seed"]]
+                if not sub:
+                    continue
+                tag = re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"f{f}_{dist}")
+                values = []
+                for rule in rules:
+                    line = []
+                    for atk in attacks:
+                        hit = [r for r in sub if r["rule"] == rule and r["attack"] == atk]
+                        line.append(hit[0]["final_accuracy"] if hit and hit[0]["status"] == "ok"
+                                    else (0.0 if hit else None))
+                    values.append(line)
+                plot_heatmap(rules, attacks, values, out / f"heatmap_{tag}.png",
+                             title=f"final test accuracy, f = {f}, {dist}")
+                curves = {}
+                for r in sub:
+                    p = out / "cells" / r["key"] / "metrics.jsonl"
+                    if p.exists():
+                        curves[f"{r['rule']} / {r['attack']}"] = read_jsonl(p)
+                if curves:
+                    try:
+                        plot_curves(curves, out / f"curves_{tag}.png",
+                                    title=f"test accuracy, f = {f}, {dist}")
+                    except ValueError:
+                        pass
+    except PlottingUnavailable as e:
+        print(f"byzps grid: no plots: {e}", file=stream or sys.stderr)
