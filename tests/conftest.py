@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,16 @@ def start_node(config: Path, role: str, *extra: str, worker_id: int | None = Non
     out = open(log, "w") if log else subprocess.PIPE
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,
                             env=node_env(), cwd=ROOT)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path, limit: float = 90) -> None:
+    """Block until 127.0.0.1:port accepts connections; fail with the log if proc dies."""
+    deadline = time.time() + limit
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.time() < deadline, log.read_text()
+            time.sleep(0.2)

@@ -19,21 +19,9 @@ import pytest
 from byzps import auth
 from byzps.wire import Auth, Challenge, Hello, Limits, MsgType, Refuse, decode_frame, encode
 
-from conftest import start_node, write_config
+from conftest import start_node, wait_for_port, write_config
 
 TIMEOUT = 180
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, log: Path, limit: float = 90) -> None:
-    deadline = time.time() + limit
-    while True:
-        assert proc.poll() is None, log.read_text()
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert time.time() < deadline, log.read_text()
-            time.sleep(0.2)
 
 
 def wait_for_log(log: Path, pattern: str, limit: float = 90) -> re.Match:

@@ -23,6 +23,7 @@ from typing import Optional
 
 from byzps.auth import AuthError
 from byzps.checkpoint import CheckpointError
+from byzps.transport import TlsError
 from byzps.config import ConfigError, load_config
 from byzps.data import DatasetNotFound, IdxFormatError
 
@@ -82,8 +83,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (DatasetNotFound, IdxFormatError) as e:
         print(f"data error: {e}", file=sys.stderr)
         return 1
-    except AuthError as e:
-        print(f"authentication error: {e}", file=sys.stderr)
+    except (AuthError, TlsError) as e:
+        print(f"security setup error: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)

@@ -166,6 +166,21 @@ class AggregationConfig(_Strict):
     pre_aggregators: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class TlsConfig(_Strict):
+    """The optional ``server.tls`` section (stdlib ``ssl``, TLS 1.2 or newer).
+
+    Attributes:
+        cert: PEM certificate chain of the PS (needed on the PS).
+        key: PEM private key of the PS (needed on the PS).
+        ca: PEM CA bundle the workers verify the PS's certificate against (needed on workers);
+            the certificate must name ``server.host`` (as a DNS name or IP address).
+    """
+
+    cert: Optional[str] = None
+    key: Optional[str] = None
+    ca: Optional[str] = None
+
+
 class ServerConfig(_Strict):
     """The ``server`` section.
 
@@ -182,6 +197,7 @@ class ServerConfig(_Strict):
         secrets_file: key file (see ``byzps keygen``): on the PS all workers' keys, on a
             worker at least its own. ``$BYZPS_SECRETS`` overrides it. None: no
             authentication (local experiments only; the PS warns at start).
+        tls: optional TLS for confidentiality (see :class:`TlsConfig`); None = plain TCP.
     """
 
     host: str = Field(min_length=1)
@@ -192,6 +208,7 @@ class ServerConfig(_Strict):
     write_timeout: float = Field(10.0, gt=0)
     hello_timeout: float = Field(10.0, gt=0)
     secrets_file: Optional[str] = None
+    tls: Optional[TlsConfig] = None
 
     @property
     def listen_host(self) -> str:

@@ -26,8 +26,8 @@ from byzps.metrics import JsonlWriter
 from byzps.protocol import Action, Broadcast, Drop, RoundClosed, RoundFailed, Send, \
     ServerRounds
 from byzps.training import Replica
-from byzps.transport import PeerClosed, frame_buffers, read_message, set_keepalive, \
-    write_message
+from byzps.transport import PeerClosed, frame_buffers, read_message, server_ssl_context, \
+    set_keepalive, write_message
 from byzps.wire import Auth, Challenge, FrameError, Hello, Limits, MsgType, Refuse, Stop, \
     encode
 
@@ -288,13 +288,16 @@ class ParameterServer:
             TrainingFailed: too few workers registered in time, or a round without a quorum
                 after ``training.round_retries`` retries.
             OSError: the port cannot be bound.
+            byzps.transport.TlsError: ``server.tls`` is set but its files are unusable.
         """
         s = self.cfg.server
+        ssl_ctx = server_ssl_context(s.tls.cert, s.tls.key) if s.tls else None
         server = await asyncio.start_server(self._handle, s.listen_host, s.port,
-                                            limit=1 << 20)
+                                            limit=1 << 20, ssl=ssl_ctx,
+                                            ssl_handshake_timeout=s.hello_timeout)
         self.port = server.sockets[0].getsockname()[1]
-        log.info("PS listening on %s:%d; n=%d workers, f=%d, aggregator %s, rounds %d..%d, "
-                 "d=%d, quorum %d", s.listen_host, self.port, self.cfg.n, self.cfg.f,
+        log.info("PS listening on %s:%d%s; n=%d workers, f=%d, aggregator %s, rounds %d..%d, "
+                 "d=%d, quorum %d", s.listen_host, self.port, " (TLS)" if ssl_ctx else "", self.cfg.n, self.cfg.f,
                  self.cfg.aggregation.method, self.machine.round, self.rounds - 1,
                  self.replica.d, self.machine.quorum)
         if self.keys is None:

@@ -110,3 +110,44 @@ def set_keepalive(sock: Optional[socket.socket], idle: int = 10, interval: int =
                         ("TCP_KEEPCNT", count)):
         if hasattr(socket, name):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+class TlsError(ValueError):
+    """TLS is configured but cannot be set up; the message names the file and the problem."""
+
+
+def server_ssl_context(cert: str | None, key: str | None):
+    """An ``ssl.SSLContext`` for the PS (TLS >= 1.2) from PEM files.
+
+    Raises:
+        TlsError: cert or key missing or unreadable.
+    """
+    import ssl
+
+    if not cert or not key:
+        raise TlsError("server.tls needs both cert and key on the PS")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise TlsError(f"server.tls: cannot load cert {cert} / key {key}: {e}") from None
+    return ctx
+
+
+def client_ssl_context(ca: str | None):
+    """An ``ssl.SSLContext`` for a worker that verifies the PS against the CA bundle ``ca``.
+
+    Raises:
+        TlsError: ca missing or unreadable.
+    """
+    import ssl
+
+    if not ca:
+        raise TlsError("server.tls needs ca on the workers (the CA that signed the PS's cert)")
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    except (OSError, ssl.SSLError) as e:
+        raise TlsError(f"server.tls: cannot load CA bundle {ca}: {e}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Optional
 
@@ -30,7 +31,8 @@ from byzps.config import Config
 from byzps.data import iid_shards, load_mnist, to_tensors
 from byzps.protocol import WorkerRounds
 from byzps.training import Replica
-from byzps.transport import PeerClosed, read_message, set_keepalive, write_message
+from byzps.transport import PeerClosed, client_ssl_context, read_message, set_keepalive, \
+    write_message
 from byzps.wire import Auth, Challenge, FrameError, Hello, Limits, MsgType, Refuse
 
 log = logging.getLogger(__name__)
@@ -175,6 +177,7 @@ class Worker:
         self.attack_momentum = WorkerMomentum(t.worker_momentum)
         self.machine = WorkerRounds(worker_id, self.replica, self._compute)
         self.key = self._load_key()
+        self.ssl_ctx = client_ssl_context(cfg.server.tls.ca) if cfg.server.tls else None
         d = self.replica.d
         running = frozenset({MsgType.STATE, MsgType.ROUND, MsgType.UPDATE, MsgType.STOP,
                              MsgType.REFUSE})
@@ -245,7 +248,14 @@ class Worker:
         delay = 0.1
         while True:
             try:
-                return await asyncio.wait_for(asyncio.open_connection(s.host, s.port), 10.0)
+                return await asyncio.wait_for(asyncio.open_connection(
+                    s.host, s.port, ssl=self.ssl_ctx,
+                    server_hostname=s.host if self.ssl_ctx else None), 10.0)
+            except ssl.SSLCertVerificationError as e:
+                raise WorkerFailed(
+                    f"worker {self.id}: the PS at {s.host}:{s.port} failed TLS verification "
+                    f"against server.tls.ca={self.cfg.server.tls.ca}: {e.verify_message} "
+                    f"(certificate verify failed)") from None
             except (OSError, asyncio.TimeoutError, TimeoutError) as e:
                 if time.monotonic() + delay > deadline:
                     raise WorkerFailed(
