@@ -119,3 +119,19 @@ def test_cli_unknown_worker_id_exit_2(tmp_path, base_config):
     r = subprocess.run([sys.executable, str(ROOT / "ps_node.py"), "--config", str(p), "--role",
                         "worker", "--worker-id", "7"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "--worker-id 7 is not in" in r.stderr
+
+
+@pytest.mark.parametrize("value", ["0700", "1:30", "-012"])
+def test_yaml_octal_and_base60_integers_are_refused(tmp_path, base_config, value):
+    text = write_config(tmp_path / "c.yaml", base_config).read_text()
+    port = str(base_config["server"]["port"])
+    (tmp_path / "c.yaml").write_text(text.replace(f"port: {port}", f"port: {value}"))
+    with pytest.raises(ConfigError, match="ambiguous number"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_yaml_nan_is_refused(tmp_path, base_config):
+    text = write_config(tmp_path / "c.yaml", base_config).read_text()
+    (tmp_path / "c.yaml").write_text(text.replace("learning_rate: 0.05", "learning_rate: .nan"))
+    with pytest.raises(ConfigError, match="training.learning_rate"):
+        load_config(tmp_path / "c.yaml")

@@ -24,9 +24,18 @@ from conftest import start_node, wait_for_port, write_config
 TIMEOUT = 180
 
 
-def wait_for_log(log: Path, pattern: str, limit: float = 90) -> re.Match:
+def wait_for_log(log: Path, pattern: str, limit: float = 90,
+                 proc: subprocess.Popen | None = None) -> re.Match:
+    """Wait until ``pattern`` appears in ``log``; fail early if ``proc`` exits first."""
     deadline = time.time() + limit
     while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            time.sleep(0.2)
+            text = log.read_text() if log.exists() else ""
+            if re.search(pattern, text):
+                return re.search(pattern, text)
+            raise AssertionError(f"process exited ({proc.returncode}) before {pattern!r}:\n"
+                                 f"{text}")
         m = re.search(pattern, log.read_text() if log.exists() else "")
         if m:
             return m
@@ -76,7 +85,7 @@ def test_kill_9_worker_mid_run_training_goes_on(tmp_path, base_config):
     cfg = write_config(tmp_path / "c.yaml", base_config)
     server = start_node(cfg, "server", log=tmp_path / "ps.log")
     workers = start_workers(cfg, tmp_path, range(4))
-    wait_for_log(tmp_path / "ps.log", r"round 10/30")
+    wait_for_log(tmp_path / "ps.log", r"round 10/30", proc=server)
     workers[2].send_signal(signal.SIGKILL)
     workers[2].wait()
     del workers[2]
@@ -202,7 +211,8 @@ def test_kill_9_ps_and_resume_gives_the_uninterrupted_model(tmp_path, base_confi
     cfg = write_config(tmp_path / "c.yaml", base_config)
     server = start_node(cfg, "server", log=tmp_path / "ps1.log")
     workers = start_workers(cfg, tmp_path, range(4))
-    wait_for_log(tmp_path / "ps1.log", r"checkpoint of round ([4-9]|1[0-9]) written")
+    wait_for_log(tmp_path / "ps1.log", r"checkpoint of round ([4-9]|1[0-9]) written",
+                 proc=server)
     server.send_signal(signal.SIGKILL)
     server.wait()
     killed_log = (tmp_path / "ps1.log").read_text()

@@ -366,6 +366,26 @@ class Config(_Strict):
             raise ValueError(f"workers.{k}.attack: {e}") from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses YAML 1.1 integers with a leading zero (``0755`` would
+    silently become 493) and sexagesimal numbers (``1:30`` would become 90)."""
+
+
+def _strict_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(node.value).replace("_", "")
+    digits = text.lstrip("+-")
+    if (len(digits) > 1 and digits[0] == "0" and digits[1:2].isdigit()) or ":" in digits:
+        mark = node.start_mark
+        raise yaml.constructor.ConstructorError(
+            None, None, f"ambiguous number {node.value!r} at line {mark.line + 1} (YAML 1.1 "
+            f"reads a leading 0 as octal and a colon as base 60); quote it or drop the 0",
+            mark)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _strict_int)
+
+
 def _describe(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
     msg = err.get("msg", "invalid")
@@ -418,7 +438,8 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML (``.yaml``/``.yml``) or JSON (``.json``) config file.
 
-    YAML is read with ``yaml.safe_load`` (no object construction).
+    YAML is read with a ``yaml.SafeLoader`` subclass (no object construction) that also
+    refuses octal-looking and base-60 integers.
 
     Raises:
         ConfigError: the file is missing, unreadable, not valid YAML/JSON, or fails validation.
@@ -436,7 +457,7 @@ def load_config(path: str | Path) -> Config:
         if suffix == ".json":
             data = json.loads(text)
         elif suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
         else:
             raise ConfigError(src, [f"unknown config extension {suffix!r}: expected .yaml, .yml "
                                     f"or .json"])

@@ -292,9 +292,9 @@ class ParameterServer:
         """
         s = self.cfg.server
         ssl_ctx = server_ssl_context(s.tls.cert, s.tls.key) if s.tls else None
+        tls_kw = {"ssl": ssl_ctx, "ssl_handshake_timeout": s.hello_timeout} if ssl_ctx else {}
         server = await asyncio.start_server(self._handle, s.listen_host, s.port,
-                                            limit=1 << 20, ssl=ssl_ctx,
-                                            ssl_handshake_timeout=s.hello_timeout)
+                                            limit=1 << 20, **tls_kw)
         self.port = server.sockets[0].getsockname()[1]
         log.info("PS listening on %s:%d%s; n=%d workers, f=%d, aggregator %s, rounds %d..%d, "
                  "d=%d, quorum %d", s.listen_host, self.port, " (TLS)" if ssl_ctx else "", self.cfg.n, self.cfg.f,

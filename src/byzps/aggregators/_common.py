@@ -36,8 +36,9 @@ __all__ = [
     "window_mean_around_median",
 ]
 
-#: Number of matrix entries processed per column chunk (2**20 -> 8 MiB as float64).
-CHUNK_ELEMENTS = 1 << 20
+#: Largest number of matrix entries processed per column chunk (2**18 -> 2 MiB as float64,
+#: small enough to stay in a core's L2 cache, which is measurably faster than larger chunks).
+CHUNK_ELEMENTS = 1 << 18
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -169,10 +170,18 @@ def mean_rows(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor
 def row_norms(x: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
     """Euclidean norms (n,) float64 of the rows of ``x - center`` (center (d,) or None).
 
-    Computed on float64 chunks with a per-row rescaling when squares would overflow, so the
-    result is finite for every finite input.
+    Without a centre: one ``torch.linalg.vector_norm`` in x's dtype; rows whose norm came out
+    non-finite (squares overflowed) or below 1e-18 (squares may have underflowed) are redone
+    in float64. With a centre: float64 column chunks. Either way rows whose float64 squares
+    overflow are rescaled, so the result is finite for every finite input.
     """
     n, d = x.shape
+    if center is None:
+        norms = torch.linalg.vector_norm(x, dim=1).to(torch.float64)
+        redo = ~torch.isfinite(norms) | (norms < 1e-18)
+        for i in torch.nonzero(redo).flatten().tolist():
+            norms[i] = _row_norm64(x[i])
+        return norms
     sq = torch.zeros(n, dtype=torch.float64, device=x.device)
     for start, stop in column_chunks(n, d):
         c = _chunk64(x, start, stop)
@@ -182,14 +191,18 @@ def row_norms(x: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tens
     norms = sq.sqrt_()
     bad = ~torch.isfinite(norms)
     if bool(bad.any()):  # only float64 rows with entries beyond ~1e154 get here
-        idx = torch.nonzero(bad).flatten()
-        for i in idx.tolist():
-            row = x[i].to(torch.float64)
-            if center is not None:
-                row = row - center.to(torch.float64)
-            m = row.abs().max()
-            norms[i] = m * torch.linalg.vector_norm(row / m) if bool(torch.isfinite(m)) else m
+        for i in torch.nonzero(bad).flatten().tolist():
+            norms[i] = _row_norm64(x[i].to(torch.float64) - center.to(torch.float64))
     return norms
+
+
+def _row_norm64(row: torch.Tensor) -> float:
+    """Norm of one row in float64, rescaled by its largest entry so squares cannot overflow."""
+    row = row.to(torch.float64)
+    m = row.abs().max()
+    if not bool(torch.isfinite(m)) or float(m) == 0.0:
+        return float(m)
+    return float(m * torch.linalg.vector_norm(row / m))
 
 
 def median_of_sorted(s: torch.Tensor) -> torch.Tensor:

@@ -5,18 +5,22 @@ from __future__ import annotations
 import torch
 
 from ._base import F_PARAM, Param, PreAggregator
-from ._common import column_chunks, row_norms
+from ._common import row_norms
+
+
+#: float32 factors below this would be subnormal or close to it: such rows go through float64
+_TINY_FACTOR = 2.0**-100
 
 
 def scale_rows(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``x * factor[:, None]`` computed in float64 chunks, returned in x's dtype; rows whose
-    factor is exactly 1 are returned unchanged bit for bit."""
-    n, d = x.shape
-    out = torch.empty_like(x)
-    f64 = factor.to(torch.float64)[:, None]
-    for start, stop in column_chunks(n, d):
-        c = x[:, start:stop].to(torch.float64, copy=True)
-        out[:, start:stop].copy_(c.mul_(f64))
+    """``x * factor[:, None]`` in x's dtype (one multiplication); rows whose factor is exactly 1
+    are returned unchanged bit for bit. For float32 rows with a tiny factor (huge rows) the
+    product is formed in float64 so it does not lose precision to subnormal factors."""
+    factor = factor.to(torch.float64)
+    out = x * factor.to(x.dtype)[:, None]
+    if x.dtype == torch.float32:
+        for i in torch.nonzero(factor < _TINY_FACTOR).flatten().tolist():
+            out[i] = (x[i].to(torch.float64) * factor[i]).to(x.dtype)
     return out
 
 
@@ -24,13 +28,14 @@ class Clipping(PreAggregator):
     """``clipping``: scale every row whose L2 norm exceeds ``threshold`` down to that norm.
 
     Definition: ``y_i = x_i * min(1, threshold / ||x_i||_2)``. Rows within the threshold are
-    returned unchanged; norms are computed in float64 (no overflow for float32 rows).
+    returned unchanged; norms that would overflow or underflow in the input dtype are redone
+    in float64.
 
     Parameters: ``threshold`` (> 0, default 1.0); ``f`` (int >= 0, default 0) is accepted for a
     uniform interface and not used.
 
-    Precondition: n >= 1. Output rows: m = n. Complexity: O(n d) time; one float64 chunk of
-    extra memory besides the (n, d) output.
+    Precondition: n >= 1. Output rows: m = n. Complexity: O(n d) time (two passes: norms,
+    scaling); O(n) extra memory besides the (n, d) output.
 
     Rows holding NaN/Inf come out as all-NaN rows (see ``PreAggregator``).
     Shapes and dtypes: (n, d) float32/float64 -> (n, d) same dtype/device.
