@@ -2,9 +2,16 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/aggregators.py [--repeats 5] [--timeout 300] [--no-byzfl]
+    .venv/bin/python benchmarks/aggregators.py [--repeats 5] [--threads 1] [--timeout 300]
+                                               [--no-byzfl] [--rules krum,multi_krum]
                                                [--workloads 64x65536,80x65536,32x1000000]
-                                               [--rules krum,multi_krum]
+
+Threads: by default every measurement runs with ``torch.set_num_threads(1)``, which gives
+reproducible numbers on a shared or busy machine: when the cores are oversubscribed, each
+parallel torch op waits at an OpenMP barrier for a descheduled thread, and the chunked rules
+(many ops per call) slow down by one to two orders of magnitude (measured here under load:
+byzps ``mean`` 0.009 s with one thread, 0.46 s with two). ``--threads 0`` keeps torch's
+default; use it on an otherwise idle machine.
 
 For every rule and workload it reports the median wall time of ``--repeats`` calls (after one
 warm-up call), ``torch.mean(x, 0)`` on the same tensor for scale, and, when it can be
@@ -20,12 +27,14 @@ Workloads (n x d, f): 64 x 65536 with f = 10; 80 x 65536 with f = 20 for the Kru
 (Bulyan needs n >= 4f + 3 = 83 and is reported as not applicable there); 32 x 1,000,000 with
 f = 5. MDA enumerates C(n, f) subsets, so it runs with f = 2 on every workload.
 
-Memory column: each measurement runs in its own subprocess. Just before the warm-up call the
-script resets the kernel's peak-RSS counter (writing "5" to /proc/self/clear_refs) and records
-VmRSS; after the call, "peak extra" is VmHWM - VmRSS_before: the most resident memory the call
-added on top of the input, whatever allocated it (torch's CPU allocator included, which
-tracemalloc cannot see). It is shown as a multiple of the input size too. Where the kernel
-refuses the reset the column says "n/a".
+Memory column: each measurement runs in its own subprocess. After the warm-up call (which
+also pulls the kernels' code pages into memory) the script returns freed heap pages to the
+kernel (glibc malloc_trim), resets the kernel's peak-RSS counter (writing "5" to
+/proc/self/clear_refs), records VmRSS and makes one more call; "peak extra" is
+VmHWM - VmRSS_before: the most resident memory the
+call added on top of the input, whatever allocated it (torch's CPU allocator included, which
+tracemalloc cannot see), output included. It is also shown as a multiple of the input size.
+Where the kernel refuses the reset the column says "n/a".
 
 Semantic differences with ByzFL worth knowing when comparing times: ByzFL's Krum/Multi-Krum
 score with n - f - 1 neighbours (byzps: n - f - 2, Blanchard et al.), its median is
@@ -40,6 +49,8 @@ is unseeded. ByzFL has no Bulyan.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import importlib
 import importlib.util
 import json
@@ -103,6 +114,13 @@ def _reset_peak() -> bool:
         return False
 
 
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_byzfl():
     """Import byzfl.aggregators without running byzfl/__init__.py (which needs torchvision,
     matplotlib, seaborn). Raises ImportError when ByzFL or scipy is missing."""
@@ -150,9 +168,12 @@ def make_callable(impl: str, label: str, f: int):
     return table[name](), name in ("clipping", "arc")
 
 
-def child(impl: str, label: str, workload: str, repeats: int, budget: float) -> dict:
+def child(impl: str, label: str, workload: str, repeats: int, budget: float,
+          threads: int) -> dict:
     import torch
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     n, d, f = WORKLOADS[workload]
     if label != "torch.mean":
         f = rule_f(label, f)
@@ -163,23 +184,31 @@ def child(impl: str, label: str, workload: str, repeats: int, budget: float) -> 
     torch.manual_seed(0)
     x = torch.randn(n, d)
     arg = (lambda: x.clone()) if fresh else (lambda: x)
-    inp = arg()
-    can_reset = _reset_peak()
-    rss0 = _status("VmRSS")
     t0 = time.perf_counter()
     try:
-        fn(inp)
+        fn(arg())  # warm-up: loads kernels' code pages, thread pools
     except Exception as err:  # noqa: BLE001 - report whatever the implementation raised
         return {"error": f"{type(err).__name__}: {str(err)[:120]}"}
     first = time.perf_counter() - t0
-    peak = _status("VmHWM") - rss0 if can_reset else None
-    times = []
     count = repeats if first * repeats <= budget else max(1, int(budget / max(first, 1e-9)))
+    # memory of a steady-state call: give freed heap pages back to the kernel first so the
+    # call's allocations show up in the resident set again
+    inp = arg()
+    gc.collect()
+    _malloc_trim()
+    peak = None
+    if _reset_peak():
+        rss0 = _status("VmRSS")
+        fn(inp)
+        peak = _status("VmHWM") - rss0
+    del inp
+    times = []
     for _ in range(count):
         inp = arg()
         t0 = time.perf_counter()
         fn(inp)
         times.append(time.perf_counter() - t0)
+        del inp
     return {"median_s": statistics.median(times), "runs": len(times), "peak_extra": peak,
             "input_bytes": x.numel() * x.element_size()}
 
@@ -189,7 +218,7 @@ def child(impl: str, label: str, workload: str, repeats: int, budget: float) -> 
 
 def run_child(impl, label, workload, args) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, label, workload, "--repeats",
-           str(args.repeats), "--budget", str(args.budget)]
+           str(args.repeats), "--budget", str(args.budget), "--threads", str(args.threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -221,6 +250,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=30.0,
                     help="seconds of timed calls per measurement before cutting repeats")
     ap.add_argument("--timeout", type=float, default=300.0, help="per measurement")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads per measurement (0: torch's default)")
     ap.add_argument("--no-byzfl", action="store_true")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--rules", default=",".join(label for label, *_ in RULES))
@@ -229,20 +260,22 @@ def main() -> None:
 
     if args.child:
         impl, label, workload = args.child
-        print(json.dumps(child(impl, label, workload, args.repeats, args.budget)))
+        print(json.dumps(child(impl, label, workload, args.repeats, args.budget,
+                                args.threads)))
         return
 
     byzfl_ok = False
     if not args.no_byzfl:
         probe = run_child("byzfl", "mean", "64x65536", argparse.Namespace(
-            repeats=1, budget=1.0, timeout=args.timeout))
+            repeats=1, budget=1.0, timeout=args.timeout, threads=args.threads))
         byzfl_ok = "error" not in probe
         if not byzfl_ok:
             print(f"# ByzFL not used: {probe['error']}")
     import torch
 
+    threads = args.threads if args.threads > 0 else torch.get_num_threads()
     print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} torch threads, load average at start "
+          f"{threads} torch thread(s), load average at start "
           f"{os.getloadavg()[0]:.1f}; median of {args.repeats} calls after one warm-up")
     header = ["rule", "workload", "f", "byzps s", "torch.mean s", "ByzFL s", "byzps/mean",
               "ByzFL/byzps", "byzps peak extra", "ByzFL peak extra"]

@@ -60,16 +60,33 @@ def node_env() -> dict:
     return env
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_nodes():
+    """Kill every node process a test started and left running (e.g. after a failure)."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def start_node(config: Path, role: str, *extra: str, worker_id: int | None = None,
                log: Path | None = None) -> subprocess.Popen:
-    """Start ``ps_node.py`` as a real process; stdout+stderr go to ``log`` (or a pipe)."""
+    """Start ``ps_node.py`` as a real process; stdout+stderr go to ``log`` (or a pipe).
+    The process is killed at the end of the test if it is still running."""
     cmd = [sys.executable, str(ROOT / "ps_node.py"), "--config", str(config), "--role", role]
     if worker_id is not None:
         cmd += ["--worker-id", str(worker_id)]
     cmd += list(extra)
     out = open(log, "w") if log else subprocess.PIPE
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,
                             env=node_env(), cwd=ROOT)
+    _STARTED.append(proc)
+    return proc
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, log: Path, limit: float = 90) -> None:

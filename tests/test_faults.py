@@ -3,7 +3,6 @@ frames, impersonation, duplicate ids, and a killed-and-resumed PS."""
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -14,7 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 
 from byzps import auth
 from byzps.wire import Auth, Challenge, Hello, Limits, MsgType, Refuse, decode_frame, encode

@@ -373,3 +373,20 @@ def test_identical_rows(name, n, row):
         return
     # float64 accumulation: averaging identical float32 rows is exact
     assert torch.equal(out, r.repeat(out.shape[0], 1))
+
+
+def test_clipping_extreme_float32_rows():
+    x = torch.zeros(3, 1000, dtype=torch.float32)
+    x[0] = 3e38  # float32 squares overflow: norm redone in float64, factor ~1e-40 (subnormal)
+    x[1] = 1e-30  # float32 squares underflow to 0: norm redone in float64
+    x[2, 0] = 2.0
+    out = A.build_pre("clipping", threshold=1e-30)(x)
+    norms = torch.linalg.vector_norm(out.double(), dim=1)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(norms, torch.full((3,), 1e-30, dtype=torch.float64), rtol=1e-5,
+                               atol=0)
+    out = A.build_pre("clipping", threshold=1.0)(x)
+    torch.testing.assert_close(torch.linalg.vector_norm(out.double(), dim=1),
+                               torch.tensor([1.0, 1e-30 * math.sqrt(1000), 1.0],
+                                            dtype=torch.float64), rtol=1e-5, atol=0)
+    assert torch.equal(out[1], x[1])

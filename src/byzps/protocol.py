@@ -54,6 +54,7 @@ class RoundClosed:
         missing: live or registered workers that did not answer before the round closed.
         losses: worker id -> reported loss (untrusted, informational).
         seconds_aggregate: wall seconds spent in the aggregator and the optimizer step.
+        distances: accepted worker id -> L2 distance of its gradient to the aggregate.
     """
     round: int
     accepted: tuple[int, ...]
@@ -61,6 +62,7 @@ class RoundClosed:
     missing: tuple[int, ...]
     losses: dict[int, float]
     seconds_aggregate: float
+    distances: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -243,8 +245,9 @@ class ServerRounds:
                                            f"{cur.rejected or 'none'}")]
         ids = sorted(cur.rows)
         start = self._clock()
+        stacked = torch.stack([cur.rows[i] for i in ids])
         try:
-            agg = self.aggregate(torch.stack([cur.rows[i] for i in ids]))
+            agg = self.aggregate(stacked)
         except ValueError as e:
             return [RoundFailed(cur.round, f"aggregator refused {len(ids)} gradients: {e}")]
         if not bool(torch.isfinite(agg).all()):
@@ -252,8 +255,9 @@ class ServerRounds:
         self.replica.apply(agg)
         seconds = self._clock() - start
         missing = tuple(w for w in self.worker_ids if w not in answered)
+        dist = torch.linalg.vector_norm(stacked - agg, dim=1).tolist()
         closed = RoundClosed(cur.round, tuple(ids), dict(cur.rejected), missing,
-                             dict(cur.losses), seconds)
+                             dict(cur.losses), seconds, dict(zip(ids, dist)))
         self.current = None
         self.round += 1
         actions: list[Action] = [Broadcast(Update(cur.round, agg)), closed]

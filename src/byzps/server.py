@@ -19,12 +19,13 @@ from typing import Optional
 
 import torch
 
-from byzps import aggregators, auth, checkpoint
+from byzps import auth, checkpoint
 from byzps.config import Config
 from byzps.data import load_mnist, to_tensors
-from byzps.metrics import JsonlWriter
+from byzps.metrics import JsonlWriter, round_record
 from byzps.protocol import Action, Broadcast, Drop, RoundClosed, RoundFailed, Send, \
     ServerRounds
+from byzps.robust import build_robust, default_quorum
 from byzps.training import Replica
 from byzps.transport import PeerClosed, frame_buffers, read_message, server_ssl_context, \
     set_keepalive, write_message
@@ -57,17 +58,6 @@ class ServerResult:
     test_loss: float
     seconds: float
     digest: str
-
-
-def min_rows(agg, n: int) -> int:
-    """The fewest rows (1..n) the aggregator accepts, by its own ``check``."""
-    for m in range(1, n + 1):
-        try:
-            agg.check(m)
-            return m
-        except ValueError:
-            continue
-    return n
 
 
 @dataclass(eq=False)
@@ -112,8 +102,8 @@ class ParameterServer:
         self.test_x, self.test_y = to_tensors(mnist.test_images[:limit],
                                               mnist.test_labels[:limit])
         self.replica = Replica(t.model, t.seed, t.learning_rate, t.momentum)
-        self.aggregator = aggregators.build(cfg.aggregation.method, **cfg.aggregator_params())
-        warning = getattr(self.aggregator, "warning", lambda n: None)(cfg.n)
+        self.aggregator = build_robust(cfg)
+        warning = self.aggregator.warning(cfg.n)
         if warning:
             log.warning("%s", warning)
         start_round = 0
@@ -125,7 +115,7 @@ class ParameterServer:
             start_round = ckpt.round
             log.info("resumed from %s/%s at round %d", t.checkpoint_dir, checkpoint.FILENAME,
                      start_round)
-        quorum = t.quorum or max(cfg.n - cfg.f, min_rows(self.aggregator, cfg.n))
+        quorum = default_quorum(cfg, self.aggregator)
         self.machine = ServerRounds([w.id for w in cfg.workers], self.replica, self.aggregator,
                                     self.rounds, quorum, start_round=start_round,
                                     max_missed=t.max_missed_rounds)
@@ -136,6 +126,8 @@ class ParameterServer:
         self.peers: dict[int, _Peer] = {}
         self.events: asyncio.Queue = asyncio.Queue()
         self.metrics = JsonlWriter(t.metrics_file)
+        #: worker id -> rejection reason -> count, over the whole run (also in each record)
+        self.rejected_gradients: dict[int, dict[str, int]] = {}
         self.port: Optional[int] = None
         self._all_connected = asyncio.Event()
         self._handlers: set[asyncio.Task] = set()
@@ -363,15 +355,19 @@ class ParameterServer:
             log.debug("round %d begins; live workers %s", r, sorted(self.machine.live))
             self._execute(self.machine.begin_round())
             closed = await self._await_close(r, t.round_timeout)
-            record = {"round": r, "seconds_round": time.perf_counter() - round_start,
-                      "seconds_aggregate": closed.seconds_aggregate,
-                      "accepted": list(closed.accepted), "rejected": closed.rejected,
-                      "missing": list(closed.missing),
-                      "reported_loss": (sum(closed.losses.values()) / len(closed.losses)
-                                        if closed.losses else None)}
-            if (r + 1) % t.eval_every == 0 or self.machine.finished:
+            for wid, reason in closed.rejected.items():
+                counts = self.rejected_gradients.setdefault(wid, {})
+                counts[reason] = counts.get(reason, 0) + 1
+            evaluate = (r + 1) % t.eval_every == 0 or self.machine.finished
+            if evaluate:
                 test_loss, test_acc = self.replica.evaluate(self.test_x, self.test_y)
-                record.update(test_loss=test_loss, test_accuracy=test_acc)
+            record = round_record(closed, worker_ids=self.machine.worker_ids,
+                                  seconds_round=time.perf_counter() - round_start,
+                                  test_loss=test_loss if evaluate else None,
+                                  test_accuracy=test_acc if evaluate else None)
+            record["rejected_gradients"] = {str(w): dict(c) for w, c in
+                                            sorted(self.rejected_gradients.items())}
+            if evaluate:
                 log.info("round %d/%d: test accuracy %.4f, test loss %.4f, %.3f s/round, "
                          "accepted %s%s", r + 1, self.rounds, test_acc, test_loss,
                          (time.perf_counter() - start) / (r + 1 - first_round),

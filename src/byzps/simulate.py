@@ -113,7 +113,7 @@ class Simulation:
 
     def __init__(self, cfg: Config, data_root: str, rounds: Optional[int] = None,
                  metrics_file: Optional[str] = None):
-        from byzps.worker import ShardSampler, Worker
+        from byzps.worker import Worker
 
         self.cfg = cfg
         t = cfg.training
@@ -131,19 +131,10 @@ class Simulation:
         self.machine = ServerRounds([w.id for w in cfg.workers], self.replica, self.robust,
                                     self.rounds, default_quorum(cfg, self.robust),
                                     max_missed=t.max_missed_rounds)
-        # the workers, built by the worker's own constructor
-        shards = config_shards(cfg, mnist.train_labels)   # raises if a shard < one batch
-        self.workers: dict[int, Worker] = {}
-        dist = t.distribution.name
-        for w in cfg.workers:
-            worker = Worker(cfg, w.id, None, data_root)
-            if dist != "iid":
-                # the worker's constructor knows only iid shards; give it the configured one
-                idx = shards[cfg.shard_of(w.id)]
-                x, y = to_tensors(mnist.train_images[idx], mnist.train_labels[idx])
-                worker.sampler = ShardSampler(x, y, t.batch_size, seed=worker.seed)
-                worker._shard = (x, y)
-            self.workers[w.id] = worker
+        # the workers, built by the worker's own constructor (it loads its configured shard)
+        config_shards(cfg, mnist.train_labels)   # fail early if a shard is < one batch
+        self.workers: dict[int, Worker] = {w.id: Worker(cfg, w.id, None, data_root)
+                                           for w in cfg.workers}
         self.metrics_file = metrics_file if metrics_file is not None else t.metrics_file
         self._rows: dict[int, torch.Tensor] = {}
         self._aggregate: Optional[torch.Tensor] = None

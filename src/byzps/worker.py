@@ -22,13 +22,12 @@ import ssl
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 
 from byzps import attacks, auth
 from byzps.attacks.base import round_generator
 from byzps.config import Config
-from byzps.data import iid_shards, load_mnist, to_tensors
+from byzps.data import config_shards, load_mnist, to_tensors
 from byzps.protocol import WorkerRounds
 from byzps.training import Replica
 from byzps.transport import PeerClosed, client_ssl_context, read_message, set_keepalive, \
@@ -127,15 +126,13 @@ class WorkerMomentum:
 
 def shard_tensors(cfg: Config, worker_id: int, data_root: str) -> tuple[torch.Tensor,
                                                                          torch.Tensor]:
-    """Load MNIST and return this worker's iid shard as tensors.
+    """Load MNIST and return this worker's shard (``training.distribution``) as tensors.
 
     Raises:
         byzps.data.DatasetNotFound: no MNIST copy found.
     """
     mnist = load_mnist(data_root, parts=("train",))
-    shards = iid_shards(len(mnist.train_labels), cfg.n, cfg.training.seed,
-                        cfg.training.train_limit)
-    idx = shards[cfg.shard_of(worker_id)]
+    idx = config_shards(cfg, mnist.train_labels)[cfg.shard_of(worker_id)]
     return to_tensors(mnist.train_images[idx], mnist.train_labels[idx])
 
 

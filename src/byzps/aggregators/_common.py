@@ -24,6 +24,7 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "SUPPORTED_DTYPES",
     "as_matrix",
+    "chunks64",
     "column_chunks",
     "coordinate_median",
     "drop_nonfinite",
@@ -117,9 +118,21 @@ def column_chunks(n: int, d: int, elements: int | None = None) -> Iterator[tuple
         yield start, min(d, start + step)
 
 
-def _chunk64(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """A float64 copy of ``x[:, start:stop]`` (always a copy, safe to modify in place)."""
-    return x[:, start:stop].to(torch.float64, copy=True)
+def chunks64(x: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, stop, c)`` with ``c`` a contiguous float64 copy of ``x[:, start:stop]``.
+
+    All chunks are written into one buffer allocated once, so iterative rules that sweep the
+    matrix many times allocate nothing per chunk (no allocator churn, no heap fragmentation).
+    ``c`` may be modified in place; it is overwritten by the next chunk.
+    """
+    n, d = x.shape
+    step = chunk_columns(n, d)
+    buf = torch.empty(n * step, dtype=torch.float64, device=x.device)
+    for start in range(0, d, step):
+        stop = min(d, start + step)
+        c = buf[: n * (stop - start)].view(n, stop - start)
+        c.copy_(x[:, start:stop])
+        yield start, stop, c
 
 
 def sorted_column_chunks(
@@ -183,10 +196,8 @@ def row_norms(x: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tens
             norms[i] = _row_norm64(x[i])
         return norms
     sq = torch.zeros(n, dtype=torch.float64, device=x.device)
-    for start, stop in column_chunks(n, d):
-        c = _chunk64(x, start, stop)
-        if center is not None:
-            c.sub_(center[start:stop].to(torch.float64))
+    for start, stop, c in chunks64(x):
+        c.sub_(center[start:stop].to(torch.float64))
         sq.add_(c.square_().sum(dim=1))
     norms = sq.sqrt_()
     bad = ~torch.isfinite(norms)
@@ -277,8 +288,7 @@ def _centred_gram(x: torch.Tensor, centre: int, scale: float) -> torch.Tensor:
     """Gram matrix (n, n) float64 of the rows of ``scale * (x - x[centre])``."""
     n, d = x.shape
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    for start, stop in column_chunks(n, d):
-        c = _chunk64(x, start, stop)
+    for _, _, c in chunks64(x):
         if scale != 1.0:
             c.mul_(scale)
         c.sub_(c[centre].clone())

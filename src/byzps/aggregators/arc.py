@@ -31,7 +31,8 @@ class ARC(PreAggregator):
     Precondition: n >= 1 (k <= n/2 < n, so C always exists); the paper assumes f < n/2,
     otherwise ``warning(n)`` says so. Output rows: m = n.
 
-    Complexity: O(n d + n log n) time; one float64 chunk of extra memory besides the output.
+    Complexity: O(n d + n log n) time (two passes: norms, scaling); O(n) extra memory besides
+    the output.
 
     Source: Y. Allouah, R. Guerraoui, N. Gupta, A. Jellouli, G. Rizk, J. Stephan, "The Vital
     Role of Gradient Clipping in Byzantine-Resilient Distributed Learning", arXiv:2405.14432

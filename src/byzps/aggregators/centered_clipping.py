@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 
 from ._base import Aggregator, F_PARAM, Param
-from ._common import column_chunks, coordinate_median, row_norms
+from ._common import chunks64, coordinate_median, row_norms
 
 
 class CenteredClipping(Aggregator):
@@ -117,8 +117,7 @@ class CenteredClipping(Aggregator):
             last = it == self.iterations - 1
             v_new = torch.empty_like(v)
             sq = torch.zeros(n, dtype=torch.float64, device=x.device)
-            for start, stop in column_chunks(n, d):
-                c = x[:, start:stop].to(torch.float64, copy=True)
+            for start, stop, c in chunks64(x):
                 c.sub_(v[start:stop])
                 step = coef @ c
                 v_new[start:stop] = v[start:stop] + step

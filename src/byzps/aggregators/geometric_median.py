@@ -7,7 +7,7 @@ import math
 import torch
 
 from ._base import Aggregator, F_PARAM, Param
-from ._common import column_chunks, coordinate_median, row_norms
+from ._common import chunks64, coordinate_median, row_norms
 
 
 class GeometricMedian(Aggregator):
@@ -76,8 +76,7 @@ class GeometricMedian(Aggregator):
             z_new = torch.empty_like(z)
             sq = torch.zeros(n, dtype=torch.float64, device=x.device)
             step_sq = torch.zeros((), dtype=torch.float64, device=x.device)
-            for start, stop in column_chunks(n, d):
-                c = x[:, start:stop].to(torch.float64, copy=True)
+            for start, stop, c in chunks64(x):
                 c.sub_(z[start:stop])  # x - z
                 step = p @ c
                 z_new[start:stop] = z[start:stop] + step
