@@ -306,6 +306,7 @@ def main() -> None:
     print("-|-".join("-" * w for w in widths))
     for r in rows:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(f"# load average at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,62 @@ class ServerResult:
     digest: str
 
 
+@dataclass(frozen=True)
+class PsCore:
+    """The PS's I/O-free parts, shared by the TCP server and the in-process simulator.
+
+    Attributes:
+        replica: the PS's model replica.
+        aggregator: the robust pipeline (pre-aggregators, then the rule).
+        machine: the round state machine.
+        test_x, test_y: ``(m, 1, 28, 28)`` float32 / ``(m,)`` int64 evaluation set.
+    """
+
+    replica: Replica
+    aggregator: object
+    machine: ServerRounds
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def build_ps_core(cfg: Config, data_root: str, rounds: int,
+                  checkpoint_dir: Optional[str] = None) -> PsCore:
+    """Build the PS's replica, robust pipeline, round machine and test set.
+
+    Args:
+        cfg: validated config.
+        data_root: MNIST folder.
+        rounds: total rounds R (absolute).
+        checkpoint_dir: resume from this folder's latest checkpoint (None: start at round 0).
+
+    Raises:
+        byzps.data.DatasetNotFound: no MNIST copy found.
+        byzps.checkpoint.CheckpointError: no usable checkpoint, or one of another config.
+    """
+    t = cfg.training
+    mnist = load_mnist(data_root, parts=("t10k",))
+    limit = t.test_limit or len(mnist.test_labels)
+    test_x, test_y = to_tensors(mnist.test_images[:limit], mnist.test_labels[:limit])
+    replica = Replica(t.model, t.seed, t.learning_rate, t.momentum)
+    aggregator = build_robust(cfg)
+    warning = aggregator.warning(cfg.n)
+    if warning:
+        log.warning("%s", warning)
+    start_round = 0
+    if checkpoint_dir is not None:
+        ckpt = checkpoint.load(checkpoint_dir, cfg, replica.d)
+        replica.load_state(ckpt.state)
+        aggregator.load_state_dict(ckpt.aggregator_state)
+        torch.random.set_rng_state(ckpt.rng_state)
+        start_round = ckpt.round
+        log.info("resumed from %s/%s at round %d", checkpoint_dir, checkpoint.FILENAME,
+                 start_round)
+    machine = ServerRounds([w.id for w in cfg.workers], replica, aggregator, rounds,
+                           default_quorum(cfg, aggregator), start_round=start_round,
+                           max_missed=t.max_missed_rounds)
+    return PsCore(replica, aggregator, machine, test_x, test_y)
+
+
 @dataclass(eq=False)
 class _Peer:
     worker_id: int
@@ -97,28 +153,10 @@ class ParameterServer:
         t = cfg.training
         self.rounds = rounds if rounds is not None else t.rounds
         self.keys = self._load_keys()
-        mnist = load_mnist(data_root, parts=("t10k",))
-        limit = t.test_limit or len(mnist.test_labels)
-        self.test_x, self.test_y = to_tensors(mnist.test_images[:limit],
-                                              mnist.test_labels[:limit])
-        self.replica = Replica(t.model, t.seed, t.learning_rate, t.momentum)
-        self.aggregator = build_robust(cfg)
-        warning = self.aggregator.warning(cfg.n)
-        if warning:
-            log.warning("%s", warning)
-        start_round = 0
-        if resume:
-            ckpt = checkpoint.load(t.checkpoint_dir, cfg, self.replica.d)
-            self.replica.load_state(ckpt.state)
-            self.aggregator.load_state_dict(ckpt.aggregator_state)
-            torch.random.set_rng_state(ckpt.rng_state)
-            start_round = ckpt.round
-            log.info("resumed from %s/%s at round %d", t.checkpoint_dir, checkpoint.FILENAME,
-                     start_round)
-        quorum = default_quorum(cfg, self.aggregator)
-        self.machine = ServerRounds([w.id for w in cfg.workers], self.replica, self.aggregator,
-                                    self.rounds, quorum, start_round=start_round,
-                                    max_missed=t.max_missed_rounds)
+        core = build_ps_core(cfg, data_root, self.rounds,
+                             t.checkpoint_dir if resume else None)
+        self.replica, self.aggregator, self.machine = core.replica, core.aggregator, core.machine
+        self.test_x, self.test_y = core.test_x, core.test_y
         d, mac = self.replica.d, self.keys is not None
         self.limits_hello = Limits(d, frozenset({MsgType.HELLO}))
         self.limits_auth = Limits(d, frozenset({MsgType.AUTH}))

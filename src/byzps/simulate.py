@@ -30,11 +30,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from byzps.config import Config
-from byzps.data import config_shards, load_mnist, to_tensors
+from byzps.data import config_shards, load_mnist
 from byzps.metrics import JsonlWriter, round_record
-from byzps.protocol import Broadcast, RoundClosed, RoundFailed, Send, ServerRounds
-from byzps.robust import build_robust, default_quorum
-from byzps.training import Replica
+from byzps.protocol import Broadcast, RoundClosed, RoundFailed, Send
 from byzps.wire import Gradient, Update
 
 log = logging.getLogger(__name__)
@@ -113,24 +111,16 @@ class Simulation:
 
     def __init__(self, cfg: Config, data_root: str, rounds: Optional[int] = None,
                  metrics_file: Optional[str] = None):
+        from byzps.server import build_ps_core   # late: keeps `import byzps.simulate` light
         from byzps.worker import Worker
 
         self.cfg = cfg
         t = cfg.training
         self.rounds = rounds if rounds is not None else t.rounds
-        mnist = load_mnist(data_root, parts=("train", "t10k"))
-        limit = t.test_limit or len(mnist.test_labels)
-        self.test_x, self.test_y = to_tensors(mnist.test_images[:limit],
-                                              mnist.test_labels[:limit])
-        # the PS, built as ParameterServer.__init__ builds it
-        self.replica = Replica(t.model, t.seed, t.learning_rate, t.momentum)
-        self.robust = build_robust(cfg)
-        warning = self.robust.warning(cfg.n)
-        if warning:
-            log.warning("%s", warning)
-        self.machine = ServerRounds([w.id for w in cfg.workers], self.replica, self.robust,
-                                    self.rounds, default_quorum(cfg, self.robust),
-                                    max_missed=t.max_missed_rounds)
+        mnist = load_mnist(data_root, parts=("train",))
+        core = build_ps_core(cfg, data_root, self.rounds)   # exactly as the TCP PS builds it
+        self.replica, self.robust, self.machine = core.replica, core.aggregator, core.machine
+        self.test_x, self.test_y = core.test_x, core.test_y
         # the workers, built by the worker's own constructor (it loads its configured shard)
         config_shards(cfg, mnist.train_labels)   # fail early if a shard is < one batch
         self.workers: dict[int, Worker] = {w.id: Worker(cfg, w.id, None, data_root)

@@ -13,14 +13,24 @@ _TINY_FACTOR = 2.0**-100
 
 
 def scale_rows(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``x * factor[:, None]`` in x's dtype (one multiplication); rows whose factor is exactly 1
-    are returned unchanged bit for bit. For float32 rows with a tiny factor (huge rows) the
-    product is formed in float64 so it does not lose precision to subnormal factors."""
-    factor = factor.to(torch.float64)
-    out = x * factor.to(x.dtype)[:, None]
+    """``x * factor[:, None]`` in x's dtype, as a new tensor; rows whose factor is exactly 1 are
+    returned unchanged bit for bit. When few rows change (ARC), x is copied and only those rows
+    are multiplied in place; otherwise one multiplication does it. For float32 rows with a tiny
+    factor (huge rows) the product is formed in float64 so it does not lose precision to
+    subnormal factors. Extra memory: the output only."""
+    n = x.shape[0]
+    factor = factor.to(device=x.device, dtype=torch.float64)
+    scaled = factor.to(x.dtype)
+    rows = torch.nonzero(factor != 1.0).flatten().tolist()
+    if 2 * len(rows) > n:
+        out = x * scaled[:, None]
+    else:
+        out = x.clone()
+        for i in rows:
+            out[i].mul_(scaled[i])
     if x.dtype == torch.float32:
         for i in torch.nonzero(factor < _TINY_FACTOR).flatten().tolist():
-            out[i] = (x[i].to(torch.float64) * factor[i]).to(x.dtype)
+            out[i].copy_(x[i].to(torch.float64).mul_(factor[i]))
     return out
 
 

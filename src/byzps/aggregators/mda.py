@@ -10,7 +10,7 @@ import torch
 from ._base import Aggregator, F_PARAM, Param
 from ._common import mean_rows, pairwise_sq_dists
 
-_BATCH_ENTRIES = 1 << 20
+_BATCH_ENTRIES = 1 << 18
 
 
 class MDA(Aggregator):
@@ -31,7 +31,7 @@ class MDA(Aggregator):
     guarantee needs n > 2f, otherwise ``warning(n)`` says so.
 
     Complexity: O(n^2 d) for the distances plus O(C(n, f) n^2) for the enumeration (batched,
-    about 2**20 matrix entries at a time), O(n^2) plus one chunk of extra memory.
+    about 2**18 matrix entries at a time), O(n^2) plus one chunk of extra memory.
 
     Source: E. M. El Mhamdi, R. Guerraoui, S. Rouault, "Fast and Robust Distributed Learning
     in High Dimension", SRDS 2020 (MDA; also used in El Mhamdi et al., "Distributed Momentum
