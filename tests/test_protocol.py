@@ -172,3 +172,29 @@ def test_worker_detects_drift_and_asks_for_resync():
     m.begin_round()
     acts = m.on_message(0, Resync(0))
     assert [type(a.message) for a in acts] == [State, RoundStart]
+
+
+def test_failure_says_who_is_missing_and_flags_divergence():
+    m = machine(n=3, quorum=2)
+    for w in range(3):
+        m.connect(w)
+    m.begin_round()
+    nan = torch.full((m.replica.d,), float("nan"))
+    m.on_message(0, Gradient(0, 0, nan))
+    m.on_message(1, Gradient(0, 1, nan))
+    (failed,) = m.on_deadline()
+    assert failed.missing == (2,)
+    m.on_message(2, Gradient(0, 2, nan))
+    (failed,) = m.on_deadline()
+    assert failed.missing == () and "model has probably diverged" in failed.reason
+
+
+def test_all_configured_workers_answered_without_quorum_fails_at_once():
+    m = machine(n=2, quorum=2)
+    for w in range(2):
+        m.connect(w)
+    m.begin_round()
+    nan = torch.full((m.replica.d,), float("nan"))
+    assert m.on_message(0, Gradient(0, 0, nan)) == []
+    (failed,) = m.on_message(1, Gradient(0, 1, nan))
+    assert isinstance(failed, RoundFailed) and failed.missing == ()

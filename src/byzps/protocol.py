@@ -67,9 +67,15 @@ class RoundClosed:
 
 @dataclass(frozen=True)
 class RoundFailed:
-    """Round ``round`` could not close: fewer than ``quorum`` usable gradients by the deadline."""
+    """Round ``round`` could not close: fewer than ``quorum`` usable gradients by the deadline.
+
+    Attributes:
+        missing: configured workers that have not answered this round (empty: asking again
+            cannot help, e.g. every gradient was rejected).
+    """
     round: int
     reason: str
+    missing: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -238,11 +244,16 @@ class ServerRounds:
         if not deadline and not (self.live <= answered):
             return []
         if len(cur.rows) < self.quorum:
-            if not deadline:
+            if not deadline and not set(self.worker_ids) <= answered:
                 return []  # everybody live answered but too few usable: wait for reconnects
-            return [RoundFailed(cur.round, f"{len(cur.rows)} usable gradients by the deadline, "
-                                           f"quorum is {self.quorum}; rejected: "
-                                           f"{cur.rejected or 'none'}")]
+            missing = tuple(w for w in self.worker_ids if w not in answered)
+            reason = (f"{len(cur.rows)} usable gradients by the deadline, quorum is "
+                      f"{self.quorum}; rejected: {cur.rejected or 'none'}")
+            if cur.rejected and all("non-finite" in v for v in cur.rejected.values()) \
+                    and not cur.rows:
+                reason += (" (every gradient is NaN/Inf: the model has probably diverged; a "
+                           "lower learning rate or a robust aggregator helps)")
+            return [RoundFailed(cur.round, reason, missing)]
         ids = sorted(cur.rows)
         start = self._clock()
         stacked = torch.stack([cur.rows[i] for i in ids])

@@ -382,8 +382,16 @@ class ParameterServer:
         log.info("checkpoint of round %d written to %s", self.machine.round, path)
 
     async def _train(self) -> ServerResult:
-        t = self.cfg.training
         await self._wait_for_workers()
+        try:
+            return await self._rounds()
+        except TrainingFailed as e:
+            _, acc = self.replica.evaluate(self.test_x, self.test_y)
+            raise TrainingFailed(f"{e}. Test accuracy of the model after round "
+                                 f"{self.machine.round - 1}: {acc:.4f}") from None
+
+    async def _rounds(self) -> ServerResult:
+        t = self.cfg.training
         start = time.perf_counter()
         first_round = self.machine.round
         test_loss, test_acc = float("nan"), float("nan")
@@ -438,6 +446,9 @@ class ParameterServer:
                 return event
             if isinstance(event, RoundFailed):
                 retries += 1
+                if not event.missing:
+                    raise TrainingFailed(f"round {event.round}: {event.reason}; every worker "
+                                         f"answered, so asking again cannot help")
                 if retries > self.cfg.training.round_retries:
                     raise TrainingFailed(
                         f"round {event.round}: {event.reason}; gave up after "
