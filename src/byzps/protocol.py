@@ -247,7 +247,7 @@ class ServerRounds:
             if not deadline and not set(self.worker_ids) <= answered:
                 return []  # everybody live answered but too few usable: wait for reconnects
             missing = tuple(w for w in self.worker_ids if w not in answered)
-            reason = (f"{len(cur.rows)} usable gradients by the deadline, quorum is "
+            reason = (f"{len(cur.rows)} usable gradients, quorum is "
                       f"{self.quorum}; rejected: {cur.rejected or 'none'}")
             if cur.rejected and all("non-finite" in v for v in cur.rejected.values()) \
                     and not cur.rows:
