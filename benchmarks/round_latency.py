@@ -46,19 +46,23 @@ threads (default 1, reproducible on a shared machine; see benchmarks/aggregators
 
 Usage (from the repository root)::
 
-    # default, ~2 minutes on 2 cores: n in {4, 16}, cnn_mnist, 20 rounds, both rules networked;
-    # in-process rows for cnn_mnist and d = 11M
+    # default, ~2 minutes on 2 idle cores: n in {4, 16}, cnn_mnist, 20 rounds, both rules
+    # networked, and in-process rows for cnn_mnist
     .venv/bin/python benchmarks/round_latency.py
 
-    # the full sweep of issue 6 (needs ~16 GB free memory for the in-process 64 x 11M row and
-    # ~64 x 300 MB for the 64 worker processes; tens of minutes on 2 cores)
-    .venv/bin/python benchmarks/round_latency.py --workers 4,16,64 --rounds 100 \\
-        --models cnn_mnist,wide:11000000 --inproc-models cnn_mnist,wide:11000000 \\
-        --aggregators coordinate_wise_median,multi_krum
+    # d = 11M in-process (n = 16 needs ~4 GB free memory)
+    .venv/bin/python benchmarks/round_latency.py --workers 16 --models none \
+        --inproc-models wide:11000000
 
-    # where the PS spends its time: one extra run under cProfile (not part of the table)
-    .venv/bin/python benchmarks/round_latency.py --workers 16 --aggregators \\
-        coordinate_wise_median --inproc-models none --profile
+    # the full sweep of issue 6 (the in-process 64 x 11M row needs ~16 GB free memory, the
+    # 64 worker processes ~64 x 300 MB; tens of minutes on 2 cores)
+    .venv/bin/python benchmarks/round_latency.py --workers 4,16,64 --rounds 100 \
+        --models cnn_mnist,wide:11000000 --inproc-models cnn_mnist,wide:11000000 \
+        --json round_latency.json
+
+    # where the PS spends its time: instead of the table, one networked run (last n, first
+    # model and rule) with the PS under cProfile, and its top functions
+    .venv/bin/python benchmarks/round_latency.py --workers 16 --rounds 10 --profile
 
 Other flags: ``--f`` (Byzantine tolerance given to the rule; default min(n // 4, (n - 3) // 2)
 so multi_krum's n >= 2f + 3 holds), ``--repeats`` (limit / in-process repetitions),
@@ -92,7 +96,14 @@ import yaml  # noqa: E402
 
 from byzps import wire  # noqa: E402
 
-MODEL_D = {"cnn_mnist": 431_080, "small_cnn": 6_922, "mlp": 159_010, "logreg": 7_850}
+
+
+def model_d(name: str) -> int:
+    """d of a shipped model, counted from the module itself (not from a table)."""
+    from byzps.models import build_model, model_names
+    if name not in model_names():
+        raise SystemExit(f"unknown model {name!r}: one of {', '.join(model_names())} or wide:D")
+    return sum(p.numel() for p in build_model(name, 0).parameters())
 
 # Started with ``python -c`` for a PS that runs a ``wide:D`` model and/or runs under cProfile:
 # argv[1] = JSON {"wide": D or null, "profile": path or null}, argv[2:] = ps_node.py arguments.
@@ -130,9 +141,7 @@ def parse_model(spec: str) -> tuple[str, int, Optional[int]]:
     if spec.startswith("wide:"):
         k = max(1, round(int(spec[5:]) / 785))
         return "logreg", 785 * k, k
-    if spec not in MODEL_D:
-        raise SystemExit(f"unknown model {spec!r}: one of {', '.join(MODEL_D)} or wide:D")
-    return spec, MODEL_D[spec], None
+    return spec, model_d(spec), None
 
 
 def label(spec: str) -> str:
@@ -456,6 +465,10 @@ def networked(spec: str, n: int, method: str, f: int, rounds: int, threads: int,
         while ps.poll() is None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"networked run over --timeout {timeout:g} s")
+            dead = [i for i, w in enumerate(workers) if w.poll() not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"stand-in worker(s) {dead} failed; log:\n"
+                                   f"{(run_dir / 'workers.log').read_text()[-2000:]}")
             peak = proc_status(ps.pid, "VmHWM") or peak
             done = metrics.read_text().count("\n") if metrics.exists() else 0
             if done >= 1 and done not in cpu_marks:
@@ -572,7 +585,7 @@ def main() -> int:
     ap.add_argument("--workers", default="4,16", help="comma-separated n values (default 4,16)")
     ap.add_argument("--models", default="cnn_mnist",
                     help="networked models: names or wide:D, comma-separated; 'none' to skip")
-    ap.add_argument("--inproc-models", default="cnn_mnist,wide:11000000",
+    ap.add_argument("--inproc-models", default="cnn_mnist",
                     help="in-process rows: names or wide:D; 'none' to skip")
     ap.add_argument("--aggregators", default="coordinate_wise_median,multi_krum")
     ap.add_argument("--rounds", type=int, default=20)
@@ -582,13 +595,14 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per networked run")
     ap.add_argument("--data-root", default=str(ROOT / "data"))
     ap.add_argument("--profile", action="store_true",
-                    help="one extra networked run (last n, first model and rule) under "
-                         "cProfile; prints the top functions")
+                    help="instead of the table: one networked run (last n, first model and "
+                         "rule) with the PS under cProfile; prints its top functions")
     ap.add_argument("--json", help="write all figures to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()
-    if args.rounds < 3:
-        ap.error("--rounds must be >= 3 (the first and last rounds are left out)")
+    if args.rounds < 4:
+        ap.error("--rounds must be >= 4 (the first and last rounds are left out, and the "
+                 "period needs two steady rounds)")
     torch.set_num_threads(args.threads)
     ns = [int(x) for x in args.workers.split(",")]
     split = lambda s: [] if s in ("", "none") else s.split(",")  # noqa: E731
@@ -604,6 +618,17 @@ def main() -> int:
                               "in_process": []}
     failed = 0
     try:
+        if args.profile:
+            prof = tmp / "ps.prof"
+            spec, n, method = models[0], ns[-1], methods[0]
+            f = default_f(n) if args.f is None else args.f
+            print(f"  profiling networked {label(spec)} n={n} {method} f={f} ...", flush=True)
+            r = networked(spec, n, method, f, args.rounds, args.threads, args.repeats, tmp,
+                          args.data_root, args.timeout, profile=prof)
+            print(f"  under cProfile: {ms(r['seconds_round'])} ms/round (inflated by the "
+                  f"profiler), PS cpu {ms(r['cpu_per_round'])} ms/round, load {load()}")
+            print_profile(prof)
+            return 0
         for spec in models:
             for n in ns:
                 for method in methods:
@@ -625,21 +650,12 @@ def main() -> int:
             print_networked(result["networked"])
         if result["in_process"]:
             print_in_process(result["in_process"])
-        if models and any(parse_model(m)[2] is None and parse_model(m)[1] < 1_000_000
-                          for m in models) and not any(m.startswith("wide:") for m in models):
-            print("\nNote: networked rows cover only the d of the shipped models; d = 11M over "
-                  "the network needs a model of that size: --models wide:11000000 registers "
-                  "one inside the benchmark's processes (see the docstring); a synthetic "
+        if not any(m.startswith("wide:") for m in models + inproc):
+            print("\nNote: these rows cover only the d of the shipped models. d = 11M: add "
+                  "--inproc-models wide:11000000 (in-process pieces) or --models "
+                  "wide:11000000 (networked); no shipped model has that size, so the benchmark "
+                  "registers one inside its own processes (see the docstring); a synthetic "
                   "model of arbitrary d in byzps.models would make that patch unnecessary.")
-        if args.profile and models:
-            prof = tmp / "ps.prof"
-            print(f"\n  profiling networked {label(models[0])} n={ns[-1]} {methods[0]} ...",
-                  flush=True)
-            f = default_f(ns[-1]) if args.f is None else args.f
-            r = networked(models[0], ns[-1], methods[0], f, args.rounds, args.threads,
-                          args.repeats, tmp, args.data_root, args.timeout, profile=prof)
-            print(f"  (under cProfile: {ms(r['seconds_round'])} ms/round, not comparable)")
-            print_profile(prof)
         result["load_end"] = load()
         print(f"\nload average (1/5/15) at the end: {result['load_end']}")
         if args.json:

@@ -3,7 +3,7 @@
 | name | layers | parameters d |
 |---|---|---|
 | ``cnn_mnist`` | conv 20@5x5, pool, conv 50@5x5, pool, fc 500, fc 10 (the common benchmark CNN, as in LeCun et al. 1998 / Caffe's LeNet) | 431,080 |
-| ``small_cnn`` | conv 8@5x5, pool, conv 16@5x5, pool, fc 10 | 6,922 |
+| ``small_cnn`` | conv 8@5x5, pool, conv 16@5x5, pool, fc 10 | 5,994 |
 | ``mlp`` | fc 200, fc 10 | 159,010 |
 | ``logreg`` | fc 10 | 7,850 |
 """
