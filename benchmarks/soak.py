@@ -1,6 +1,6 @@
 """Soak run (a benchmark, not a test): many rounds with random worker kills and restarts.
 
-Starts a real PS and n workers on 127.0.0.1 (logreg on a slice of MNIST, so rounds are cheap),
+Starts a real PS and n workers on 127.0.0.1 (small_cnn on a slice of MNIST, so rounds are cheap),
 then every few seconds kill -9s a random worker and starts it again after a pause. Reports the
 rounds completed, rounds that closed without some worker, rejected gradients, worker
 disconnects seen by the PS, and the PS's resident memory after the first round and at the end.
@@ -49,15 +49,19 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kill-every", type=float, default=6.0, help="seconds between kills")
+    ap.add_argument("--kill-every", type=float, default=3.0, help="seconds between kills")
+    ap.add_argument("--settle", type=float, default=15.0,
+                    help="a worker is killed only after running this many seconds")
+    ap.add_argument("--model", default="small_cnn", help="model name (see byzps list)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="byzps-soak-"))
     n = args.workers
     config = {
         "training": {"rounds": args.rounds, "batch_size": 32, "learning_rate": 0.05,
-                     "momentum": 0.9, "model": "logreg", "eval_every": 100,
+                     "momentum": 0.9, "model": args.model, "eval_every": 100,
                      "round_timeout": 2.0, "round_retries": 50, "max_missed_rounds": 3,
+                     "quorum": max(1, n - 2),
                      "train_limit": 5000, "test_limit": 2000,
                      "metrics_file": str(tmp / "metrics.jsonl")},
         "aggregation": {"method": "coordinate_wise_median", "f": 1},
@@ -70,6 +74,7 @@ def main() -> int:
     started = time.time()
     server = start(cfg, "server", tmp / "ps.log")
     workers = {i: start(cfg, "worker", tmp / f"w{i}.log", i) for i in range(n)}
+    born = {i: time.time() for i in range(n)}
     metrics = tmp / "metrics.jsonl"
     while not metrics.exists() or not metrics.read_text().strip():
         if server.poll() is not None:
@@ -84,7 +89,9 @@ def main() -> int:
         now = time.time()
         if now >= next_kill:
             victim = rng.randrange(n)
-            if victim not in dead and workers[victim].poll() is None:
+            # kill only workers that had time to start and register (start-up takes seconds)
+            if victim not in dead and workers[victim].poll() is None and \
+                    now - born[victim] > args.settle:
                 workers[victim].kill()
                 workers[victim].wait()
                 dead[victim] = now + rng.uniform(1.0, 4.0)
@@ -93,9 +100,11 @@ def main() -> int:
         for wid, when in list(dead.items()):
             if now >= when:
                 workers[wid] = start(cfg, "worker", tmp / f"w{wid}.log", wid)
+                born[wid] = now
                 del dead[wid]
         try:
-            rss_end = rss_mib(server.pid)
+            rss = rss_mib(server.pid)
+            rss_end = rss if rss == rss else rss_end   # nan once the PS has exited
         except OSError:
             pass
         time.sleep(0.1)

@@ -73,6 +73,7 @@ def test_data_shard_defaults_to_position(base_config):
                                                   "multi_krum"),
     (lambda c: c["aggregation"].update(f=1, krum_f=0), "f=1 and its alias krum_f=0 disagree"),
     (lambda c: c.pop("server"), "server: required field is missing"),
+    (lambda c: c.pop("training"), "training: required field is missing"),
 ])
 def test_bad_configs_name_the_field(base_config, mutate, expected):
     mutate(base_config)

