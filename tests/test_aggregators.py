@@ -598,3 +598,14 @@ def test_mda_batches_many_subsets():
     finally:
         mda_module._BATCH_ENTRIES = old
     assert torch.equal(out, out2)
+
+
+def test_mda_ignores_huge_float64_rows_regression():
+    """Found by hypothesis: with a float64 row near the float max next to a 1e30 row, a common
+    rescaling flushed all small distances to zero and MDA averaged the 1e30 row in."""
+    x = torch.tensor([[float("nan")], [-1.321], [1e30], [1.7976931348623157e308], [-5.3567],
+                      [3.616], [13.04]], dtype=torch.float64)
+    out = A.build("mda", f=3)(x)
+    # NaN row dropped -> n' = 6, f' = 2: the 4-subset of least diameter is the 4 small values
+    assert torch.allclose(out, torch.tensor([(-1.321 - 5.3567 + 3.616 + 13.04) / 4],
+                                            dtype=torch.float64))

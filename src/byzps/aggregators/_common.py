@@ -284,13 +284,11 @@ def window_mean_around_median(s: torch.Tensor, k: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- distances
 
 
-def _centred_gram(x: torch.Tensor, centre: int, scale: float) -> torch.Tensor:
-    """Gram matrix (n, n) float64 of the rows of ``scale * (x - x[centre])``."""
+def _centred_gram(x: torch.Tensor, centre: int) -> torch.Tensor:
+    """Gram matrix (n, n) float64 of the rows of ``x - x[centre]``."""
     n, d = x.shape
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     for _, _, c in chunks64(x):
-        if scale != 1.0:
-            c.mul_(scale)
         c.sub_(c[centre].clone())
         gram.addmm_(c, c.T)
     return gram
@@ -304,13 +302,25 @@ def _dist_from_gram(gram: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(dist, nan=math.inf)  # defensive: cannot happen after rescaling
 
 
+def _direct_dists(x: torch.Tensor) -> torch.Tensor:
+    """Squared distances (n, n) float64 summed from explicit row differences; an entry whose
+    square overflows float64 is +inf (which still compares correctly). O(n^2 d)."""
+    n, _ = x.shape
+    dist = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    for _, _, c in chunks64(x):
+        for i in range(n):
+            diff = c - c[i]
+            dist[i] += (diff * diff).sum(dim=1)
+    dist.fill_diagonal_(0.0)
+    return torch.nan_to_num(dist, nan=math.inf)
+
+
 def _gram_dists(x: torch.Tensor, centre: int) -> torch.Tensor:
-    gram = _centred_gram(x, centre, 1.0)
+    gram = _centred_gram(x, centre)
     if not bool(torch.isfinite(gram).all()):
-        # float64 rows beyond ~1e150: bring every entry below 1/4 by a power of two
-        amax = float(x.abs().max())
-        scale = 2.0 ** -(math.frexp(amax)[1] + 2)
-        gram = _centred_gram(x, centre, scale)
+        # float64 rows beyond ~1e150: a common rescaling would flush the small distances to
+        # zero (and tie them with the huge ones), so sum explicit differences instead
+        return _direct_dists(x)
     return _dist_from_gram(gram)
 
 
@@ -332,9 +342,9 @@ def pairwise_sq_dists(x: torch.Tensor) -> torch.Tensor:
     distance to the rows exceeds 1e4 times the smallest such median: an outlier, e.g. a
     Byzantine row of size 1e30), the distances are recomputed centred on the most central row
     (smallest median distance). Float64 keeps float32 inputs up to 3.4e38 free of overflow;
-    for float64 inputs so large that squares overflow, the rows are first multiplied by a power
-    of two and distances are returned up to that common positive factor (every caller only
-    compares distances).
+    for float64 inputs so large that squares overflow, the distances are summed from explicit
+    row differences instead, and an entry whose square overflows is +inf (every caller only
+    compares distances, and +inf compares correctly).
 
     Cost: O(n^2 d) flops in one (rarely two) passes, O(n^2) plus one chunk of extra memory.
     """
