@@ -14,7 +14,8 @@ Public API::
     atk.needs                  # frozenset of AttackContext fields the attack reads
 
 Attacks: ``sign_flip``, ``gaussian``, ``alie``, ``ipm``, ``label_flip``, ``mimic``, ``inf``,
-``nan``, ``zero`` (one module each, with definition, parameters and source).
+``nan``, ``zero`` (one module each, the three constant faults share ``constant``; each with
+definition, parameters and source).
 """
 
 from __future__ import annotations
@@ -25,13 +26,11 @@ from typing import Any
 from byzps.attacks.alie import Alie, alie_z
 from byzps.attacks.base import CONTEXT_FIELDS, Attack, AttackContext
 from byzps.attacks.gaussian import Gaussian
-from byzps.attacks.inf import Inf
 from byzps.attacks.ipm import Ipm
 from byzps.attacks.label_flip import LabelFlip
 from byzps.attacks.mimic import Mimic
-from byzps.attacks.nan import Nan
+from byzps.attacks.constant import Inf, Nan, Zero
 from byzps.attacks.sign_flip import SignFlip
-from byzps.attacks.zero import Zero
 
 _REGISTRY: dict[str, type[Attack]] = {
     cls.name: cls for cls in (SignFlip, Gaussian, Alie, Ipm, LabelFlip, Mimic, Inf, Nan, Zero)
