@@ -35,6 +35,7 @@ from byzps.wire import Auth, Challenge, FrameError, Hello, Limits, MsgType, Refu
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 8        # frames queued for one worker before it counts as too slow
+SHUTDOWN_TIMEOUT = 20.0  # seconds the PS gives its shutdown (STOP to all, hang-ups) at most
 
 
 class TrainingFailed(RuntimeError):
@@ -337,7 +338,11 @@ class ParameterServer:
         try:
             return await self._train()
         finally:
-            await self._shutdown(server)
+            try:
+                await asyncio.wait_for(self._shutdown(server), SHUTDOWN_TIMEOUT)
+            except (asyncio.TimeoutError, TimeoutError):
+                log.error("shutdown did not finish within %.0f s; exiting anyway",
+                          SHUTDOWN_TIMEOUT)
 
     async def _shutdown(self, server: asyncio.Server) -> None:
         """Tell every worker to stop, give them a moment to hang up, then close everything."""
