@@ -239,3 +239,21 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, base_config):
                        env={**os.environ, "PYTHONPATH": "src"})
     assert r.returncode == 2, r.stderr
     assert "training.learning_rate: checkpoint 0.05, config 0.01" in r.stderr
+
+
+def test_ps_exits_after_retries_without_quorum_while_workers_stay_connected(tmp_path,
+                                                                           base_config):
+    """Worker 3 never comes; quorum is 4: the PS retries, gives up, stops the three connected
+    workers and exits 1 (it must not idle after shutdown)."""
+    base_config["training"].update(rounds=5, round_timeout=1.0, round_retries=2, quorum=4)
+    base_config["server"].update(connect_timeout=8.0, min_workers=3)
+    cfg = write_config(tmp_path / "c.yaml", base_config)
+    server = start_node(cfg, "server", log=tmp_path / "ps.log")
+    workers = start_workers(cfg, tmp_path, range(3))
+    assert server.wait(TIMEOUT) == 1, (tmp_path / "ps.log").read_text()
+    log = (tmp_path / "ps.log").read_text()
+    assert "starting without workers [3]" in log
+    assert "gave up after training.round_retries=2 retries" in log
+    for i, w in workers.items():
+        assert w.wait(60) == 1
+        assert "the PS aborted" in (tmp_path / f"w{i}.log").read_text()
