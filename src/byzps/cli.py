@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    """The arguments every job-running subcommand shares: CONFIG, --rounds, --data-root."""
+    p.add_argument("config")
+    p.add_argument("--rounds", type=int, help="override training.rounds")
+    p.add_argument("--data-root", default="./data", help="MNIST folder (default ./data)")
+
+
 def log_level(text: str) -> str:
     """Validate a log level name (any case); argparse type. Raises ArgumentTypeError."""
     if str(text).upper() not in LOG_LEVELS:
@@ -168,16 +175,12 @@ def build_byzps_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run the PS and every worker as local processes over TCP")
-    r.add_argument("config")
-    r.add_argument("--rounds", type=int, help="override training.rounds")
-    r.add_argument("--data-root", default="./data", help="MNIST folder (default ./data)")
+    _add_job_args(r)
     r.add_argument("--run-dir", help="run folder (default runs/<config>-<time>-<pid>)")
 
     s = sub.add_parser("simulate", help="run the job in one process through the same round "
                        "logic, without sockets")
-    s.add_argument("config")
-    s.add_argument("--rounds", type=int, help="override training.rounds")
-    s.add_argument("--data-root", default="./data", help="MNIST folder (default ./data)")
+    _add_job_args(s)
     s.add_argument("--metrics", help="JSON Lines metrics file (default training.metrics_file)")
     s.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads (default 1, as every TCP node uses under `byzps run`; "
