@@ -56,8 +56,10 @@ def test_names_and_params():
                                "sign_flip", "zero"]
     assert attacks.params("sign_flip") == {"scale": -1.0}
     assert attacks.params("gaussian") == {"mu": 0.0, "sigma": 200.0, "collude_seed": None}
-    assert attacks.params("alie") == {"z": None, "estimate_batches": 5, "collude_seed": None}
-    assert attacks.params("ipm") == {"epsilon": 0.1, "estimate_batches": 5, "collude_seed": None}
+    assert attacks.params("alie") == {"z": None, "estimate_batches": 5, "collude_seed": None,
+                                      "omniscient": False}
+    assert attacks.params("ipm") == {"epsilon": 0.1, "estimate_batches": 5, "collude_seed": None,
+                                     "omniscient": False}
     assert attacks.params("label_flip") == {"num_classes": 10}
     assert attacks.params("mimic") == {"target_class": None, "num_classes": 10,
                                        "estimate_batches": 5, "collude_seed": None}
@@ -85,6 +87,8 @@ def test_names_and_params():
     (lambda: attacks.build("ipm", epsilon=0.0), "epsilon must be > 0"),
     (lambda: attacks.build("ipm", estimate_batches=2.5), "estimate_batches must be an integer"),
     (lambda: attacks.build("label_flip", num_classes=1), "num_classes must be >= 2"),
+    (lambda: attacks.build("alie", omniscient="yes"), "omniscient must be true or false"),
+    (lambda: attacks.build("ipm", omniscient=1), "omniscient must be true or false"),
     (lambda: attacks.build("mimic", target_class=10), "target_class must be < num_classes=10"),
 ])
 def test_registry_errors(call, message):
@@ -306,3 +310,31 @@ def test_attacks_do_not_modify_their_inputs():
         assert out.shape == (2,) and out.dtype == torch.float32, name
         assert torch.equal(g, vec(1, 2)) and torch.equal(batch[0], vec(1, 2).reshape(1, 2))
     assert math.isnan(float(attacks.build("nan")(AttackContext(0, g))[0]))
+
+
+# -- omniscient variants (simulation only) ----------------------------------------------------
+
+
+def test_omniscient_alie_uses_the_true_honest_statistics():
+    # honest rows (3, 2): column 0 = 1, 2, 3 -> mean 2, std (Bessel) 1;
+    #                     column 1 = 0, 0, 6 -> mean 2, std sqrt(((4 + 4 + 16) / 2)) = sqrt(12)
+    rows = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 6.0]])
+    atk = attacks.build("alie", omniscient=True)
+    assert atk.omniscient and atk.needs == {"honest_gradients", "n", "f"}
+    ctx = AttackContext(0, vec(9.0, 9.0), n=10, f=3, honest_gradients=rows)
+    z = NormalDist().inv_cdf(0.7)   # n = 10, f = 3: s = 3, z = Phi^-1(7/10)
+    out = atk(ctx)
+    assert torch.allclose(out, torch.tensor([2.0 - z, 2.0 - z * math.sqrt(12.0)]))
+    assert not attacks.build("alie").omniscient
+    with pytest.raises(ValueError, match="'alie' needs honest_gradients"):
+        atk(AttackContext(0, vec(1.0, 1.0), n=10, f=3))
+    with pytest.raises(ValueError, match=r"at least 2 honest vectors \(h, d\) in round 4"):
+        atk(AttackContext(4, vec(1.0, 1.0), n=10, f=3, honest_gradients=rows[:1]))
+
+
+def test_omniscient_ipm_is_minus_epsilon_times_the_true_mean():
+    rows = torch.tensor([[1.0, -2.0], [3.0, 4.0]])   # mean (2, 1)
+    atk = attacks.build("ipm", epsilon=0.5, omniscient=True)
+    assert atk.needs == {"honest_gradients"}
+    assert torch.equal(atk(AttackContext(0, vec(0.0, 0.0), honest_gradients=rows)),
+                       torch.tensor([-1.0, -0.5]))

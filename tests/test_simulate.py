@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
 import pytest
+import torch
 
+from byzps.attacks import alie_z
+from byzps.worker import Worker, WorkerFailed
 from byzps.config import parse_config
 from byzps.launcher import final_digest, launch
 from byzps.metrics import read_jsonl
-from byzps.simulate import SimulationFailed, simulate
+from byzps.simulate import Simulation, SimulationFailed, simulate
 
 from conftest import write_config
 
@@ -86,3 +90,27 @@ def test_shard_smaller_than_a_batch_fails_at_start(base_config):
     base_config["training"]["train_limit"] = 100   # 25 per worker < batch 32
     with pytest.raises(ValueError, match="fewer than one batch of 32"):
         simulate(parse_config(base_config), "./data")
+
+
+def test_omniscient_alie_sees_the_honest_vectors_of_the_round(base_config):
+    """Both Byzantine workers send mean - z * std of exactly the rows the honest workers sent
+    in the same round (the simulator hands them over before the attackers answer)."""
+    base_config["workers"] = [{"id": i, "type": "honest"} for i in range(4)] + [
+        {"id": i, "type": "byzantine", "attack": "alie", "attack_params": {"omniscient": True}}
+        for i in (4, 5)]
+    base_config["aggregation"] = {"method": "coordinate_wise_median", "f": 2}
+    base_config["training"]["rounds"] = 2
+    sim = Simulation(parse_config(base_config), "./data")
+    sim.run()
+    honest = torch.stack([sim._rows[i] for i in range(4)])
+    z = alie_z(6, 2)
+    expected = honest.mean(dim=0) - z * honest.std(dim=0, correction=1)
+    assert torch.equal(sim._rows[4], expected) and torch.equal(sim._rows[5], expected)
+
+
+def test_tcp_worker_refuses_an_omniscient_attack(base_config):
+    base_config["workers"][3] = {"id": 3, "type": "byzantine", "attack": "ipm",
+                                 "attack_params": {"omniscient": True}}
+    w = Worker(parse_config(base_config), 3, None, "./data")
+    with pytest.raises(WorkerFailed, match="omniscient: true.*byzps simulate"):
+        asyncio.run(w.run())

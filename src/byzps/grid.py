@@ -12,7 +12,8 @@ A grid file (YAML) holds a base config and the lists to sweep::
         - {method: trimmed_mean, pre_aggregators: [{name: clipping}, {name: nnm}],
            label: trimmed_mean+clip+nnm}
       pre_aggregators: [[]]          # optional: chains crossed with every aggregator entry
-      attack: [sign_flip, {name: alie, params: {estimate_batches: 5}}]
+      attack: [sign_flip, {name: alie, params: {omniscient: true}, label: alie-omni},
+               {name: sign_flip, params: {scale: -4.0}, label: sign_flip(-4)}]
       f: [1, 3]
       distribution: [iid, {name: dirichlet, alpha: 0.5}]   # optional, default [iid]
       seed: [0]                                            # optional, default [base seed]
@@ -59,6 +60,7 @@ class Cell:
         rule: display label of the rule (pre-aggregators included).
         method, params, pre_aggregators: the aggregation section of the cell.
         attack, attack_params: every Byzantine worker's attack.
+        attack_label: display name of the attack in reports (default: ``attack``).
         f: number of Byzantine workers (and the rule's f).
         distribution: ``{name, ...}`` of ``training.distribution``.
         seed: ``training.seed``.
@@ -73,6 +75,12 @@ class Cell:
     f: int
     distribution: tuple
     seed: int
+    attack_label: str = ""
+
+    @property
+    def attack_display(self) -> str:
+        """The attack's name in tables, plots and the cell key."""
+        return self.attack_label or self.attack
 
     @property
     def dist_label(self) -> str:
@@ -84,7 +92,8 @@ class Cell:
     @property
     def key(self) -> str:
         """A file-name-safe unique id of the cell."""
-        atk = self.attack + "".join(f"-{k}{v}" for k, v in self.attack_params)
+        atk = self.attack_label or self.attack + "".join(f"-{k}{v}"
+                                                         for k, v in self.attack_params)
         raw = f"{self.rule}__{atk}__f{self.f}__{self.dist_label}__s{self.seed}"
         return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", raw)
 
@@ -92,7 +101,8 @@ class Cell:
         """The cell as plain JSON data (stored in result.json to detect a changed grid)."""
         return {"rule": self.rule, "method": self.method, "params": dict(self.params),
                 "pre_aggregators": [dict(p) for p in self.pre_aggregators],
-                "attack": self.attack, "attack_params": dict(self.attack_params), "f": self.f,
+                "attack": self.attack, "attack_params": dict(self.attack_params),
+                "attack_label": self.attack_display, "f": self.f,
                 "distribution": dict(self.distribution), "seed": self.seed}
 
 
@@ -218,9 +228,13 @@ def parse_grid(data: Any, source: str = "<grid>") -> Grid:
         unknown = sorted(set(rule) - {"method", "params", "pre_aggregators", "label"})
         if unknown:
             raise GridError(f"{source}: sweep.aggregator entry {rule}: unknown key(s) {unknown}")
+        unknown = sorted(set(atk) - {"name", "params", "label"})
+        if unknown:
+            raise GridError(f"{source}: sweep.attack entry {atk}: unknown key(s) {unknown}")
         cells.append(Cell(label, rule["method"], _freeze(rule.get("params", {})),
                           tuple(_freeze(p) for p in pres), atk["name"],
-                          _freeze(atk.get("params", {})), f, _freeze(dist), seed))
+                          _freeze(atk.get("params", {})), f, _freeze(dist), seed,
+                          atk.get("label", "")))
     grid = Grid(base, honest, cells, rounds)
     for cell in cells:
         try:
@@ -426,7 +440,7 @@ def _row(res: dict) -> dict:
     extra = ",".join(f"{k}={v}" for k, v in sorted(dist.items()) if k != "name")
     return {"key": res["key"], "rule": s["rule"], "method": s["method"],
             "pre_aggregators": "+".join(p["name"] for p in s["pre_aggregators"]),
-            "attack": s["attack"], "f": s["f"],
+            "attack": s.get("attack_label") or s["attack"], "f": s["f"],
             "distribution": dist["name"] + (f"({extra})" if extra else ""), "seed": s["seed"],
             "status": res["status"], "final_accuracy": res.get("final_accuracy"),
             "best_accuracy": res.get("best_accuracy"), "final_loss": res.get("final_loss"),

@@ -12,6 +12,12 @@ no deadline ever passes; for the same config and seed the final PS replica is bi
 to a TCP run without timeouts or disconnections (with the same number of torch threads per
 process: the node launcher and :func:`simulate` both use one).
 
+Omniscient attacks (``attack_params: {omniscient: true}`` for ALIE and IPM) exist only here:
+when a config has one, each ROUND goes first to the other workers, and the vectors the honest
+workers sent are stacked ``(h, d)`` into :attr:`byzps.worker.Worker.omniscient_view` of the
+omniscient Byzantine workers before they answer. The aggregate does not depend on the order in
+which gradients arrive (rows are stacked by worker id).
+
     result = simulate(cfg, data_root="./data", rounds=20, metrics_file="m.jsonl")
     result.digest, result.test_accuracy
 """
@@ -33,7 +39,7 @@ from byzps.config import Config
 from byzps.data import config_shards, load_mnist
 from byzps.metrics import JsonlWriter, round_record
 from byzps.protocol import Broadcast, RoundClosed, RoundFailed, Send
-from byzps.wire import Gradient, Update
+from byzps.wire import Gradient, RoundStart, Update
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +129,11 @@ class Simulation:
         self.test_x, self.test_y = core.test_x, core.test_y
         # the workers, built by the worker's own constructor (it loads its configured shard)
         config_shards(cfg, mnist.train_labels)   # fail early if a shard is < one batch
-        self.workers: dict[int, Worker] = {w.id: Worker(cfg, w.id, None, data_root)
+        self.workers: dict[int, Worker] = {w.id: Worker(cfg, w.id, None, data_root, mnist)
                                            for w in cfg.workers}
+        self._omniscient = {wid for wid, w in self.workers.items()
+                            if w.attack is not None and w.attack.omniscient}
+        self._honest = {wid for wid, w in self.workers.items() if w.attack is None}
         self.metrics_file = metrics_file if metrics_file is not None else t.metrics_file
         self._rows: dict[int, torch.Tensor] = {}
         self._aggregate: Optional[torch.Tensor] = None
@@ -150,11 +159,23 @@ class Simulation:
             elif isinstance(action, Broadcast):
                 if isinstance(action.message, Update):
                     self._aggregate = action.message.tensor
-                for wid in sorted(self.machine.live):
+                live = sorted(self.machine.live)
+                if isinstance(action.message, RoundStart) and self._omniscient:
+                    # omniscient attackers answer last, having seen the honest vectors
+                    live = sorted(set(live) - self._omniscient) + sorted(
+                        set(live) & self._omniscient)
+                for wid in live:
+                    if wid in self._omniscient:
+                        self._show_honest(wid)
                     self._to_worker(wid, action.message, queue)
             else:
                 events.append(action)
         return events
+
+    def _show_honest(self, wid: int) -> None:
+        """Give omniscient worker ``wid`` the ``(h, d)`` honest vectors of the round so far."""
+        rows = [self._rows[i] for i in sorted(self._rows) if i in self._honest]
+        self.workers[wid].omniscient_view = torch.stack(rows) if rows else None
 
     # -- the run ------------------------------------------------------------------------------
 

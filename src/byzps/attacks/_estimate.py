@@ -14,6 +14,10 @@ k = ``estimate_batches`` minibatches of its own shard at the current model:
   own momentum (``ctx.honest_gradient``) and sigma_hat is scaled by sqrt((1 - beta) / (1 + beta)),
   the stationary standard deviation of an exponential moving average of i.i.d. noise with
   standard deviation 1.
+
+The omniscient variants (``omniscient: true``, simulation only) skip the estimate:
+:func:`true_rows` returns the honest workers' own vectors of the round (momenta when worker
+momentum is on), and mu / sigma are their plain mean and Bessel-corrected standard deviation.
 """
 
 from __future__ import annotations
@@ -75,3 +79,21 @@ def spread(ctx: AttackContext, grads: torch.Tensor) -> torch.Tensor:
     if beta > 0:
         sigma = sigma * math.sqrt((1 - beta) / (1 + beta))
     return sigma
+
+
+def true_rows(ctx: AttackContext, min_rows: int) -> torch.Tensor:
+    """The ``(h, d)`` float32 vectors the honest workers send this round (omniscient attacks).
+
+    Args:
+        ctx: needs ``honest_gradients`` (set by the simulator).
+        min_rows: the fewest rows the statistic needs (1 for a mean, 2 for a std).
+
+    Raises:
+        ValueError: ``honest_gradients`` is None or has fewer than ``min_rows`` rows.
+    """
+    rows = ctx.honest_gradients
+    if rows is None or rows.dim() != 2 or rows.shape[0] < min_rows:
+        got = None if rows is None else tuple(rows.shape)
+        raise ValueError(f"an omniscient attack needs at least {min_rows} honest vectors "
+                         f"(h, d) in round {ctx.round}, got {got}")
+    return rows.to(torch.float32)

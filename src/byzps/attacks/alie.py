@@ -13,10 +13,14 @@ Non-omniscient variant (this implementation): mu and sigma are estimated from
 sqrt((1 - beta) / (1 + beta))). Collusion: every ALIE worker of a config uses the same z; with a
 shared ``collude_seed`` they also sample the same positions within their (different) shards.
 
+Omniscient variant (``omniscient: true``, simulation only, as in the paper and ByzFL): mu and
+sigma are the coordinate-wise mean and Bessel-corrected standard deviation of the vectors the
+honest workers actually send this round; every ALIE worker then sends the same vector.
+
 Parameters: ``z`` (finite float or None = from n and f), ``estimate_batches`` (int >= 2,
-default 5), ``collude_seed`` (int >= 0 or None).
-Needs: ``honest_gradient``, ``batch``, ``gradient``, ``sample_batch``, and ``n``, ``f`` when z is
-not given.
+default 5), ``collude_seed`` (int >= 0 or None), ``omniscient`` (bool, default false).
+Needs: ``honest_gradient``, ``batch``, ``gradient``, ``sample_batch`` (omniscient:
+``honest_gradients`` instead), and ``n``, ``f`` when z is not given.
 Shapes: ``(d,)`` float32 out.
 Errors: ValueError for bad parameters, or when z cannot be derived: it needs
 0 < s < n, i.e. f < floor(n/2 + 1) and not s >= n (n <= 2 with f = 0).
@@ -31,7 +35,8 @@ from typing import Optional
 import torch
 
 from byzps.attacks import _estimate
-from byzps.attacks.base import Attack, AttackContext, finite_float, int_at_least, optional_seed
+from byzps.attacks.base import Attack, AttackContext, finite_float, flag, int_at_least, \
+    optional_seed
 
 
 def alie_z(n: int, f: int) -> float:
@@ -58,6 +63,7 @@ class Alie(Attack):
         z: the shift in standard deviations; None derives it from n and f.
         estimate_batches: minibatches k used for mu_hat and sigma_hat (>= 2).
         collude_seed: shared sampling seed of colluding workers; None = own seed.
+        omniscient: use the honest workers' true vectors of the round (simulation only).
 
     Raises:
         ValueError: bad parameters.
@@ -67,12 +73,13 @@ class Alie(Attack):
     needs = frozenset({"honest_gradient", "batch", "gradient", "sample_batch", "n", "f"})
 
     def __init__(self, z: Optional[float] = None, estimate_batches: int = 5,
-                 collude_seed: Optional[int] = None):
+                 collude_seed: Optional[int] = None, omniscient: bool = False):
         self.z = None if z is None else finite_float("z", z)
         self.estimate_batches = int_at_least("estimate_batches", estimate_batches, 2)
         self.collude_seed = optional_seed("collude_seed", collude_seed)
-        if self.z is not None:
-            self.needs = Alie.needs - {"n", "f"}
+        self.is_omniscient = flag("omniscient", omniscient)
+        needs = frozenset({"honest_gradients", "n", "f"}) if omniscient else Alie.needs
+        self.needs = needs - {"n", "f"} if self.z is not None else needs
 
     def check(self, n: int, f: int) -> None:
         """Raises ValueError when z is not given and cannot be derived from n and f."""
@@ -84,8 +91,11 @@ class Alie(Attack):
         return self.z if self.z is not None else alie_z(ctx.n, ctx.f)
 
     def __call__(self, ctx: AttackContext) -> torch.Tensor:
-        """``(d,)`` float32 ``mu_hat - z * sigma_hat``."""
+        """``(d,)`` float32 ``mu_hat - z * sigma_hat`` (or the true mu and sigma)."""
         self.require(ctx)
+        if self.is_omniscient:
+            rows = _estimate.true_rows(ctx, 2)
+            return rows.mean(dim=0) - self.z_for(ctx) * rows.std(dim=0, correction=1)
         grads = _estimate.raw_gradients(ctx, self.estimate_batches, self.collude_seed,
                                         self.name)
         return _estimate.centre(ctx, grads) - self.z_for(ctx) * _estimate.spread(ctx, grads)

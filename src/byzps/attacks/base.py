@@ -15,6 +15,13 @@ workers send the very same noise vector, and estimating attacks sample the same 
 within their own shards (which hold different examples, so their estimates still differ).
 Deterministic choices coincide whenever the config parameters coincide: ALIE's z (from n and
 f), IPM's epsilon, mimic's target class (given, or derived from the shared ``collude_seed``).
+
+Omniscient variants (simulation only). ALIE and IPM take ``omniscient: true``: they then use
+the true statistics of the vectors the honest workers send in the same round
+(:attr:`AttackContext.honest_gradients`), as the papers and ByzFL define them. Only
+``byzps simulate`` / ``byzps grid`` can provide that field (the simulator hands the honest
+workers' vectors of the round to the Byzantine workers before they answer); a worker process
+over TCP refuses to start with an omniscient attack.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 
 #: Names an attack may list in ``needs``: the :class:`AttackContext` fields it reads.
-CONTEXT_FIELDS = frozenset({"honest_gradient", "batch", "gradient", "sample_batch", "n", "f"})
+CONTEXT_FIELDS = frozenset({"honest_gradient", "batch", "gradient", "sample_batch", "n", "f",
+                            "honest_gradients"})
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -57,6 +65,8 @@ class AttackContext:
         f: number of Byzantine workers the aggregator tolerates (``Config.f``).
         seed: this worker's own seed (distinct per worker, fixed by ``training.seed``).
         worker_momentum: beta of ``training.worker_momentum`` in [0, 1) (0 = off).
+        honest_gradients: ``(h, d)`` float32, the vectors the h honest workers send in this
+            round (omniscient attacks only; set by the simulator, never over TCP).
     """
 
     round: int
@@ -68,6 +78,7 @@ class AttackContext:
     f: Optional[int] = None
     seed: int = 0
     worker_momentum: float = 0.0
+    honest_gradients: Optional[torch.Tensor] = None
 
     @property
     def d(self) -> int:
@@ -97,6 +108,12 @@ class Attack:
 
     def __call__(self, ctx: AttackContext) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @property
+    def omniscient(self) -> bool:
+        """True when the attack reads the honest workers' vectors (``honest_gradients``), which
+        only the simulator can provide."""
+        return "honest_gradients" in self.needs
 
     def check(self, n: int, f: int) -> None:
         """Check that the attack can run with n workers and tolerance f (default: always).
@@ -159,6 +176,17 @@ def int_at_least(name: str, value: Any, low: int) -> int:
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def flag(name: str, value: Any) -> bool:
+    """``value`` as a bool.
+
+    Raises:
+        ValueError: anything but True or False.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
     return value
 
 

@@ -12,10 +12,13 @@ minibatches of the worker's own shard (with worker momentum: the worker's own mo
 honest vector. Collusion: a shared ``collude_seed`` makes colluders sample the same positions
 within their (different) shards; the same epsilon is shared through the config.
 
+Omniscient variant (``omniscient: true``, simulation only, as in the paper and ByzFL): mu is
+the mean of the vectors the honest workers actually send this round.
+
 Parameters: ``epsilon`` (finite float > 0, default 0.1), ``estimate_batches`` (int >= 1,
-default 5), ``collude_seed`` (int >= 0 or None).
+default 5), ``collude_seed`` (int >= 0 or None), ``omniscient`` (bool, default false).
 Needs: ``honest_gradient``, ``batch``, ``gradient``, and ``sample_batch`` unless
-``estimate_batches = 1``.
+``estimate_batches = 1`` (omniscient: ``honest_gradients`` only).
 Shapes: ``(d,)`` float32 out.
 Errors: ValueError for bad parameters.
 """
@@ -27,7 +30,8 @@ from typing import Optional
 import torch
 
 from byzps.attacks import _estimate
-from byzps.attacks.base import Attack, AttackContext, finite_float, int_at_least, optional_seed
+from byzps.attacks.base import Attack, AttackContext, finite_float, flag, int_at_least, \
+    optional_seed
 
 
 class Ipm(Attack):
@@ -37,6 +41,7 @@ class Ipm(Attack):
         epsilon: positive factor.
         estimate_batches: minibatches k used for mu_hat (>= 1).
         collude_seed: shared sampling seed of colluding workers; None = own seed.
+        omniscient: use the honest workers' true vectors of the round (simulation only).
 
     Raises:
         ValueError: bad parameters.
@@ -46,18 +51,23 @@ class Ipm(Attack):
     needs = frozenset({"honest_gradient", "batch", "gradient", "sample_batch"})
 
     def __init__(self, epsilon: float = 0.1, estimate_batches: int = 5,
-                 collude_seed: Optional[int] = None):
+                 collude_seed: Optional[int] = None, omniscient: bool = False):
         self.epsilon = finite_float("epsilon", epsilon)
         if self.epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
         self.estimate_batches = int_at_least("estimate_batches", estimate_batches, 1)
         self.collude_seed = optional_seed("collude_seed", collude_seed)
-        if self.estimate_batches == 1:
+        self.is_omniscient = flag("omniscient", omniscient)
+        if self.is_omniscient:
+            self.needs = frozenset({"honest_gradients"})
+        elif self.estimate_batches == 1:
             self.needs = Ipm.needs - {"sample_batch"}
 
     def __call__(self, ctx: AttackContext) -> torch.Tensor:
-        """``(d,)`` float32 ``-epsilon * mu_hat``."""
+        """``(d,)`` float32 ``-epsilon * mu_hat`` (or the true mu)."""
         self.require(ctx)
+        if self.is_omniscient:
+            return -self.epsilon * _estimate.true_rows(ctx, 1).mean(dim=0)
         grads = _estimate.raw_gradients(ctx, self.estimate_batches, self.collude_seed,
                                         self.name)
         return -self.epsilon * _estimate.centre(ctx, grads)
