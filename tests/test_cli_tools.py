@@ -99,6 +99,22 @@ def test_list_names_everything(capsys):
     assert "tau=10.0" in out and "estimate_batches=5" in out
 
 
+def test_list_shows_real_defaults_and_says_where_f_comes_from():
+    text = list_text()
+    rows = {line.split()[0]: line.split(None, 1)[1] if len(line.split()) > 1 else ""
+            for line in text.splitlines() if line.startswith("  ")}
+    assert "f=0" not in text                       # f is not a per-rule default
+    assert "f comes from aggregation.f" in text and "f defaults to aggregation.f" in text
+    assert rows["multi_krum"] == "q=<n - f>"
+    assert rows["mean"] == "-" and rows["nnm"] == "-"
+    assert rows["centered_clipping"] == "tau=10.0, iterations=1, init='median'"
+    assert rows["bucketing"] == "s=2, seed=0"
+    assert rows["alie"].startswith("z=<derived from n and f>, estimate_batches=5, "
+                                   "collude_seed=<own seed>")
+    assert rows["sign_flip"] == "scale=-1.0"
+    assert "=None" not in text                     # every None default says what it means
+
+
 def test_keygen_writes_one_file_for_the_ps_and_one_per_worker(tmp_path, base_config):
     cfg = write_config(tmp_path / "c.yaml", base_config)
     assert byzps_main(["keygen", str(cfg), "--out", str(tmp_path / "keys")]) == 0
@@ -126,6 +142,70 @@ def test_plot_writes_a_png(tmp_path):
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 5000
     (tmp_path / "empty.jsonl").write_text("")
     assert byzps_main(["plot", str(tmp_path / "empty.jsonl"), "-o", str(out)]) == 1
+
+
+def test_plot_creates_missing_parent_folders_and_a_valid_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    import struct
+    import zlib
+
+    metrics = tmp_path / "m.jsonl"
+    closed = RoundClosed(0, (0, 1), {}, (), {0: 2.0, 1: 2.2}, 0.01)
+    with metrics.open("w") as fh:
+        for r in range(3):
+            rec = round_record(closed, now=float(r), test_accuracy=0.5 + 0.1 * r,
+                               test_loss=1.0 - 0.2 * r)
+            rec["round"] = r
+            fh.write(json.dumps(rec) + "\n")
+    out = tmp_path / "out" / "deeper" / "dir" / "x.png"
+    assert not out.parent.parent.parent.exists()
+    assert byzps_main(["plot", str(metrics), "-o", str(out)]) == 0
+    data = out.read_bytes()
+    assert out.stat().st_size > 0 and data[:8] == PNG_MAGIC
+    # first chunk IHDR with a positive size and a correct CRC; last chunk IEND
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 0 and height > 0
+    assert struct.unpack(">I", data[29:33])[0] == zlib.crc32(data[12:29])
+    assert data[-12:] == b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def test_run_min_accuracy_flag(monkeypatch, tmp_path, capsys):
+    import io
+
+    from byzps import launcher
+
+    s = launcher.RunSummary({"server": 0, "worker-0": 0}, 5, 0.95, 1.0, tmp_path,
+                            min_accuracy=0.97)
+    assert not s.accuracy_ok and not s.ok
+    assert launcher.RunSummary({"server": 0}, 5, 0.97, 1.0, tmp_path, min_accuracy=0.97).ok
+    assert not launcher.RunSummary({"server": 0}, 5, None, 1.0, tmp_path, min_accuracy=0.0).ok
+    assert launcher.RunSummary({"server": 0}, 5, None, 1.0, tmp_path).ok
+    buf = io.StringIO()
+    launcher._print_summary(s, 5, buf)
+    assert buf.getvalue().startswith("byzps run: FAILED: 5/5 rounds, final test accuracy "
+                                     "0.9500 (below --min-accuracy 0.97)")
+    seen = {}
+
+    def fake_launch(config, run_dir, **kw):
+        seen.update(kw)
+        return launcher.RunSummary({"server": 0}, 5, 0.96, 1.0, tmp_path,
+                                   min_accuracy=kw["min_accuracy"])
+
+    monkeypatch.setattr(launcher, "launch", fake_launch)
+    assert byzps_main(["run", "x.yaml", "--run-dir", str(tmp_path), "--min-accuracy",
+                       "0.97"]) == 1
+    assert seen["min_accuracy"] == 0.97
+    assert byzps_main(["run", "x.yaml", "--run-dir", str(tmp_path), "--min-accuracy",
+                       "0.9"]) == 0
+    assert byzps_main(["run", "x.yaml", "--run-dir", str(tmp_path)]) == 0
+    assert seen["min_accuracy"] is None
+    for bad in ("1.5", "nan", "x"):
+        with pytest.raises(SystemExit) as e:
+            byzps_main(["run", "x.yaml", "--min-accuracy", bad])
+        assert e.value.code == 2
+    assert "expected a number in [0, 1]" in capsys.readouterr().err
 
 
 def test_simulate_command(tmp_path, base_config, capsys):

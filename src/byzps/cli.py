@@ -1,7 +1,8 @@
 """Command line: the seed's ``ps_node.py`` flags (:func:`main`, also installed as the
 ``byzps-node`` command) and the ``byzps`` command (:func:`byzps_main`) with subcommands::
 
-    byzps run CONFIG [--rounds R] [--data-root DIR] [--run-dir DIR]   PS + workers, local TCP
+    byzps run CONFIG [--rounds R] [--data-root DIR] [--run-dir DIR] [--min-accuracy ACC]
+                                                                       PS + workers, local TCP
     byzps simulate CONFIG [--rounds R] [--data-root DIR] [--metrics F] one process, no sockets
     byzps grid GRID.yaml [--jobs J] [--out DIR] [--rounds R]           sweep in simulation
     byzps keygen CONFIG --out DIR                                      worker key files
@@ -9,7 +10,8 @@
     byzps plot METRICS.jsonl [...] -o out.png                          accuracy/loss curves
 
 Exit codes: 0 success; 1 the run failed (no quorum, PS unreachable, refused, aborted, a node
-failed); 2 bad usage or config (one line per problem, no traceback); 130 interrupted.
+failed, a port in use, or ``byzps run --min-accuracy`` not reached); 2 bad usage or config (one
+line per problem, no traceback); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -61,6 +63,17 @@ def log_level(text: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown log level {text!r}; expected one of "
                                          f"{', '.join(LOG_LEVELS)}")
     return str(text).upper()
+
+
+def unit_float(text: str) -> float:
+    """A finite number in [0, 1]; argparse type. Raises ArgumentTypeError."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:   # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -130,10 +143,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _run_server(cfg, args) -> int:
     from byzps.server import ParameterServer, TrainingFailed
+    from byzps.status import StatusEndpointError
 
-    ps = ParameterServer(cfg, args.data_root, args.rounds, resume=args.resume)
     try:
+        ps = ParameterServer(cfg, args.data_root, args.rounds, resume=args.resume)
         result = asyncio.run(ps.run())
+    except StatusEndpointError as e:
+        print(f"server error: {e}", file=sys.stderr)
+        return 1
     except TrainingFailed as e:
         print(f"training failed: {e}", file=sys.stderr)
         return 1
@@ -177,6 +194,8 @@ def build_byzps_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the PS and every worker as local processes over TCP")
     _add_job_args(r)
     r.add_argument("--run-dir", help="run folder (default runs/<config>-<time>-<pid>)")
+    r.add_argument("--min-accuracy", type=unit_float, metavar="ACC",
+                   help="exit 1 unless the final test accuracy is at least ACC (in [0, 1])")
 
     s = sub.add_parser("simulate", help="run the job in one process through the same round "
                        "logic, without sockets")
@@ -236,7 +255,8 @@ def _cmd_run(args) -> int:
     from byzps.launcher import default_run_dir, launch
 
     run_dir = args.run_dir or default_run_dir(args.config)
-    summary = launch(args.config, run_dir, data_root=args.data_root, rounds=args.rounds)
+    summary = launch(args.config, run_dir, data_root=args.data_root, rounds=args.rounds,
+                     min_accuracy=args.min_accuracy)
     if summary.interrupted:
         return 130
     return 0 if summary.ok else 1
@@ -333,22 +353,63 @@ def _cmd_keygen(args) -> int:
     return 0
 
 
+#: what a parameter whose default is None means, where the parameter's help does not say it
+_DERIVED_DEFAULTS = {
+    ("alie", "z"): "derived from n and f",
+    ("mimic", "target_class"): "collude_seed, else own seed, mod num_classes",
+    (None, "collude_seed"): "own seed",
+}
+
+
+def _param_text(kind: str, name: str, params: dict, helps: Optional[dict] = None) -> str:
+    """``k=v, ...`` for ``byzps list``: f is left out (it comes from aggregation.f) and a None
+    default is replaced by what it stands for (``q=<n - f>``)."""
+    import re
+
+    parts = []
+    for k, v in params.items():
+        if k == "f" and kind in ("aggregator", "pre"):
+            continue
+        if v is None:
+            m = re.search(r"\(default ([^)]*)\)", (helps or {}).get(k, ""))
+            derived = m.group(1) if m else _DERIVED_DEFAULTS.get(
+                (name, k), _DERIVED_DEFAULTS.get((None, k)))
+            parts.append(f"{k}=<{derived}>" if derived else f"{k}=None")
+        else:
+            parts.append(f"{k}={v!r}")
+    return ", ".join(parts) or "-"
+
+
 def list_text() -> str:
     """The text of ``byzps list``: every aggregator, pre-aggregator, attack, model and data
-    distribution with its parameters and defaults."""
+    distribution with its parameters and their real defaults.
+
+    The Byzantine count f of rules and pre-aggregators is not a per-rule default: it comes from
+    ``aggregation.f`` (default: the number of ``byzantine`` workers), so it is stated once in
+    the headings instead of being listed as ``f=0``. A parameter whose default is None is shown
+    with what it stands for, e.g. ``q=<n - f>``.
+    """
     from byzps import aggregators, attacks
     from byzps.data import DISTRIBUTIONS
     from byzps.models import model_names
 
-    def fmt(params: dict) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in params.items()) or "-"
+    def row(kind: str, name: str, params: dict, table: dict) -> str:
+        # the rule classes' Param.help holds "(default n - f)"-style notes for None defaults
+        helps = {k: p.help for k, p in table[name].PARAMS.items()} if name in table else None
+        return f"  {name:24s} {_param_text(kind, name, params, helps)}"
 
-    lines = ["aggregators (aggregation.method; parameters in aggregation.params):"]
-    lines += [f"  {n:24s} {fmt(aggregators.params(n))}" for n in aggregators.names()]
-    lines.append("pre-aggregators (aggregation.pre_aggregators: [{name: ..., params...}]):")
-    lines += [f"  {n:24s} {fmt(aggregators.pre_params(n))}" for n in aggregators.pre_names()]
-    lines.append("attacks (workers[].attack; parameters in workers[].attack_params):")
-    lines += [f"  {n:24s} {fmt(attacks.params(n))}" for n in attacks.names()]
+    rules = getattr(aggregators, "_AGGREGATORS", {})
+    pres = getattr(aggregators, "_PRE_AGGREGATORS", {})
+    lines = ["aggregators (aggregation.method; parameters in aggregation.params; every rule's "
+             "f comes from aggregation.f, default: the number of byzantine workers):"]
+    lines += [row("aggregator", n, aggregators.params(n), rules) for n in aggregators.names()]
+    lines.append("pre-aggregators (aggregation.pre_aggregators: [{name: ..., params...}]; "
+                 "f defaults to aggregation.f):")
+    lines += [row("pre", n, aggregators.pre_params(n), pres) for n in aggregators.pre_names()]
+    lines.append("attacks (workers[].attack; parameters in workers[].attack_params; n and f "
+                 "come from the config):")
+    lines += [f"  {n:24s} {_param_text('attack', n, attacks.params(n))}"
+              for n in attacks.names()]
     lines.append("models (training.model):")
     lines += [f"  {n}" for n in model_names()]
     lines.append("data distributions (training.distribution: {name: ...}):")

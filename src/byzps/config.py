@@ -198,6 +198,10 @@ class ServerConfig(_Strict):
             worker at least its own. ``$BYZPS_SECRETS`` overrides it. None: no
             authentication (local experiments only; the PS warns at start).
         tls: optional TLS for confidentiality (see :class:`TlsConfig`); None = plain TCP.
+        metrics_port: TCP port 1..65535 of the PS's HTTP status endpoint (Prometheus
+            ``/metrics`` and JSON ``/status``, see :mod:`byzps.status`); None = off.
+        metrics_host: address the status endpoint binds (default 127.0.0.1: this machine
+            only; it has no authentication).
     """
 
     host: str = Field(min_length=1)
@@ -209,6 +213,8 @@ class ServerConfig(_Strict):
     hello_timeout: float = Field(10.0, gt=0)
     secrets_file: Optional[str] = None
     tls: Optional[TlsConfig] = None
+    metrics_port: Optional[int] = Field(None, ge=1, le=65535)
+    metrics_host: str = Field("127.0.0.1", min_length=1)
 
     @property
     def listen_host(self) -> str:
@@ -324,6 +330,9 @@ class Config(_Strict):
         t, srv = self.training, self.server
         if t.quorum is not None and t.quorum > self.n:
             raise ValueError(f"training.quorum: expected at most n = {self.n}, got {t.quorum}")
+        if srv.metrics_port is not None and srv.metrics_port == srv.port:
+            raise ValueError(f"server.metrics_port: expected a port other than server.port "
+                             f"({srv.port}), got {srv.metrics_port}")
         if srv.min_workers is not None and srv.min_workers > self.n:
             raise ValueError(f"server.min_workers: expected at most n = {self.n}, got "
                              f"{srv.min_workers}")

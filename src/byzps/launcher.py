@@ -89,6 +89,8 @@ class RunSummary:
         seconds: wall seconds from launch to the last exit.
         run_dir: the run folder.
         interrupted: Ctrl-C was pressed.
+        failed: names of the nodes that exited non-zero.
+        min_accuracy: the accuracy the run had to reach (``--min-accuracy``), or None.
     """
 
     exit_codes: dict[str, int]
@@ -98,11 +100,19 @@ class RunSummary:
     run_dir: Path
     interrupted: bool = False
     failed: list[str] = field(default_factory=list)
+    min_accuracy: Optional[float] = None
+
+    @property
+    def accuracy_ok(self) -> bool:
+        """No ``min_accuracy`` was asked for, or the final accuracy is known and reaches it."""
+        return self.min_accuracy is None or (self.test_accuracy is not None
+                                             and self.test_accuracy >= self.min_accuracy)
 
     @property
     def ok(self) -> bool:
-        """Every node exited 0 and nothing was interrupted."""
-        return not self.interrupted and all(c == 0 for c in self.exit_codes.values())
+        """Every node exited 0, nothing was interrupted, and ``min_accuracy`` was reached."""
+        return (not self.interrupted and all(c == 0 for c in self.exit_codes.values())
+                and self.accuracy_ok)
 
 
 def _node_cmd(config: Path, role: str, data_root: str, rounds: Optional[int],
@@ -126,7 +136,7 @@ def _node_env() -> dict[str, str]:
 
 def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
            rounds: Optional[int] = None, out: Optional[TextIO] = None,
-           poll: float = 0.5) -> RunSummary:
+           poll: float = 0.5, min_accuracy: Optional[float] = None) -> RunSummary:
     """Run every node of ``config`` locally and wait for all of them.
 
     Args:
@@ -137,6 +147,8 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
         out: where the progress line and summary go (default ``sys.stderr``). On a terminal
             the line is redrawn in place; otherwise one line per new evaluation is printed.
         poll: seconds between metrics-file reads.
+        min_accuracy: the run fails (``summary.ok`` is False) unless the final test accuracy
+            is at least this (in [0, 1]); None: no threshold.
 
     Returns:
         the :class:`RunSummary`; on Ctrl-C every node gets SIGINT (then SIGTERM after 10 s)
@@ -164,6 +176,9 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
     tty = hasattr(out, "isatty") and out.isatty()
     print(f"byzps run: PS + {cfg.n} workers on 127.0.0.1:{cfg.server.port}, {total} rounds; "
           f"run folder {run_dir}", file=out, flush=True)
+    if cfg.server.metrics_port is not None:
+        print(f"byzps run: PS status on http://{cfg.server.metrics_host}:"
+              f"{cfg.server.metrics_port}/status and /metrics", file=out, flush=True)
     interrupted = False
     last_line, last_printed_round, acc = "", -1, None
     try:
@@ -214,7 +229,7 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
         if r.get("test_accuracy") is not None:
             acc = r["test_accuracy"]
     summary = RunSummary(codes, len(records), acc, time.perf_counter() - t0, run_dir,
-                         interrupted, [n for n, c in codes.items() if c != 0])
+                         interrupted, [n for n, c in codes.items() if c != 0], min_accuracy)
     _print_summary(summary, total, out)
     return summary
 
@@ -248,8 +263,12 @@ def _wait_all(procs: dict[str, subprocess.Popen], grace: float = 10.0) -> None:
 def _print_summary(s: RunSummary, total: int, out: TextIO) -> None:
     acc = f"{s.test_accuracy:.4f}" if s.test_accuracy is not None else "n/a"
     status = "interrupted" if s.interrupted else ("OK" if s.ok else "FAILED")
-    print(f"byzps run: {status}: {s.rounds}/{total} rounds, final test accuracy {acc}, "
-          f"{s.seconds:.1f} s; logs and metrics.jsonl in {s.run_dir}", file=out, flush=True)
+    threshold = ""
+    if s.min_accuracy is not None:
+        threshold = f" ({'>=' if s.accuracy_ok else 'below'} --min-accuracy {s.min_accuracy:g})"
+    print(f"byzps run: {status}: {s.rounds}/{total} rounds, final test accuracy {acc}"
+          f"{threshold}, {s.seconds:.1f} s; logs and metrics.jsonl in {s.run_dir}", file=out,
+          flush=True)
     for name in s.failed:
         log = s.run_dir / f"{name}.log"
         tail = ""

@@ -1,0 +1,310 @@
+"""The PS's optional status endpoint: Prometheus metrics and a JSON status page over HTTP.
+
+Enabled by ``server.metrics_port`` (bound on ``server.metrics_host``, default 127.0.0.1)::
+
+    GET /metrics   Prometheus text format (prometheus-client), this server's registry only
+    GET /status    JSON: round, rounds, live workers, each worker's last status, last accuracy,
+                   uptime
+    GET /          a two-line index naming both
+
+Usage (the PS does this; see :class:`byzps.server.ParameterServer`)::
+
+    ep = StatusEndpoint("127.0.0.1", 9100, worker_ids=[0, 1, 2, 3], rounds=300)
+    ep.start()                                     # background daemon thread; returns the port
+    ep.update(record, live_workers=[0, 1, 2])      # once per round, record = round_record(...)
+    ep.stop()
+
+Metrics (all prefixed ``byzps_``; times in seconds, accuracy in [0, 1]):
+
+=========================================  =========  ============================================
+``byzps_round``                            gauge      rounds completed (absolute: index of the
+                                                      last closed round + 1, also after a resume)
+``byzps_rounds_planned``                   gauge      total rounds R of the run
+``byzps_rounds_total``                     counter    rounds closed by this PS process
+``byzps_round_seconds``                    histogram  wall seconds per round
+``byzps_aggregate_seconds``                histogram  seconds spent in the robust aggregator
+``byzps_live_workers``                     gauge      workers the round logic counts as live
+``byzps_workers``                          gauge      configured workers n
+``byzps_accepted_total{worker}``           counter    gradients accepted per worker
+``byzps_rejected_gradients_total{worker,   counter    gradients rejected per worker and reason
+reason}``
+``byzps_missing_total{worker}``            counter    rounds a worker did not answer in time
+``byzps_reported_loss``                    gauge      mean training loss the accepted workers
+                                                      reported in the last round (NaN if none)
+``byzps_test_accuracy``                    gauge      last evaluated test accuracy (NaN before)
+``byzps_test_loss``                        gauge      last evaluated test loss (NaN before)
+``byzps_start_time_seconds``               gauge      Unix time the endpoint was created
+=========================================  =========  ============================================
+
+Each endpoint has its own :class:`prometheus_client.CollectorRegistry` (never the process-wide
+default), so several can live in one process (tests). The HTTP server runs in daemon threads
+and only reads a snapshot taken under a lock, so it never blocks the PS's event loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import socket
+import socketserver
+import threading
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+log = logging.getLogger(__name__)
+
+#: histogram buckets (seconds) of byzps_round_seconds and byzps_aggregate_seconds
+SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                   60.0, 120.0)
+#: longest rejection reason kept as a label value (longer ones are cut, to bound label size)
+MAX_REASON_CHARS = 80
+
+
+class StatusEndpointError(RuntimeError):
+    """The status endpoint cannot run: its address cannot be bound (port in use, bad
+    address) or prometheus-client is missing; the message names ``server.metrics_port``."""
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _ThreadingWSGIServer6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """wsgiref's handler logs every request to stderr; send it to ``logging`` (DEBUG)."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        """Log one request line at DEBUG on ``byzps.status`` instead of writing to stderr."""
+        log.debug("status endpoint %s: " + format, self.client_address[0], *args)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (also nested) replaced by None (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+class StatusEndpoint:
+    """Prometheus metrics and a JSON status page of one PS, served from a background thread.
+
+    Args:
+        host: address to bind (``server.metrics_host``).
+        port: TCP port (``server.metrics_port``); 0 picks a free one (tests).
+        worker_ids: every configured worker id.
+        rounds: total rounds R of the run (absolute).
+        start_round: the first round this process runs (> 0 after a resume).
+        clock: ``time.time``-like clock, for the uptime (tests pass a fake one).
+
+    Nothing listens until :meth:`start`; :meth:`update` works with or without a listener.
+
+    Raises:
+        StatusEndpointError: prometheus-client is not installed.
+    """
+
+    def __init__(self, host: str, port: int, *, worker_ids: Iterable[int], rounds: int,
+                 start_round: int = 0, clock: Callable[[], float] = time.time):
+        self.host = host
+        self.requested_port = int(port)
+        self.port: Optional[int] = None
+        self._clock = clock
+        self._started_at = clock()
+        self._lock = threading.Lock()
+        self._httpd: Optional[WSGIServer] = None
+        self._thread: Optional[threading.Thread] = None
+        ids = sorted(int(w) for w in worker_ids)
+        self._state: dict[str, Any] = {
+            "round": int(start_round), "rounds": int(rounds), "rounds_this_run": 0,
+            "finished": int(start_round) >= int(rounds),
+            "live_workers": [], "workers": {str(w): {"status": "unknown"} for w in ids},
+            "test_accuracy": None, "test_loss": None, "evaluated_round": None,
+            "reported_loss": None, "last_round_seconds": None,
+            "rejected_gradients": {}, "missing": {},
+        }
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, \
+                make_wsgi_app
+        except ImportError:
+            raise StatusEndpointError("server.metrics_port needs the prometheus-client package: "
+                                      "pip install prometheus-client (or rerun "
+                                      "scripts/setup_env.sh)") from None
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._g_round = Gauge("byzps_round", "rounds completed (index of the last closed round "
+                              "+ 1)", registry=r)
+        self._g_planned = Gauge("byzps_rounds_planned", "total rounds R of the run",
+                                registry=r)
+        self._c_rounds = Counter("byzps_rounds", "rounds closed by this PS process",
+                                 registry=r)
+        self._h_round = Histogram("byzps_round_seconds", "wall seconds per round",
+                                  buckets=SECONDS_BUCKETS, registry=r)
+        self._h_agg = Histogram("byzps_aggregate_seconds", "seconds spent in the robust "
+                                "aggregator per round", buckets=SECONDS_BUCKETS, registry=r)
+        self._g_live = Gauge("byzps_live_workers", "workers the round logic counts as live",
+                             registry=r)
+        self._g_workers = Gauge("byzps_workers", "configured workers n", registry=r)
+        self._c_accepted = Counter("byzps_accepted", "gradients accepted, per worker",
+                                   ["worker"], registry=r)
+        self._c_rejected = Counter("byzps_rejected_gradients", "gradients rejected, per "
+                                   "worker and reason", ["worker", "reason"], registry=r)
+        self._c_missing = Counter("byzps_missing", "rounds a worker did not answer before the "
+                                  "round closed", ["worker"], registry=r)
+        self._g_reported = Gauge("byzps_reported_loss", "mean training loss reported by the "
+                                 "accepted workers in the last round", registry=r)
+        self._g_acc = Gauge("byzps_test_accuracy", "last evaluated test accuracy in [0, 1]",
+                            registry=r)
+        self._g_loss = Gauge("byzps_test_loss", "last evaluated test cross-entropy",
+                             registry=r)
+        self._g_start = Gauge("byzps_start_time_seconds", "Unix time the PS status endpoint "
+                              "was created", registry=r)
+        self._g_round.set(start_round)
+        self._g_planned.set(rounds)
+        self._g_workers.set(len(ids))
+        for g in (self._g_reported, self._g_acc, self._g_loss):
+            g.set(math.nan)
+        self._g_start.set(self._started_at)
+        for w in ids:   # zero-valued series exist from the start, so rate() works at once
+            self._c_accepted.labels(worker=str(w))
+            self._c_missing.labels(worker=str(w))
+        self._metrics_app = make_wsgi_app(self.registry)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def update(self, record: Mapping[str, Any], live_workers: Iterable[int] = ()) -> None:
+        """Take one round's record (:func:`byzps.metrics.round_record` layout, optionally with
+        ``rejected_gradients``) and the ids the round logic counts as live. Thread-safe."""
+        rnd = int(record["round"])
+        live = sorted(int(w) for w in live_workers)
+        workers = record.get("workers") or {}
+        with self._lock:
+            s = self._state
+            s["round"] = rnd + 1
+            s["rounds_this_run"] += 1
+            s["finished"] = rnd + 1 >= s["rounds"]
+            s["live_workers"] = live
+            s["reported_loss"] = record.get("reported_loss")
+            s["last_round_seconds"] = record.get("seconds_round")
+            for wid, entry in workers.items():
+                s["workers"][str(wid)] = dict(entry, round=rnd)
+            for wid, reason in (record.get("rejected") or {}).items():
+                reason = str(reason)[:MAX_REASON_CHARS]
+                per = s["rejected_gradients"].setdefault(str(wid), {})
+                per[reason] = per.get(reason, 0) + 1
+                self._c_rejected.labels(worker=str(wid), reason=reason).inc()
+            for wid in record.get("missing") or ():
+                s["missing"][str(wid)] = s["missing"].get(str(wid), 0) + 1
+                self._c_missing.labels(worker=str(wid)).inc()
+            for wid in record.get("accepted") or ():
+                self._c_accepted.labels(worker=str(wid)).inc()
+            if record.get("test_accuracy") is not None:
+                s["test_accuracy"] = float(record["test_accuracy"])
+                s["evaluated_round"] = rnd
+                self._g_acc.set(s["test_accuracy"])
+            if record.get("test_loss") is not None:
+                s["test_loss"] = float(record["test_loss"])
+                self._g_loss.set(s["test_loss"])
+            self._g_round.set(rnd + 1)
+            self._c_rounds.inc()
+            self._g_live.set(len(live))
+            loss = record.get("reported_loss")
+            self._g_reported.set(math.nan if loss is None else float(loss))
+            if record.get("seconds_round") is not None:
+                self._h_round.observe(float(record["seconds_round"]))
+            if record.get("seconds_aggregate") is not None:
+                self._h_agg.observe(float(record["seconds_aggregate"]))
+
+    def set_live_workers(self, live_workers: Iterable[int]) -> None:
+        """Update only the live worker ids (e.g. as workers register before round 0)."""
+        live = sorted(int(w) for w in live_workers)
+        with self._lock:
+            self._state["live_workers"] = live
+            self._g_live.set(len(live))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``/status`` document: a deep copy of the state plus ``uptime_seconds``.
+
+        Keys: ``round`` (rounds completed, absolute), ``rounds`` (R), ``rounds_this_run``,
+        ``finished``, ``live_workers`` (ids), ``workers`` (id -> last round's entry of the
+        record plus ``round``; ``{"status": "unknown"}`` before the first round),
+        ``test_accuracy`` / ``test_loss`` / ``evaluated_round`` (None before the first
+        evaluation), ``reported_loss``, ``last_round_seconds``, ``rejected_gradients``
+        (id -> reason -> count), ``missing`` (id -> count), ``uptime_seconds``. Non-finite
+        numbers are None.
+        """
+        with self._lock:
+            doc = copy.deepcopy(self._state)
+        doc["uptime_seconds"] = max(0.0, self._clock() - self._started_at)
+        return _finite(doc)
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def _app(self, environ: dict, start_response: Callable) -> list[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return self._metrics_app(environ, start_response)
+        if path in ("/status", "/status/"):
+            body = json.dumps(self.snapshot(), sort_keys=True, allow_nan=False).encode()
+            ctype = "application/json"
+            status = "200 OK"
+        elif path == "/":
+            body = b"byzps parameter server\n/metrics  Prometheus metrics\n/status   JSON status\n"
+            ctype, status = "text/plain; charset=utf-8", "200 OK"
+        else:
+            body = f"not found: {path}; try /metrics or /status\n".encode()
+            ctype, status = "text/plain; charset=utf-8", "404 Not Found"
+        start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def start(self) -> int:
+        """Bind ``host:port`` and serve in a daemon thread; returns the bound port.
+
+        Raises:
+            StatusEndpointError: the address cannot be bound (naming server.metrics_port and
+                server.metrics_host); RuntimeError if already started.
+        """
+        if self._httpd is not None:
+            raise RuntimeError("status endpoint already started")
+        try:
+            server_class = _ThreadingWSGIServer6 if ":" in self.host else _ThreadingWSGIServer
+            httpd = make_server(self.host, self.requested_port, self._app,
+                                server_class=server_class, handler_class=_QuietHandler)
+        except OSError as e:
+            raise StatusEndpointError(
+                f"cannot serve the status endpoint on {self.host}:{self.requested_port}: "
+                f"{e.strerror or e} (is server.metrics_port={self.requested_port} in use? "
+                f"choose another server.metrics_port, or check server.metrics_host="
+                f"{self.host!r})") from None
+        self._httpd = httpd
+        self.port = httpd.server_address[1]
+        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name=f"byzps-status-{self.port}", daemon=True)
+        self._thread.start()
+        log.info("status endpoint on http://%s:%d (/metrics, /status)", self.host, self.port)
+        return self.port
+
+    @property
+    def url(self) -> Optional[str]:
+        """``http://host:port`` once started, else None."""
+        return None if self.port is None else f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (idempotent; the state stays readable)."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
