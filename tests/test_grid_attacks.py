@@ -4,10 +4,20 @@ attacks, which run only in simulation."""
 from __future__ import annotations
 
 import copy
+import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from byzps.config import ConfigError, parse_config
 from byzps.grid import GridError, parse_grid
+from byzps.launcher import launch
+
+from conftest import write_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def grid(base_config: dict, attacks: list) -> dict:
@@ -37,3 +47,21 @@ def test_bad_attack_entries_are_named(base_config):
         parse_grid(grid(base_config, [{"name": "gaussian", "lable": "g"}]))
     with pytest.raises(GridError, match="omniscient must be true or false"):
         parse_grid(grid(base_config, [{"name": "ipm", "params": {"omniscient": "y"}}]))
+
+
+def test_tcp_entry_points_refuse_omniscient_attacks(tmp_path, base_config):
+    """ps_node (either role) and `byzps run` refuse a config with an omniscient attack before
+    starting anything, naming the workers and where such a config can run."""
+    base_config["workers"][3] = {"id": 3, "type": "byzantine", "attack": "alie",
+                                 "attack_params": {"omniscient": True}}
+    path = write_config(tmp_path / "c.yaml", base_config)
+    assert parse_config(base_config).omniscient_workers() == [3]
+    for argv in (["--role", "server"], ["--role", "worker", "--worker-id", "0"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "ps_node.py"), "--config", str(path), *argv],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "workers [3]: attack_params.omniscient is true" in proc.stderr
+        assert "byzps simulate" in proc.stderr
+    with pytest.raises(ConfigError, match=r"workers \[3\]: attack_params.omniscient"):
+        launch(path, tmp_path / "run", data_root="./data", out=io.StringIO())
+    assert not (tmp_path / "run" / "server.log").exists()

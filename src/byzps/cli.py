@@ -26,7 +26,7 @@ from typing import Optional
 from byzps.auth import AuthError
 from byzps.checkpoint import CheckpointError
 from byzps.transport import TlsError
-from byzps.config import ConfigError, load_config
+from byzps.config import OMNISCIENT_ONLY_IN_SIMULATION, ConfigError, load_config
 from byzps.data import DatasetNotFound, IdxFormatError
 
 
@@ -118,6 +118,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"config error: --worker-id {args.worker_id} is not in {args.config}'s "
                   f"workers (ids {ids})", file=sys.stderr)
             return 2
+    omniscient = cfg.omniscient_workers()
+    if omniscient:
+        print(f"config error: {OMNISCIENT_ONLY_IN_SIMULATION.format(ids=omniscient)}",
+              file=sys.stderr)
+        return 2
     if args.resume and args.role != "server":
         parser.error("--resume is for --role server")
     if args.role == "server" and (args.worker_id is not None or args.worker_type is not None):

@@ -259,6 +259,18 @@ class WorkerConfig(_Strict):
         return self.attack, dict(self.attack_params)
 
 
+#: Why a config with omniscient attacks cannot run over TCP (``ids``: the worker ids).
+OMNISCIENT_ONLY_IN_SIMULATION = (
+    "workers {ids}: attack_params.omniscient is true, which needs the honest workers' "
+    "gradients; over TCP a worker never sees them. Run this config with `byzps simulate` or "
+    "`byzps grid`, or remove attack_params.omniscient")
+
+
+def _build_attack(w: WorkerConfig) -> "attacks.Attack":
+    name, params = w.attack_spec()
+    return attacks.build(name, **params)
+
+
 class Config(_Strict):
     """A whole validated config. Build it with :func:`load_config` or :func:`parse_config`."""
 
@@ -288,6 +300,12 @@ class Config(_Strict):
             if w.id == worker_id:
                 return pos if w.data_shard is None else w.data_shard
         raise KeyError(worker_id)
+
+    def omniscient_workers(self) -> list[int]:
+        """Ids of the Byzantine workers whose attack is omniscient (``attack_params.omniscient``):
+        such a config runs only in simulation (``byzps simulate`` / ``byzps grid``)."""
+        return [w.id for w in self.workers if w.type == "byzantine"
+                and _build_attack(w).omniscient]
 
     def worker(self, worker_id: int) -> WorkerConfig:
         """The config entry of ``worker_id``. Raises KeyError for an unknown id."""

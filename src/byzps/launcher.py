@@ -30,7 +30,7 @@ from typing import Any, Optional, TextIO
 
 import yaml
 
-from byzps.config import load_config
+from byzps.config import OMNISCIENT_ONLY_IN_SIMULATION, ConfigError, load_config
 from byzps.metrics import progress_line, read_jsonl
 
 
@@ -161,6 +161,9 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
     run_dir = Path(run_dir)
     cfg_path = prepare_run_dir(config, run_dir)
     cfg = load_config(cfg_path)
+    omniscient = cfg.omniscient_workers()
+    if omniscient:
+        raise ConfigError(str(config), [OMNISCIENT_ONLY_IN_SIMULATION.format(ids=omniscient)])
     total = rounds or cfg.training.rounds
     env = _node_env()
     procs: dict[str, subprocess.Popen] = {}
