@@ -384,7 +384,10 @@ def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: i
     errors = []
     if todo:
         ctx = multiprocessing.get_context("spawn")
-        pool = cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx)
+        # a fresh process per cell (Python >= 3.11): a long grid's pool processes grew from
+        # 2.0 to 3.3 GB RSS each over a dozen cnn_mnist cells when they were reused
+        fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
+        pool = cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx, **fresh)
         try:
             futures = {pool.submit(run_cell, grid.config(c), str(out / "cells" / c.key),
                                    data_root, c.spec()): c for c in todo}
