@@ -39,11 +39,15 @@ Where the kernel refuses the reset the column says "n/a".
 Semantic differences with ByzFL worth knowing when comparing times: ByzFL's Krum/Multi-Krum
 score with n - f - 1 neighbours (byzps: n - f - 2, Blanchard et al.), its median is
 torch.quantile (no chunking; fails beyond 2**24 elements), its geometric median runs a fixed
-T = 3 Weiszfeld iterations from zero (byzps: from the coordinate-wise median until a step is
-below tol; the row "geometric_median[max_iter=3]" is the like-for-like comparison), its
-centered clipping starts from zero, its clipping and ARC modify the input in place (the
-benchmark hands them a fresh copy each call, outside the timed region), and its bucketing
-is unseeded. ByzFL has no Bulyan.
+T = 3 Weiszfeld iterations from zero (byzps: from the mean, or the coordinate-wise median when
+an outlier pulls the mean away, until a step is below tol; the row
+"geometric_median[max_iter=3]" is the like-for-like comparison), its centered clipping starts
+from zero, its clipping and ARC modify the input in place (the benchmark hands them a fresh
+copy each call, outside the timed region; byzps must not modify its input, so it writes an
+(n, d) output: clipping and ARC cannot be much faster than an in-place rewrite), and its
+bucketing is unseeded. ByzFL has no Bulyan. ByzFL accumulates in float32; byzps accumulates
+means in float64 and computes distances in float64 (its mean is therefore slower than
+``torch.mean``, which is ByzFL's mean).
 """
 
 from __future__ import annotations

@@ -609,3 +609,140 @@ def test_mda_ignores_huge_float64_rows_regression():
     # NaN row dropped -> n' = 6, f' = 2: the 4-subset of least diameter is the 4 small values
     assert torch.allclose(out, torch.tensor([(-1.321 - 5.3567 + 3.616 + 13.04) / 4],
                                             dtype=torch.float64))
+
+
+# ======================================================== fast path: NaN/Inf found without a scan
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("n", [8, 11, 16])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_single_nonfinite_entry_found_by_fast_path(monkeypatch, name, n, value, dtype):
+    """Rules first run on the unscanned rows and detect NaN/Inf as a by-product (sorting-network
+    extremes, float64 sums, Gram matrix, norms); one bad entry anywhere, in any column block
+    (tiny blocks forced) and with or without the +inf padding of the sorting network (n not a
+    power of two), must give the rule on the other rows with f lowered by one."""
+    from byzps.aggregators import _common
+
+    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 64)
+    g = np.random.default_rng(n)
+    honest = torch.from_numpy(_random(n, n - 1, 23)).to(dtype)
+    f = 2 if name != "bulyan" else max(0, (n - 1 - 3) // 4)
+    f = 1 if name == "mean" else f
+    for row, col_ in [(0, 0), (n - 1, 22), (int(g.integers(n)), int(g.integers(23)))]:
+        x = torch.cat([honest[:row], torch.zeros(1, 23, dtype=dtype), honest[row:]])
+        x[row, col_] = value
+        out = A.build(name, f=f)(x)
+        ref = A.build(name, f=f - 1)(honest)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_path_result_equals_scanned_path():
+    """Without NaN/Inf the fast path is the careful path: same numbers (random rules/shapes)."""
+    from byzps.aggregators import _base
+
+    x = torch.from_numpy(_random(5, 13, 40))
+    for name in ALL:
+        fast = A.build(name, f=2)(x)
+        slow = A.build(name, f=2)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(type(slow), "_fast_path", False)
+            assert torch.equal(slow(x), fast), name
+    assert _base.Aggregator._fast_path is False
+
+
+def test_float64_overflow_goes_down_the_careful_path():
+    # finite float64 rows whose float64 sums overflow: the fast path must give way, and the
+    # careful path keeps the old overflow handling (mean as the sum of row / n)
+    x = torch.tensor([[1e308, -1e308], [1e308, -1e308], [1e308, -1e308]], dtype=torch.float64)
+    assert A.build("mean")(x).tolist() == [1e308, -1e308]
+    assert A.build("geometric_median")(x).tolist() == [1e308, -1e308]
+
+
+# ======================================================================== sorting network
+
+
+@pytest.mark.parametrize("n", list(range(1, 20)) + [31, 32, 33, 63, 64, 65])
+def test_sorting_network_sorts_columns(monkeypatch, n):
+    from byzps.aggregators import _common
+
+    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 256)  # several column blocks
+    g = np.random.default_rng(n)
+    for dtype in (torch.float32, torch.float64):
+        # integers (many ties), signed zeros and huge values
+        x = torch.from_numpy(g.integers(-4, 5, size=(n, 29)).astype(np.float64)).to(dtype)
+        x[0, :3] = torch.tensor([-0.0, 3e38, -3e38], dtype=dtype)
+        ref = torch.sort(x, dim=0).values
+        got = torch.cat([s.clone() for _, _, s in _common.sorted_column_chunks(x)], dim=1)
+        assert torch.equal(got, ref)
+        rows = torch.tensor(sorted(g.choice(n, size=max(1, n // 2), replace=False).tolist()))
+        got = torch.cat([s.clone() for _, _, s in _common.sorted_column_chunks(x, rows)], dim=1)
+        assert torch.equal(got, torch.sort(x[rows], dim=0).values)
+        med = _common.coordinate_median(x)
+        np.testing.assert_array_equal(med.double().numpy(),
+                                      np.median(x.double().numpy(), axis=0).astype(
+                                          np.float32 if dtype == torch.float32 else np.float64))
+
+
+def test_bitonic_select_ranks():
+    from byzps.aggregators._common import bitonic_select
+
+    g = np.random.default_rng(0)
+    for big in (2, 4, 8, 16, 32):
+        v = torch.from_numpy(g.normal(size=(big, 7)))
+        h = big // 2
+        bitonic = torch.cat([torch.sort(v[:h], 0).values,
+                             torch.sort(v[h:], 0, descending=True).values])
+        ref = torch.sort(v, 0).values
+        for k in range(1, big + 1):
+            lo, hi = bitonic_select(bitonic.clone(), torch.empty_like(v), k, min(k + 1, big))
+            assert torch.equal(lo, ref[k - 1])
+            assert torch.equal(hi, ref[min(k, big - 1)])
+
+
+def test_helpers_all_finite_and_empty_output():
+    from byzps.aggregators._common import all_finite, empty_output
+
+    assert all_finite(torch.zeros(0))
+    assert all_finite(torch.tensor([1.0, -3e38]))
+    assert not all_finite(torch.tensor([1.0, math.nan]))
+    assert not all_finite(torch.tensor([-math.inf, 1.0], dtype=torch.float64))
+    like = torch.zeros(1, dtype=torch.float64)
+    big = empty_output((3, 1 << 20), like)  # 24 MiB: huge-page advice path
+    assert big.shape == (3, 1 << 20) and big.dtype == torch.float64
+    big.fill_(2.0)
+    assert float(big.sum()) == 6.0 * (1 << 20)
+
+
+# ================================================================ geometric median: data points
+
+
+def test_geometric_median_at_a_data_row_is_exact():
+    # the optimum is a data row: Weiszfeld only creeps towards it; the optimality test of
+    # Vardi & Zhang returns the row itself. [1, 1]: 3 copies of it outweigh the 2 others
+    x = t([[1, 1], [1, 1], [1, 1], [5, 1], [1, 9]])
+    assert A.build("geometric_median")(x).tolist() == [1.0, 1.0]
+    x32 = x.float()
+    assert A.build("geometric_median")(x32).tolist() == [1.0, 1.0]
+    # square corners plus (1, 1.5): the unit vectors from (1, 1.5) to the corners sum to
+    # (0, -0.77), of norm <= 1, so that row is the geometric median, returned exactly
+    sq = t([[0, 0], [2, 0], [0, 2], [2, 2], [1, 1.5]])
+    assert A.build("geometric_median")(sq).tolist() == [1.0, 1.5]
+    # (1, 3) instead: the unit vectors sum to norm > 1, the median is not a data row
+    far = t([[0, 0], [2, 0], [0, 2], [2, 2], [1, 3]])
+    out = A.build("geometric_median", tol=1e-12, max_iter=1000)(far)
+    assert out.tolist() not in far.tolist()
+    from byzps.aggregators.geometric_median import row_is_geometric_median
+
+    assert row_is_geometric_median(x, 0) and row_is_geometric_median(sq, 4)
+    assert not row_is_geometric_median(x, 3) and not row_is_geometric_median(far, 4)
+
+
+def test_geometric_median_outlier_uses_median_start():
+    # a 1e30 row would pull the mean start far away: the median start keeps few iterations
+    g = np.random.default_rng(3)
+    honest = g.normal(size=(9, 50))
+    x = torch.from_numpy(np.vstack([honest, np.full((1, 50), 1e30)]))
+    out = A.build("geometric_median", max_iter=20)(x)
+    assert float(out.abs().max()) < 10

@@ -141,8 +141,11 @@ def test_positive_scale_equivariance(case, exponent):
     out = build(name, f)(c * x)
     ref = c * build(name, f)(x)
     scale = c * x.abs().max().item()
-    tol = 1e-6 if name == "geometric_median" else 1e-12  # GM's eps is an absolute distance
-    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * scale)
+    tol = 1e-6 if name == "geometric_median" else 1e-12
+    # GM's smoothing eps (1e-8) is an absolute distance: where the iterate converges to a data
+    # row it stops within about eps of it, at every scale, so allow eps on top
+    atol = tol * scale + (2e-8 if name == "geometric_median" else 0.0)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=atol)
 
 
 @SETTINGS

@@ -206,6 +206,34 @@ def test_bucketing_nonfinite_bucket_is_nan():
 
 
 @pytest.mark.parametrize("name", ["clipping", "nnm", "arc", "bucketing"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_single_nonfinite_entry_found_by_fast_path(name, value, dtype):
+    """Pre-aggregators first run on unscanned rows and detect NaN/Inf from their own norms,
+    distances or float64 bucket sums; one bad entry anywhere gives the careful path's result
+    (its row, or its bucket, all-NaN; the rest as on the finite rows with f lowered)."""
+    honest = torch.from_numpy(rand(6, 9, 300)).to(dtype)
+    for row, col in [(0, 0), (8, 299), (4, 137)]:
+        x = honest.clone()
+        x[row, col] = value
+        if name == "bucketing":
+            pre = A.build_pre(name, s=2, seed=1)
+            out = pre(x)
+            bucket = pre.permutation(0, 9).tolist().index(row) // 2
+            assert torch.isnan(out[bucket]).all()
+            ref = A.build_pre(name, s=2, seed=1)(honest)
+            others = [b for b in range(out.shape[0]) if b != bucket]
+            torch.testing.assert_close(out[others], ref[others])
+            continue
+        out = A.build_pre(name, f=2)(x)
+        assert torch.isnan(out[row]).all()
+        keep = [i for i in range(9) if i != row]
+        ref = A.build_pre(name, f=1)(honest[keep])
+        torch.testing.assert_close(out[keep], ref, rtol=1e-6 if dtype == torch.float32 else 1e-12,
+                                   atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("name", ["clipping", "nnm", "arc", "bucketing"])
 def test_all_nonfinite_raise(name):
     with pytest.raises(ValueError, match="NaN or Inf"):
         A.build_pre(name)(torch.full((3, 2), math.nan))

@@ -14,6 +14,13 @@ Common behaviour of every aggregator call (``Aggregator.__call__``):
 3. The result has shape (d,), the input's dtype and device, and is finite (a ValueError is
    raised rather than returning a non-finite vector, which no rule here produces from finite
    rows).
+
+Fast path: scanning every row for NaN/Inf first costs a full pass over the input (about as
+long as ``torch.mean``). A rule that sets ``_fast_path = True`` implements
+``_aggregate_checked(x, f)``: it runs on all n rows with the configured f and raises
+``NonFiniteInput`` when its own passes meet a non-finite value (e.g. a non-finite float64 sum,
+Gram matrix, norm, or sorting-network extreme). Only then are the rows scanned and step 2 runs
+as above, so the result is the same either way.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from ._common import as_matrix, drop_nonfinite, nonfinite_rows
+from ._common import NonFiniteInput, all_finite, as_matrix, drop_nonfinite, nonfinite_rows
 
 __all__ = ["Param", "Rule", "Aggregator", "PreAggregator", "F_PARAM"]
 
@@ -198,21 +205,38 @@ class Rule:
 
 class Aggregator(Rule):
     """An aggregation rule: ``(n, d) -> (d,)``. Subclasses implement ``_aggregate(x, f)``,
-    called with finite rows only and with (n, f) already checked."""
+    called with finite rows only and with (n, f) already checked, and optionally (with
+    ``_fast_path = True``) ``_aggregate_checked(x, f)``, called on unscanned rows (see the
+    module docstring)."""
+
+    #: whether ``_aggregate_checked`` is implemented
+    _fast_path: ClassVar[bool] = False
 
     def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:  # pragma: no cover
+        """``_aggregate(x, f)`` on rows not yet scanned for NaN/Inf: raises ``NonFiniteInput``
+        (before changing any state) when x holds a non-finite value."""
+        raise NonFiniteInput
+
     def __call__(self, grads: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = as_matrix(grads, self.name)
-            x, dropped = drop_nonfinite(x)
-            f = max(self.f - dropped, 0)
-            self._require_at_call(x.shape[0], f, dropped)
-            out = self._aggregate(x, f)
+            out = None
+            if self._fast_path and self._requirement(x.shape[0], self.f) is None:
+                try:
+                    out = self._aggregate_checked(x, self.f)
+                except NonFiniteInput:
+                    out = None
+            if out is None:
+                x, dropped = drop_nonfinite(x)
+                f = max(self.f - dropped, 0)
+                self._require_at_call(x.shape[0], f, dropped)
+                out = self._aggregate(x, f)
             if out.shape != (x.shape[1],) or out.dtype != x.dtype:  # pragma: no cover
                 raise AssertionError(f"{self.name}: internal shape/dtype error")
-            if not bool(torch.isfinite(out).all()):  # pragma: no cover - defensive
+            if not all_finite(out):  # pragma: no cover - defensive
                 raise ValueError(f"{self.name}: the aggregate is not finite")
             return out
 
@@ -224,19 +248,34 @@ class PreAggregator(Rule):
     bucket holding them comes out all-NaN); the rule itself runs on the finite rows with
     f' = max(f - dropped, 0). The aggregator that follows then drops those rows and lowers its
     own f by their count, so the pipeline's accounting of faulty rows stays right and the
-    pipeline's result is finite. Subclasses implement ``_transform(x, f)`` on finite rows.
+    pipeline's result is finite. Subclasses implement ``_transform(x, f)`` on finite rows and
+    optionally (``_fast_path = True``) ``_transform_checked(x, f)`` on unscanned rows, which
+    raises ``NonFiniteInput`` when it meets NaN/Inf (see the module docstring).
     """
 
     def output_rows(self, n: int) -> int:
         """Number of rows m produced from n rows (the aggregator must accept m rows)."""
         return _as_count(n, self.name)
 
+    #: whether ``_transform_checked`` is implemented
+    _fast_path: ClassVar[bool] = False
+
     def _transform(self, x: torch.Tensor, f: int) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def _transform_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:  # pragma: no cover
+        """``_transform(x, f)`` on rows not yet scanned for NaN/Inf: raises
+        ``NonFiniteInput`` (before changing any state) when x holds a non-finite value."""
+        raise NonFiniteInput
 
     def __call__(self, grads: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = as_matrix(grads, self.name)
+            if self._fast_path and self._requirement(x.shape[0], self.f) is None:
+                try:
+                    return self._transform_checked(x, self.f)
+                except NonFiniteInput:
+                    pass
             bad = nonfinite_rows(x)
             dropped = int(bad.sum())
             f = max(self.f - dropped, 0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ._base import F_PARAM, PreAggregator
-from ._common import row_norms
-from .clipping import scale_rows
+from ._common import empty_output, row_norms
+from .clipping import row_groups, write_scaled
 
 
 def arc_clipped_count(n: int, f: int) -> int:
@@ -31,8 +31,8 @@ class ARC(PreAggregator):
     Precondition: n >= 1 (k <= n/2 < n, so C always exists); the paper assumes f < n/2,
     otherwise ``warning(n)`` says so. Output rows: m = n.
 
-    Complexity: O(n d + n log n) time (two passes: norms, scaling); O(n) extra memory besides
-    the output.
+    Complexity: O(n d + n log n) time (one pass computes the norms and copies the rows, then
+    the k clipped rows are rescaled); O(n) extra memory besides the output.
 
     Source: Y. Allouah, R. Guerraoui, N. Gupta, A. Jellouli, G. Rizk, J. Stephan, "The Vital
     Role of Gradient Clipping in Byzantine-Resilient Distributed Learning", arXiv:2405.14432
@@ -52,13 +52,35 @@ class ARC(PreAggregator):
             return "ARC's analysis assumes f < n/2"
         return None
 
+    _fast_path = True
+
     def _transform(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        return self._run(x, f, check=False)
+
+    def _transform_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        return self._run(x, f, check=True)
+
+    def _run(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         n = x.shape[0]
         k = arc_clipped_count(n, f)
+        out = empty_output(tuple(x.shape), x)
         if k == 0:
-            return x.clone()
-        norms = row_norms(x)
+            if check:  # nothing is clipped, but NaN/Inf rows must still be reported
+                for start, stop in row_groups(x):
+                    row_norms(x[start:stop], check=check)
+            return out.copy_(x)
+        # one pass: the norms of a group of rows and its copy into the output (the group is in
+        # cache); then only the k clipped rows are rescaled in place
+        norms = torch.empty(n, dtype=torch.float64, device=x.device)
+        for start, stop in row_groups(x):
+            norms[start:stop] = row_norms(x[start:stop], check=check)
+            out[start:stop].copy_(x[start:stop])
         c = torch.sort(norms, descending=True).values[k]
         above = norms > c  # these norms are > C >= 0, so the division below is safe
-        factor = torch.where(above, c / torch.where(above, norms, 1.0), 1.0)
-        return scale_rows(x, factor)
+        rows = torch.nonzero(above).flatten()
+        if rows.numel():
+            factor = c / norms[rows]
+            for i, fac in zip(rows.tolist(), factor.tolist()):
+                write_scaled(x[i : i + 1], torch.tensor([fac], dtype=torch.float64),
+                             out[i : i + 1])
+        return out

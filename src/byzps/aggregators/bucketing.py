@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from ._base import F_PARAM, Param, PreAggregator, _as_count
-from ._common import as_matrix, column_chunks, nonfinite_rows
+from ._common import NonFiniteInput, as_matrix, chunk_columns, empty_output, nonfinite_rows
 
 _MASK64 = (1 << 64) - 1
 
@@ -39,7 +39,8 @@ class Bucketing(PreAggregator):
     Precondition: n >= 1. Output rows: m = ceil(n / s) (see ``output_rows``); the aggregator
     after it must accept m rows with the same f.
 
-    Complexity: O(n d) time, one float64 chunk of extra memory besides the (m, d) output.
+    Complexity: O(n d) time (one pass: each column chunk is gathered in bucket order and
+    summed in float64), a few chunks of extra memory besides the (m, d) output.
 
     Source: S. P. Karimireddy, L. He, M. Jaggi, "Byzantine-Robust Learning on Heterogeneous
     Datasets via Bucketing", ICLR 2022.
@@ -93,25 +94,79 @@ class Bucketing(PreAggregator):
         with torch.no_grad():
             x = as_matrix(grads, self.name)
             n, d = x.shape
-            bad = nonfinite_rows(x)
-            dropped = int(bad.sum())
-            self._require_at_call(n - dropped, max(self.f - dropped, 0), dropped)
             perm = self.permutation(self.calls, n).to(x.device)
-            self.calls += 1
             m = self.output_rows(n)
             bucket_of = torch.empty(n, dtype=torch.long, device=x.device)
             bucket_of[perm] = torch.arange(n, device=x.device) // self.s
             sizes = torch.bincount(bucket_of, minlength=m).to(torch.float64)
-            good = torch.nonzero(~bad).flatten()
-            member = torch.zeros(m, good.numel(), dtype=torch.float64, device=x.device)
-            member[bucket_of[good], torch.arange(good.numel(), device=x.device)] = 1.0
-            out = torch.empty(m, d, dtype=x.dtype, device=x.device)
-            xs = x if not dropped else None
-            for start, stop in column_chunks(n, d):
-                block = xs[:, start:stop] if xs is not None else x[good, start:stop]
-                out[:, start:stop].copy_(
-                    torch.mm(member, block.to(torch.float64)).div_(sizes[:, None])
-                )
-            if dropped:
-                out[torch.unique(bucket_of[bad])] = math.nan
+            try:
+                # no scan for NaN/Inf first: a float64 bucket sum reveals them
+                out = _bucket_means_all(x, perm, self.s, m)
+            except NonFiniteInput:
+                bad = nonfinite_rows(x)
+                dropped = int(bad.sum())
+                self._require_at_call(n - dropped, max(self.f - dropped, 0), dropped)
+                good = torch.nonzero(~bad).flatten() if dropped else None
+                out = _bucket_means(x, bucket_of, sizes, m, good, check=False)
+                if dropped:
+                    out[torch.unique(bucket_of[bad])] = math.nan
+            self.calls += 1
             return out
+
+
+def _bucket_means_all(x: torch.Tensor, perm: torch.Tensor, s: int, m: int) -> torch.Tensor:
+    """(m, d) bucket means when every row is used: bucket b holds rows perm[b s : b s + s].
+    Per column chunk the rows are gathered in bucket order (input dtype), converted to float64
+    and summed over a (buckets, s, chunk) view. Raises ``NonFiniteInput`` when a sum is not
+    finite (always when x holds NaN/Inf)."""
+    n, d = x.shape
+    full = n // s  # buckets of s rows; the last bucket holds the n - full * s other rows
+    out = empty_output((m, d), x)
+    step = chunk_columns(n, d)
+    gathered = torch.empty(n * step, dtype=x.dtype, device=x.device)
+    buf = torch.empty(n * step, dtype=torch.float64, device=x.device)
+    sums = torch.empty(m * step, dtype=torch.float64, device=x.device)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, d, step):
+        stop = min(d, start + step)
+        b = stop - start
+        g = torch.index_select(x[:, start:stop], 0, perm, out=gathered[: n * b].view(n, b))
+        c = buf[: n * b].view(n, b)
+        c.copy_(g)
+        acc = sums[: m * b].view(m, b)
+        if full:
+            torch.sum(c[: full * s].view(full, s, b), dim=1, out=acc[:full]).div_(s)
+        if full < m:
+            torch.sum(c[full * s :], dim=0, out=acc[full]).div_(n - full * s)
+        total += acc.sum()
+        out[:, start:stop].copy_(acc)
+    if not bool(torch.isfinite(total)):
+        raise NonFiniteInput
+    return out
+
+
+def _bucket_means(x: torch.Tensor, bucket_of: torch.Tensor, sizes: torch.Tensor, m: int,
+                  rows: torch.Tensor | None, check: bool) -> torch.Tensor:
+    """(m, d) means of the buckets (row i in bucket ``bucket_of[i]`` of ``sizes`` rows), summed
+    in float64 over column chunks (one ``index_add_`` per chunk); only ``rows`` when given.
+    With ``check``, raises ``NonFiniteInput`` when a sum is not finite."""
+    n, d = x.shape
+    k = n if rows is None else int(rows.numel())
+    target = bucket_of if rows is None else bucket_of[rows]
+    out = empty_output((m, d), x)
+    step = chunk_columns(n, d)
+    buf = torch.empty(k * step, dtype=torch.float64, device=x.device)
+    sums = torch.empty(m * step, dtype=torch.float64, device=x.device)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, d, step):
+        stop = min(d, start + step)
+        b = stop - start
+        c = buf[: k * b].view(k, b)
+        c.copy_(x[:, start:stop] if rows is None else x[rows, start:stop])
+        acc = sums[: m * b].view(m, b).zero_().index_add_(0, target, c)
+        if check:
+            total += acc.sum()
+        out[:, start:stop].copy_(acc.div_(sizes[:, None]))
+    if check and not bool(torch.isfinite(total)):
+        raise NonFiniteInput
+    return out

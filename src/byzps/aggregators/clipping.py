@@ -5,33 +5,35 @@ from __future__ import annotations
 import torch
 
 from ._base import F_PARAM, Param, PreAggregator
-from ._common import row_norms
+from ._common import empty_output, row_norms
 
 
 #: float32 factors below this would be subnormal or close to it: such rows go through float64
 _TINY_FACTOR = 2.0**-100
 
+#: rows are processed in groups of about this many bytes (the group stays in cache between
+#: its norm pass and its scaling pass, so the input is read from memory once)
+_GROUP_BYTES = 1 << 20
 
-def scale_rows(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``x * factor[:, None]`` in x's dtype, as a new tensor; rows whose factor is exactly 1 are
-    returned unchanged bit for bit. When few rows change (ARC), x is copied and only those rows
-    are multiplied in place; otherwise one multiplication does it. For float32 rows with a tiny
-    factor (huge rows) the product is formed in float64 so it does not lose precision to
-    subnormal factors. Extra memory: the output only."""
-    n = x.shape[0]
-    factor = factor.to(device=x.device, dtype=torch.float64)
-    scaled = factor.to(x.dtype)
-    rows = torch.nonzero(factor != 1.0).flatten().tolist()
-    if 2 * len(rows) > n:
-        out = x * scaled[:, None]
-    else:
-        out = x.clone()
-        for i in rows:
-            out[i].mul_(scaled[i])
+
+def row_groups(x: torch.Tensor) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges of about ``_GROUP_BYTES`` each (at least one row)."""
+    n, d = x.shape
+    rows = max(1, _GROUP_BYTES // max(1, d * x.element_size()))
+    return [(i, min(n, i + rows)) for i in range(0, n, rows)]
+
+
+def write_scaled(x: torch.Tensor, factor: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = x * factor[:, None]`` for a group of rows (factor float64 (m,)); rows whose
+    factor is exactly 1 are copied bit for bit; for float32 rows with a tiny factor (huge rows)
+    the product is formed in float64 so it does not lose precision to a subnormal factor."""
+    if bool((factor == 1.0).all()):
+        out.copy_(x)
+        return
+    torch.mul(x, factor.to(x.dtype)[:, None], out=out)
     if x.dtype == torch.float32:
         for i in torch.nonzero(factor < _TINY_FACTOR).flatten().tolist():
             out[i].copy_(x[i].to(torch.float64).mul_(factor[i]))
-    return out
 
 
 class Clipping(PreAggregator):
@@ -44,8 +46,9 @@ class Clipping(PreAggregator):
     Parameters: ``threshold`` (> 0, default 1.0); ``f`` (int >= 0, default 0) is accepted for a
     uniform interface and not used.
 
-    Precondition: n >= 1. Output rows: m = n. Complexity: O(n d) time (two passes: norms,
-    scaling); O(n) extra memory besides the (n, d) output.
+    Precondition: n >= 1. Output rows: m = n. Complexity: O(n d) time (norms, then scaling,
+    one cache-sized group of rows at a time, so the input is read from memory once); O(n)
+    extra memory besides the (n, d) output.
 
     Rows holding NaN/Inf come out as all-NaN rows (see ``PreAggregator``).
     Shapes and dtypes: (n, d) float32/float64 -> (n, d) same dtype/device.
@@ -62,8 +65,22 @@ class Clipping(PreAggregator):
 
     threshold: float
 
+    _fast_path = True
+
+    def _factor(self, norms: torch.Tensor) -> torch.Tensor:
+        return torch.where(norms > self.threshold,
+                           self.threshold / norms.clamp(min=self.threshold), 1.0)
+
     def _transform(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        norms = row_norms(x)
-        factor = torch.where(norms > self.threshold,
-                             self.threshold / norms.clamp(min=self.threshold), 1.0)
-        return scale_rows(x, factor)
+        return self._run(x, check=False)
+
+    def _transform_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        return self._run(x, check=True)
+
+    def _run(self, x: torch.Tensor, check: bool) -> torch.Tensor:
+        # one group of rows at a time: norms, then the scaled copy while the group is in cache
+        out = empty_output(tuple(x.shape), x)
+        for start, stop in row_groups(x):
+            group = x[start:stop]
+            write_scaled(group, self._factor(row_norms(group, check=check)), out[start:stop])
+        return out

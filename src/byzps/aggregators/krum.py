@@ -105,10 +105,21 @@ class MultiKrum(Aggregator):
         q = n - f if self.q is None else self.q
         return min(q, n - f)
 
+    _fast_path = True
+
     def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        return self._run(x, f, check=False)
+
+    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        return self._run(x, f, check=True)
+
+    def _run(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         n = x.shape[0]
-        order = krum_order(pairwise_sq_dists(x), f)
-        chosen = torch.sort(order[: self._count(n, f)]).values
+        order = krum_order(pairwise_sq_dists(x, check), f)  # finite Gram: every row finite
+        q = self._count(n, f)
+        if q == 1:
+            return x[int(order[0])].clone()
+        chosen = torch.sort(order[:q]).values
         return mean_rows(x, chosen)
 
 
@@ -138,7 +149,3 @@ class Krum(MultiKrum):
 
     def _post_init(self) -> None:
         self.q = 1
-
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        order = krum_order(pairwise_sq_dists(x), f)
-        return x[int(order[0])].clone()

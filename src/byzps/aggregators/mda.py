@@ -68,13 +68,14 @@ class MDA(Aggregator):
             return "minimum-diameter averaging's guarantee needs n > 2f"
         return None
 
-    def select(self, x: torch.Tensor, f: int | None = None) -> torch.Tensor:
-        """Boolean mask (n,) of the chosen n - f rows."""
+    def select(self, x: torch.Tensor, f: int | None = None, check: bool = False) -> torch.Tensor:
+        """Boolean mask (n,) of the chosen n - f rows (with ``check``, ``NonFiniteInput`` is
+        raised when x holds NaN/Inf)."""
         f = self.f if f is None else f
         n = x.shape[0]
         if f == 0:
             return torch.ones(n, dtype=torch.bool, device=x.device)
-        dist = pairwise_sq_dists(x)  # squared: same minimiser as the diameter itself
+        dist = pairwise_sq_dists(x, check)  # squared: same minimiser as the diameter itself
         batch = max(1, _BATCH_ENTRIES // (n * n))
         combos = itertools.combinations(range(n), f)
         best = (math.inf, math.inf)
@@ -102,6 +103,14 @@ class MDA(Aggregator):
         assert best_keep is not None
         return best_keep
 
+    _fast_path = True
+
     def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
         keep = self.select(x, f)
+        return mean_rows(x, torch.nonzero(keep).flatten())
+
+    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        keep = self.select(x, f, check=True)
+        if f == 0:  # no distances computed: the float64 sum reveals NaN/Inf
+            return mean_rows(x, check=True)
         return mean_rows(x, torch.nonzero(keep).flatten())

@@ -37,5 +37,10 @@ class CoordinateWiseMedian(Aggregator):
             return "the median's guarantee needs n > 2f (a majority of honest gradients)"
         return None
 
+    _fast_path = True
+
     def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
         return coordinate_median(x)
+
+    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        return coordinate_median(x, check=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ._base import F_PARAM, PreAggregator
-from ._common import column_chunks, pairwise_sq_dists
+from . import _common
+from ._common import chunk_columns, empty_output, mean_rows, pairwise_sq_dists
 
 
 class NNM(PreAggregator):
@@ -46,23 +47,41 @@ class NNM(PreAggregator):
             return "nearest neighbour mixing's analysis assumes n > 2f"
         return None
 
-    def neighbours(self, x: torch.Tensor, f: int | None = None) -> torch.Tensor:
-        """Indices (n, n - f) of each row's nearest rows, itself first."""
+    def neighbours(self, x: torch.Tensor, f: int | None = None,
+                   check: bool = False) -> torch.Tensor:
+        """Indices (n, n - f) of each row's nearest rows, itself first (with ``check``,
+        ``NonFiniteInput`` is raised when x holds NaN/Inf)."""
         f = self.f if f is None else f
         n = x.shape[0]
-        dist = pairwise_sq_dists(x)
+        dist = pairwise_sq_dists(x, check)
         dist.fill_diagonal_(-1.0)  # each row is its own first neighbour
         return torch.sort(dist, dim=1, stable=True).indices[:, : n - f]
 
+    _fast_path = True
+
     def _transform(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        return self._run(x, f, check=False)
+
+    def _transform_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        return self._run(x, f, check=True)
+
+    def _run(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         n, d = x.shape
         k = n - f
         if k == n:
-            mix = torch.ones(n, n, dtype=torch.float64, device=x.device)
-        else:
-            mix = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-            mix.scatter_(1, self.neighbours(x, f), 1.0)
-        out = torch.empty_like(x)
-        for start, stop in column_chunks(n, d):
-            out[:, start:stop].copy_(torch.mm(mix, x[:, start:stop].to(torch.float64)).div_(k))
+            # every row becomes the mean (the sum of float64 rows reveals NaN/Inf)
+            mean = mean_rows(x, check=check)
+            return empty_output(tuple(x.shape), x).copy_(mean.expand(n, d))
+        mix = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+        mix.scatter_(1, self.neighbours(x, f, check), 1.0)
+        out = empty_output(tuple(x.shape), x)
+        # small buffers: the output already takes n x d
+        step = chunk_columns(n, d, max(1, _common.CHUNK_ELEMENTS // 4))
+        buf = torch.empty(2 * n * step, dtype=torch.float64, device=x.device)
+        for start in range(0, d, step):
+            stop = min(d, start + step)
+            b = stop - start
+            c = buf[: n * b].view(n, b).copy_(x[:, start:stop])
+            mixed = buf[n * step : n * step + n * b].view(n, b)
+            out[:, start:stop].copy_(torch.mm(mix, c, out=mixed).div_(k))
         return out
