@@ -4,64 +4,64 @@ What it times
 -------------
 **Networked** (one row per model x n x aggregator): the real parameter server
 (``ps_node.py --role server``, unchanged) and n stand-in workers, all separate processes on
-127.0.0.1. A stand-in worker speaks the real protocol through :mod:`byzps.wire` (HELLO; STATE,
-ROUND, UPDATE, STOP decoded and validated with ``parse_prefix``/``parse_header``/
-``build_message``) but runs no model: on every ROUND it sends back at once a fixed random
-``(d,)`` float32 GRADIENT and it applies nothing, so only the system is timed (its replica
-digest is never checked). Reported per row, from the PS's ``training.metrics_file``, over the
-steady rounds (the first round and the last, which evaluates, are left out):
+127.0.0.1. A stand-in worker speaks the real wire protocol (HELLO; STATE, ROUND, UPDATE, STOP
+read frame by frame, prefix and header checked) but runs no model and imports neither torch nor
+byzps (about 30 MB each, so 64 of them fit anywhere): on every ROUND it sends back at once a
+fixed random ``(d,)`` float32 GRADIENT, it applies nothing (payloads are read and dropped),
+and it notes when each UPDATE fully arrived. So only the system is timed. Reported per row,
+medians over the steady rounds (the first round and the last, which evaluates, are left out),
+from the PS's ``training.metrics_file`` and the stand-ins' UPDATE times:
 
-* ``s/round``: median ``seconds_round`` (RoundStart broadcast -> round closed);
-* ``period``: median wall time between consecutive metrics records (the real round rate);
-* ``agg``: median ``seconds_aggregate`` (stack + rule + non-finite check + optimizer step);
-* ``rest``: ``s/round - agg``: receive + validate + broadcast + replica digest + bookkeeping;
-* ``cpu``: PS CPU seconds (user + system, /proc) per round; ``cpu < s/round`` means the PS
-  waited on workers / the kernel (the workers share the machine's cores with it);
+* ``s/round``: wall time between consecutive round closes (a record's ``time`` is its
+  round's close), the real round rate, split additively into
+* ``bcast``: close of round r -> the last worker holds UPDATE r (the UPDATE bytes; the PS
+  meanwhile writes the record and hashes the replica for the next ROUND in a thread);
+* ``recv``: that moment -> the PS holds every GRADIENT of round r+1 (ROUND out, turn-around,
+  gradient bytes in), validation excluded;
+* ``valid``: ``seconds_validate`` (the NaN/Inf check of the n rows, in place);
+* ``agg``: ``seconds_aggregate`` (rows moved together if some were missing, the rule, its
+  non-finite check, the optimizer step, the per-row distances of the metrics);
+* ``cpu``: PS CPU seconds (user + system, /proc) per round;
 * ``peak``: the PS's VmHWM; ``base``: its VmRSS after start-up, before any worker connected
-  (torch, model, test set); ``x-stack``: (peak - base) / bytes of one (n, d) float32 stack;
+  (torch, model, test set); ``x-stack``: (peak - base) / bytes of one (n, d) float32 stack
+  (the issue's target: at most 2.5, the model being already in ``base``);
 * ``limit``: in this same run, the time to push n*d*4 bytes (n gradients) through a plain
   TCP loopback socket pair, then n*d*4 bytes back (the aggregate to n workers), plus the
   rule's own time on an in-memory (n, d) tensor; ``ratio`` = s/round / limit.
 
-**In-process** (clearly labelled; no sockets, one process): the PS's per-round pieces on an
-(n, d) workload: ``recv`` = ``wire.decode_frame`` of the n GRADIENT frames' bytes, ``valid`` =
-``torch.isfinite(row).all()`` per row, ``agg`` = ``torch.stack`` + the rule (via
-``byzps.aggregators.build``), ``apply`` = ``Replica.apply`` (the SGD step), ``digest`` =
-``Replica.digest`` (done once per round for RoundStart), ``dist`` = the per-row L2 distance
-to the aggregate that ``ServerRounds`` computes at each close, ``bcast`` = ``wire.encode`` of
-the UPDATE (zero-copy; the socket writes are in the limit, not here). This is how the 11M
-case is measured today.
+**In-process** (clearly labelled; no sockets, one process): the PS's round logic
+(:class:`byzps.protocol.ServerRounds`) on an (n, d) workload whose rows are written straight
+into its round buffer, as the network layer does: ``fill`` = writing the n rows (a memory copy,
+standing in for the kernel's), ``digest`` = ``begin_round`` (the replica digest for ROUND),
+``valid`` / ``agg`` = the round's ``seconds_validate`` / ``seconds_aggregate``, ``bcast`` =
+``wire.encode`` of the UPDATE (zero-copy; the socket writes are in the limit).
 
 d = 11,000,000: no model of byzps has that size, so the PS cannot run it over the network
 as shipped. The model spec ``wide:D`` stands for a one-layer ``Flatten, Linear(784, k)``
 classifier with k = round(D / 785) (d = 785 k, e.g. ``wide:11000000`` -> d = 11,000,205),
 registered *only inside the benchmark's processes* by replacing ``byzps.models._BUILDERS
 ["logreg"]`` before the PS starts (src/ is not changed; the PS is then started through
-``byzps.cli.main`` with the same arguments as ps_node.py). A first-class synthetic model of
-arbitrary d in ``byzps.models`` would make this patch unnecessary. ``wide:D`` works both in
+``byzps.cli.main`` with the same arguments as ps_node.py). ``wide:D`` works both in
 ``--models`` (networked) and ``--inproc-models``.
 
-Threads: the PS, the workers and the limit's aggregator all run with ``--threads`` torch
-threads (default 1, reproducible on a shared machine; see benchmarks/aggregators.py).
+Threads: the PS and the limit's aggregator run with ``--threads`` torch threads (default 1,
+reproducible on a shared machine; see benchmarks/aggregators.py).
 
 Usage (from the repository root)::
 
-    # default, ~2 minutes on 2 idle cores: n in {4, 16}, cnn_mnist, 20 rounds, both rules
-    # networked, and in-process rows for cnn_mnist
+    # default, a few minutes on 2 idle cores: n in {4, 16}, cnn_mnist, 20 rounds, both rules
     .venv/bin/python benchmarks/round_latency.py
 
-    # d = 11M in-process (n = 16 needs ~4 GB free memory)
-    .venv/bin/python benchmarks/round_latency.py --workers 16 --models none \
-        --inproc-models wide:11000000
+    # issue 6's headline row: n = 16, d = 11M, networked (PS ~1.3 GB, stand-ins ~1.2 GB)
+    .venv/bin/python benchmarks/round_latency.py --workers 16 --models wide:11000000 \\
+        --inproc-models none --rounds 10
 
-    # the full sweep of issue 6 (the in-process 64 x 11M row needs ~16 GB free memory, the
-    # 64 worker processes ~64 x 300 MB; tens of minutes on 2 cores)
-    .venv/bin/python benchmarks/round_latency.py --workers 4,16,64 --rounds 100 \
-        --models cnn_mnist,wide:11000000 --inproc-models cnn_mnist,wide:11000000 \
-        --json round_latency.json
+    # 64 workers x cnn_mnist, 100 rounds
+    .venv/bin/python benchmarks/round_latency.py --workers 64 --rounds 100 \\
+        --aggregators coordinate_wise_median --inproc-models none
 
-    # where the PS spends its time: instead of the table, one networked run (last n, first
-    # model and rule) with the PS under cProfile, and its top functions
+    # where the PS spends its time: one networked run (last n, first model and rule) with
+    # the PS under cProfile, and its top functions
     .venv/bin/python benchmarks/round_latency.py --workers 16 --rounds 10 --profile
 
 Other flags: ``--f`` (Byzantine tolerance given to the rule; default min(n // 4, (n - 3) // 2)
@@ -78,6 +78,7 @@ import os
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -86,24 +87,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 sys.path.insert(0, str(SRC))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from byzps import wire  # noqa: E402
-
-
-
-def model_d(name: str) -> int:
-    """d of a shipped model, counted from the module itself (not from a table)."""
-    from byzps.models import build_model, model_names
-    if name not in model_names():
-        raise SystemExit(f"unknown model {name!r}: one of {', '.join(model_names())} or wide:D")
-    return sum(p.numel() for p in build_model(name, 0).parameters())
+# torch, yaml and byzps are imported where needed: the stand-in workers (this file run with
+# --_worker) must stay light.
 
 # Started with ``python -c`` for a PS that runs a ``wide:D`` model and/or runs under cProfile:
 # argv[1] = JSON {"wide": D or null, "profile": path or null}, argv[2:] = ps_node.py arguments.
@@ -134,6 +125,14 @@ sys.exit(rc)
 
 # ---------------------------------------------------------------------------------------------
 # Models and small helpers
+
+
+def model_d(name: str) -> int:
+    """d of a shipped model, counted from the module itself (not from a table)."""
+    from byzps.models import build_model, model_names
+    if name not in model_names():
+        raise SystemExit(f"unknown model {name!r}: one of {', '.join(model_names())} or wide:D")
+    return sum(p.numel() for p in build_model(name, 0).parameters())
 
 
 def parse_model(spec: str) -> tuple[str, int, Optional[int]]:
@@ -196,7 +195,10 @@ def med(xs: list[float]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# The stand-in worker (a separate process: this file with --_worker)
+# The stand-in worker (a separate process: this file with --_worker); numpy only
+
+PREFIX = struct.Struct("<4sBBHIQ")     # byzps.wire's frame prefix
+HELLO, STATE, ROUND, GRADIENT, UPDATE, STOP, REFUSE = 1, 2, 3, 4, 5, 6, 8
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:
@@ -206,6 +208,14 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
         if k == 0:
             raise ConnectionError("PS closed the connection")
         got += k
+
+
+def _discard(sock: socket.socket, size: int, scratch: memoryview) -> None:
+    while size:
+        k = sock.recv_into(scratch, min(size, len(scratch)))
+        if k == 0:
+            raise ConnectionError("PS closed the connection")
+        size -= k
 
 
 def _send(sock: socket.socket, buffers: list) -> None:
@@ -219,13 +229,18 @@ def _send(sock: socket.socket, buffers: list) -> None:
             views[0] = views[0][sent:]
 
 
-def stand_in_worker(port: int, wid: int, d: int, seed: int) -> int:
-    """Speak the worker side of the protocol with a fixed random gradient; returns exit code."""
-    grad = torch.from_numpy(np.random.default_rng(seed).standard_normal(d, dtype=np.float32)
-                            * np.float32(0.01))
-    limits = wire.Limits(d, frozenset({wire.MsgType.STATE, wire.MsgType.ROUND,
-                                       wire.MsgType.UPDATE, wire.MsgType.STOP,
-                                       wire.MsgType.REFUSE}))
+def _head(mtype: int, header: dict, payload_len: int = 0) -> bytes:
+    h = json.dumps(header, separators=(",", ":")).encode()
+    return PREFIX.pack(b"BZPS", 1, mtype, 0, len(h), payload_len) + h
+
+
+def stand_in_worker(port: int, wid: int, d: int, seed: int, times_path: str) -> int:
+    """Speak the worker side of the protocol with a fixed random gradient; returns exit code.
+    Writes ``{"updates": {round: time.time() when its UPDATE fully arrived}}`` to
+    ``times_path`` at the end."""
+    grad = np.random.default_rng(seed).standard_normal(d, dtype=np.float32)
+    grad *= np.float32(0.01)
+    payload = memoryview(grad).cast("B")
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -237,34 +252,40 @@ def stand_in_worker(port: int, wid: int, d: int, seed: int) -> int:
                 return 1
             time.sleep(0.2)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as asyncio does on the PS
-    _send(sock, wire.encode(wire.Hello(wid)))
-    prefix = bytearray(wire.PREFIX_BYTES)
-    body = bytearray(2 * d * 4)                                   # STATE is the largest frame
-    header = bytearray(wire.MAX_HEADER_BYTES)
-    rounds = 0
+    _send(sock, [_head(HELLO, {"worker_id": wid, "nonce": None})])
+    prefix = bytearray(PREFIX.size)
+    header = bytearray(4096)
+    scratch = memoryview(bytearray(1 << 20))
+    updates: dict[int, float] = {}
+    rc = 1
     try:
         while True:
             _recv_into(sock, memoryview(prefix))
-            p = wire.parse_prefix(bytes(prefix), limits)
-            hview = memoryview(header)[:p.header_len]
+            magic, version, mtype, flags, hlen, plen = PREFIX.unpack(prefix)
+            if magic != b"BZPS" or version != 1 or flags or not 2 <= hlen <= 4096:
+                raise ConnectionError(f"bad frame prefix {bytes(prefix)!r}")
+            hview = memoryview(header)[:hlen]
             _recv_into(sock, hview)
-            h = wire.parse_header(p, bytes(hview), limits)
-            payload = memoryview(body)[:p.payload_len]
-            _recv_into(sock, payload)
-            msg = wire.build_message(p, h, payload)
-            if isinstance(msg, wire.RoundStart):
-                _send(sock, wire.encode(wire.Gradient(msg.round, wid, grad, None)))
-                rounds += 1
-            elif isinstance(msg, wire.Stop):
-                return 0 if msg.ok else 1
-            elif isinstance(msg, wire.Refuse):
-                print(f"stand-in {wid}: refused: {msg.reason}", file=sys.stderr)
+            h = json.loads(bytes(hview))
+            _discard(sock, plen, scratch)
+            if mtype == ROUND:
+                _send(sock, [_head(GRADIENT, {"round": h["round"], "worker_id": wid, "loss": None,
+                                              "dtype": "float32", "shape": [d]}, d * 4),
+                             payload])
+            elif mtype == UPDATE:
+                updates[h["round"]] = time.time()
+            elif mtype == STOP:
+                rc = 0 if h["ok"] else 1
+                return rc
+            elif mtype == REFUSE:
+                print(f"stand-in {wid}: refused: {h['reason']}", file=sys.stderr)
                 return 1
-    except ConnectionError as e:
-        print(f"stand-in {wid}: {e} after {rounds} rounds", file=sys.stderr)
+    except (ConnectionError, OSError, ValueError) as e:
+        print(f"stand-in {wid}: {e} after {len(updates)} updates", file=sys.stderr)
         return 1
     finally:
         sock.close()
+        Path(times_path).write_text(json.dumps({"updates": updates}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +332,7 @@ def socket_limit(n: int, d: int, repeats: int) -> tuple[float, float]:
     return t_in, t_out
 
 
-def rule_seconds(method: str, f: int, x: torch.Tensor, repeats: int) -> float:
+def rule_seconds(method: str, f: int, x, repeats: int) -> float:
     from byzps import aggregators
     agg = aggregators.build(method, f=f)
     agg(x)                                                        # warm-up
@@ -324,7 +345,7 @@ def rule_seconds(method: str, f: int, x: torch.Tensor, repeats: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# In-process pieces
+# In-process: the PS's round logic on an (n, d) workload, no sockets
 
 
 def make_replica(spec: str):
@@ -345,54 +366,48 @@ def make_replica(spec: str):
 
 
 def in_process(spec: str, n: int, methods: list[str], f: int, repeats: int) -> list[dict]:
-    from byzps import aggregators
+    import torch
+
+    from byzps import aggregators, wire
+    from byzps.protocol import Broadcast, RoundClosed, ServerRounds
     _, d, _ = parse_model(spec)
-    replica = make_replica(spec)
-    gen = torch.Generator().manual_seed(0)
-    frames = []
-    for i in range(n):
-        row = torch.randn(d, generator=gen) * 0.01
-        frames.append(b"".join(bytes(b) for b in wire.encode(wire.Gradient(0, i, row, None))))
-        del row
-    limits = wire.Limits(d, frozenset({wire.MsgType.GRADIENT}))
+    base = torch.randn(d, generator=torch.Generator().manual_seed(0)) * 0.01
+    scales = [1.0 + 0.01 * i for i in range(n)]
     t_in, t_out = socket_limit(n, d, repeats)
     out = []
     for method in methods:
         rule = aggregators.build(method, f=f)
         rule.check(n)
-        pieces: dict[str, list[float]] = {k: [] for k in
-                                          ("recv", "valid", "agg", "apply", "digest", "dist",
-                                           "bcast")}
+        machine = ServerRounds(list(range(n)), make_replica(spec), rule, rounds=repeats + 1,
+                               quorum=n)
+        for w in range(n):
+            machine.connect(w)
+        pieces: dict[str, list[float]] = {k: [] for k in ("fill", "digest", "valid", "agg",
+                                                          "bcast")}
         for rep in range(repeats + 1):                            # the first is a warm-up
             t = {}
             s = time.perf_counter()
-            rows = [wire.decode_frame(fr, limits).tensor for fr in frames]
-            t["recv"] = time.perf_counter() - s
-            s = time.perf_counter()
-            ok = all(bool(torch.isfinite(r).all()) for r in rows)
-            t["valid"] = time.perf_counter() - s
-            assert ok
-            s = time.perf_counter()
-            stacked = torch.stack(rows)
-            agg = rule(stacked)
-            t["agg"] = time.perf_counter() - s
-            s = time.perf_counter()
-            replica.apply(agg)
-            t["apply"] = time.perf_counter() - s
-            s = time.perf_counter()
-            replica.digest()
+            r = machine.round
+            machine.begin_round()
             t["digest"] = time.perf_counter() - s
+            t["fill"], actions = 0.0, []
+            for w in range(n):
+                s = time.perf_counter()
+                row = machine.receive_buffer(w, r)
+                torch.mul(base, scales[w], out=row)
+                t["fill"] += time.perf_counter() - s
+                actions = machine.on_message(w, wire.Gradient(r, w, row, None))
+            closed = next(a for a in actions if isinstance(a, RoundClosed))
+            t["valid"], t["agg"] = closed.seconds_validate, closed.seconds_aggregate
+            update = next(a.message for a in actions if isinstance(a, Broadcast))
             s = time.perf_counter()
-            torch.linalg.vector_norm(stacked - agg, dim=1).tolist()
-            t["dist"] = time.perf_counter() - s
-            s = time.perf_counter()
-            wire.encode(wire.Update(rep, agg))
+            wire.encode(update)
             t["bcast"] = time.perf_counter() - s
-            del rows, stacked, agg
             if rep:
                 for k, v in t.items():
                     pieces[k].append(v)
-        x = torch.randn(n, d, generator=gen)
+        del machine
+        x = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
         t_rule = rule_seconds(method, f, x, repeats)
         del x
         res = {k: med(v) for k, v in pieces.items()}
@@ -408,9 +423,44 @@ def in_process(spec: str, n: int, methods: list[str], f: int, repeats: int) -> l
 # Networked run
 
 
+def split_rounds(records: list[dict], updates: list[dict[int, float]]) -> dict[str, Any]:
+    """Per steady round pair (r, r+1): period, bcast, recv, valid, agg (see the docstring);
+    medians."""
+    by_round = {r["round"]: r for r in records}
+    rounds = sorted(by_round)[1:-1] if len(by_round) >= 3 else sorted(by_round)
+    cols: dict[str, list[float]] = {k: [] for k in ("period", "bcast", "recv", "valid", "agg",
+                                                    "latency_max", "bytes_per_worker")}
+    for r in rounds:
+        a, b = by_round[r], by_round.get(r + 1)
+        if b is None or r + 1 not in rounds:
+            continue
+        held = [u.get(r) for u in updates]
+        if not held or any(t is None for t in held):
+            continue
+        period = b["time"] - a["time"]
+        bcast = max(held) - a["time"]
+        valid = b.get("seconds_validate") or 0.0
+        agg = b["seconds_aggregate"]
+        cols["period"].append(period)
+        cols["bcast"].append(bcast)
+        cols["valid"].append(valid)
+        cols["agg"].append(agg)
+        cols["recv"].append(period - bcast - valid - agg)
+        lat = [w.get("latency") for w in b["workers"].values() if w.get("latency") is not None]
+        nbytes = [w.get("bytes") for w in b["workers"].values() if w.get("bytes") is not None]
+        if lat:
+            cols["latency_max"].append(max(lat))
+        if nbytes:
+            cols["bytes_per_worker"].append(statistics.mean(nbytes))
+    out = {k: med(v) for k, v in cols.items()}
+    out["pairs"] = len(cols["period"])
+    return out
+
+
 def networked(spec: str, n: int, method: str, f: int, rounds: int, threads: int,
               repeats: int, tmp: Path, data_root: str, timeout: float,
               profile: Optional[Path] = None) -> dict:
+    import yaml
     name, d, wide_k = parse_model(spec)
     tag = f"{label(spec)}-n{n}-{method}" + ("-profile" if profile else "")
     run_dir = tmp / tag
@@ -441,6 +491,7 @@ def networked(spec: str, n: int, method: str, f: int, rounds: int, threads: int,
     ps = subprocess.Popen(cmd, stdout=ps_log, stderr=subprocess.STDOUT, env=node_env(threads),
                           cwd=ROOT)
     workers: list[subprocess.Popen] = []
+    times = [run_dir / f"w{i}.json" for i in range(n)]
     try:
         deadline = time.monotonic() + timeout
         while True:                                               # wait until it listens
@@ -459,7 +510,7 @@ def networked(spec: str, n: int, method: str, f: int, rounds: int, threads: int,
         for i in range(n):
             workers.append(subprocess.Popen(
                 [sys.executable, str(Path(__file__).resolve()), "--_worker", str(port), str(i),
-                 str(d), str(1000 + i)], stdout=wlog, stderr=subprocess.STDOUT,
+                 str(d), str(1000 + i), str(times[i])], stdout=wlog, stderr=subprocess.STDOUT,
                 env=node_env(threads), cwd=ROOT))
         peak, cpu_marks = base, {}
         while ps.poll() is None:
@@ -494,27 +545,27 @@ def networked(spec: str, n: int, method: str, f: int, rounds: int, threads: int,
                      key=lambda r: r["round"])
     if len(records) != rounds:
         raise RuntimeError(f"{len(records)} of {rounds} rounds in the metrics file")
-    steady = records[1:-1] if len(records) >= 3 else records
-    s_round = med([r["seconds_round"] for r in steady])
-    s_agg = med([r["seconds_aggregate"] for r in steady])
-    period = med([b["time"] - a["time"] for a, b in zip(steady, steady[1:])]) \
-        if len(steady) >= 2 else float("nan")
+    updates = [{int(k): v for k, v in json.loads(t.read_text())["updates"].items()}
+               for t in times]
+    split = split_rounds(records, updates)
     marks = sorted(k for k in cpu_marks if k <= rounds - 1)
     cpu = ((cpu_marks[marks[-1]] - cpu_marks[marks[0]]) / (marks[-1] - marks[0])
            if len(marks) >= 2 and marks[-1] > marks[0] else float("nan"))
     out = {"model": spec, "d": d, "n": n, "method": method, "f": f, "rounds": rounds,
-           "seconds_round": s_round, "seconds_aggregate": s_agg, "rest": s_round - s_agg,
-           "period": period, "cpu_per_round": cpu, "peak_bytes": peak, "base_bytes": base,
+           "seconds_round": split["period"], **{k: v for k, v in split.items()
+                                                if k != "period"},
+           "cpu_per_round": cpu, "peak_bytes": peak, "base_bytes": base,
            "stack_bytes": n * d * 4, "load_start": load_start, "load_end": load(),
            "run_dir": str(run_dir)}
     if profile is None:
+        import torch
         t_in, t_out = socket_limit(n, d, repeats)
         x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
         t_rule = rule_seconds(method, f, x, repeats)
         del x
         limit = t_in + t_rule + t_out
         out.update(limit=limit, limit_in=t_in, limit_rule=t_rule, limit_out=t_out,
-                   ratio=s_round / limit, ratio_period=period / limit)
+                   ratio=split["period"] / limit)
     return out
 
 
@@ -533,8 +584,8 @@ def mib(x: Optional[float]) -> str:
 def print_networked(rows: list[dict]) -> None:
     print("\nNETWORKED: real PS (ps_node.py) + n stand-in worker processes on 127.0.0.1 "
           "(times in ms, medians over steady rounds; memory in MiB)")
-    head = (f"{'model':<18}{'n':>4} {'rule':<23}{'s/round':>9}{'period':>9}{'agg':>8}"
-            f"{'rest':>8}{'cpu':>8}{'peak':>7}{'base':>6}{'x-stack':>8}{'limit':>8}"
+    head = (f"{'model':<20}{'n':>4} {'rule':<23}{'s/round':>9}{'bcast':>8}{'recv':>8}"
+            f"{'valid':>7}{'agg':>8}{'cpu':>8}{'peak':>7}{'base':>6}{'x-stack':>8}{'limit':>8}"
             f"{'(in+rule+out)':>22}{'ratio':>7}  load 1/5/15 at start")
     print(head)
     print("-" * len(head))
@@ -542,27 +593,27 @@ def print_networked(rows: list[dict]) -> None:
         extra = None if r["peak_bytes"] is None or r["base_bytes"] is None else \
             (r["peak_bytes"] - r["base_bytes"]) / r["stack_bytes"]
         parts = f"{ms(r['limit_in'])}+{ms(r['limit_rule'])}+{ms(r['limit_out'])}"
-        print(f"{label(r['model']):<18}{r['n']:>4} {r['method']:<23}{ms(r['seconds_round']):>9}"
-              f"{ms(r['period']):>9}{ms(r['seconds_aggregate']):>8}{ms(r['rest']):>8}"
+        print(f"{label(r['model']):<20}{r['n']:>4} {r['method']:<23}{ms(r['seconds_round']):>9}"
+              f"{ms(r['bcast']):>8}{ms(r['recv']):>8}{ms(r['valid']):>7}{ms(r['agg']):>8}"
               f"{ms(r['cpu_per_round']):>8}{mib(r['peak_bytes']):>7}{mib(r['base_bytes']):>6}"
               f"{'n/a' if extra is None else f'{extra:.2f}':>8}{ms(r['limit']):>8}"
-              f"{parts:>22}{r['ratio']:>7.1f}  {r['load_start']}")
+              f"{parts:>22}{r['ratio']:>7.2f}  {r['load_start']}")
 
 
 def print_in_process(rows: list[dict]) -> None:
-    print("\nIN-PROCESS (no sockets, one process; the PS's per-round pieces on an (n, d) "
-          "workload; ms, medians)")
-    head = (f"{'model':<22}{'n':>4} {'rule':<23}{'recv':>8}{'valid':>8}{'agg':>8}"
-            f"{'apply':>8}{'digest':>8}{'dist':>8}{'bcast':>7}{'total':>9}{'limit':>9}"
-            f"{'(in+rule+out)':>24}{'tot/lim':>8}  load")
+    print("\nIN-PROCESS (no sockets, one process: ServerRounds on an (n, d) workload; ms, "
+          "medians)")
+    head = (f"{'model':<22}{'n':>4} {'rule':<23}{'fill':>8}{'digest':>8}{'valid':>8}"
+            f"{'agg':>8}{'bcast':>7}{'total':>9}{'limit':>9}{'(in+rule+out)':>24}"
+            f"{'tot/lim':>8}  load")
     print(head)
     print("-" * len(head))
     for r in rows:
         parts = f"{ms(r['limit_in'])}+{ms(r['limit_rule'])}+{ms(r['limit_out'])}"
-        print(f"{label(r['model']):<22}{r['n']:>4} {r['method']:<23}{ms(r['recv']):>8}"
-              f"{ms(r['valid']):>8}{ms(r['agg']):>8}{ms(r['apply']):>8}{ms(r['digest']):>8}"
-              f"{ms(r['dist']):>8}{ms(r['bcast']):>7}{ms(r['total']):>9}{ms(r['limit']):>9}"
-              f"{parts:>24}{r['ratio_total_over_limit']:>8.2f}  {r['load']}")
+        print(f"{label(r['model']):<22}{r['n']:>4} {r['method']:<23}{ms(r['fill']):>8}"
+              f"{ms(r['digest']):>8}{ms(r['valid']):>8}{ms(r['agg']):>8}{ms(r['bcast']):>7}"
+              f"{ms(r['total']):>9}{ms(r['limit']):>9}{parts:>24}"
+              f"{r['ratio_total_over_limit']:>8.2f}  {r['load']}")
 
 
 def print_profile(path: Path, top: int = 25) -> None:
@@ -578,7 +629,8 @@ def print_profile(path: Path, top: int = 25) -> None:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--_worker":
         port, wid, d, seed = (int(a) for a in sys.argv[2:6])
-        return stand_in_worker(port, wid, d, seed)
+        return stand_in_worker(port, wid, d, seed, sys.argv[6])
+    import torch
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="See the module docstring for what each column means.")
@@ -592,7 +644,7 @@ def main() -> int:
     ap.add_argument("--f", type=int, help="rule's f (default min(n // 4, (n - 3) // 2))")
     ap.add_argument("--threads", type=int, default=1, help="torch threads everywhere")
     ap.add_argument("--repeats", type=int, default=3, help="repetitions of limit/in-process")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per networked run")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per networked run")
     ap.add_argument("--data-root", default=str(ROOT / "data"))
     ap.add_argument("--profile", action="store_true",
                     help="instead of the table: one networked run (last n, first model and "
@@ -600,9 +652,9 @@ def main() -> int:
     ap.add_argument("--json", help="write all figures to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()
-    if args.rounds < 4:
-        ap.error("--rounds must be >= 4 (the first and last rounds are left out, and the "
-                 "period needs two steady rounds)")
+    if args.rounds < 5:
+        ap.error("--rounds must be >= 5 (the first and last rounds are left out, and the "
+                 "split needs two consecutive steady rounds)")
     torch.set_num_threads(args.threads)
     ns = [int(x) for x in args.workers.split(",")]
     split = lambda s: [] if s in ("", "none") else s.split(",")  # noqa: E731
@@ -635,9 +687,13 @@ def main() -> int:
                     f = default_f(n) if args.f is None else args.f
                     print(f"  networked {label(spec)} n={n} {method} f={f} ...", flush=True)
                     try:
-                        result["networked"].append(networked(
-                            spec, n, method, f, args.rounds, args.threads, args.repeats, tmp,
-                            args.data_root, args.timeout))
+                        row = networked(spec, n, method, f, args.rounds, args.threads,
+                                        args.repeats, tmp, args.data_root, args.timeout)
+                        result["networked"].append(row)
+                        print(f"    {ms(row['seconds_round'])} ms/round, limit "
+                              f"{ms(row['limit'])} ms, ratio {row['ratio']:.2f}, x-stack "
+                              f"{(row['peak_bytes'] - row['base_bytes']) / row['stack_bytes']:.2f}"
+                              f", load {load()}", flush=True)
                     except RuntimeError as e:
                         failed += 1
                         print(f"    FAILED: {e}", flush=True)
@@ -650,12 +706,6 @@ def main() -> int:
             print_networked(result["networked"])
         if result["in_process"]:
             print_in_process(result["in_process"])
-        if not any(m.startswith("wide:") for m in models + inproc):
-            print("\nNote: these rows cover only the d of the shipped models. d = 11M: add "
-                  "--inproc-models wide:11000000 (in-process pieces) or --models "
-                  "wide:11000000 (networked); no shipped model has that size, so the benchmark "
-                  "registers one inside its own processes (see the docstring); a synthetic "
-                  "model of arbitrary d in byzps.models would make that patch unnecessary.")
         result["load_end"] = load()
         print(f"\nload average (1/5/15) at the end: {result['load_end']}")
         if args.json:

@@ -198,3 +198,73 @@ def test_all_configured_workers_answered_without_quorum_fails_at_once():
     assert m.on_message(0, Gradient(0, 0, nan)) == []
     (failed,) = m.on_message(1, Gradient(0, 1, nan))
     assert isinstance(failed, RoundFailed) and failed.missing == ()
+
+
+def test_gradients_received_in_place_are_used_without_copies_and_rows_compacted():
+    m = machine(n=3, quorum=2)
+    for w in range(3):
+        m.connect(w)
+    m.begin_round()
+    row0 = m.receive_buffer(0, 0)
+    assert row0.data_ptr() == m.buffer[0].data_ptr() and m.receive_buffer(1, 5) is None
+    row0.fill_(1.0)
+    assert m.on_message(0, Gradient(0, 0, row0)) == []
+    assert m.receive_buffer(0, 0) is None          # answered: a repeat goes elsewhere
+    row2 = m.receive_buffer(2, 0)
+    row2.fill_(5.0)
+    m.on_message(2, Gradient(0, 2, row2))
+    upd, closed = m.on_deadline()[:2]              # worker 1 missing: rows 0 and 2 compacted
+    assert torch.equal(upd.message.tensor, torch.full((m.replica.d,), 3.0))
+    assert upd.message.tensor.untyped_storage().data_ptr() != \
+        m.buffer.untyped_storage().data_ptr()
+    assert closed.accepted == (0, 2) and closed.missing == (1,)
+    assert closed.distances == pytest.approx({0: 2 * m.replica.d ** 0.5,
+                                              2: 2 * m.replica.d ** 0.5})
+    assert closed.seconds_validate >= 0.0
+    assert m.receive_buffer(0, 0) is None          # round 0 is over
+
+
+def test_aggregator_refusal_after_compaction_restores_the_rows():
+    def needs_three(rows):
+        if len(rows) < 3:
+            raise ValueError("needs 3 rows")
+        return rows.mean(0)
+    m = ServerRounds([0, 1, 2], replica(), needs_three, rounds=2, quorum=2)
+    for w in range(3):
+        m.connect(w)
+    m.begin_round()
+    m.on_message(1, grad(m, 1, 2.0))              # copied into row 1
+    row2 = m.receive_buffer(2, 0)
+    row2.fill_(4.0)
+    m.on_message(2, Gradient(0, 2, row2))          # in place
+    (failed,) = m.on_deadline()
+    assert isinstance(failed, RoundFailed) and "needs 3 rows" in failed.reason
+    row0 = m.receive_buffer(0, 0)                  # row 0 held worker 1's row meanwhile
+    row0.fill_(9.0)
+    upd, closed = m.on_message(0, Gradient(0, 0, row0))[:2]
+    assert closed.accepted == (0, 1, 2)
+    assert torch.equal(upd.message.tensor, torch.full((m.replica.d,), 5.0))
+
+
+def test_all_finite_survives_an_overflowing_sum_and_finds_nan_and_inf():
+    from byzps.protocol import all_finite
+    big = torch.full((10,), 3e38)
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.ones(10)
+        x[7] = bad
+        assert not all_finite(x)
+
+
+def test_one_state_payload_is_shared_by_every_connect_until_the_next_step():
+    m = machine(n=3, rounds=2, quorum=3)
+    s0, s1 = (m.connect(w)[0].message.tensor for w in (0, 1))
+    assert s0 is s1
+    m.begin_round()
+    for w in range(3):
+        if w == 2:
+            m.connect(2)
+        m.on_message(w, grad(m, w, 1.0))
+    m.disconnect(2)
+    s2 = m.connect(2)[0].message.tensor
+    assert s2 is not s0 and torch.equal(s2[0], m.replica.theta.detach())

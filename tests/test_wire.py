@@ -146,3 +146,18 @@ def test_fuzz_mutated_valid_frames_only_raise_frame_error(pos, junk, data):
         decode_frame(bytes(raw), ALL)
     except FrameError:
         pass
+
+
+def test_build_message_takes_a_received_tensor_without_copying_it():
+    data = frame(Gradient(2, 1, torch.arange(D, dtype=torch.float32), None))
+    prefix = wire.parse_prefix(data[:20], ALL)
+    header = wire.parse_header(prefix, data[20:20 + prefix.header_len], ALL)
+    dest = torch.zeros(D)
+    wire.tensor_bytes(dest)[:] = data[20 + prefix.header_len:]
+    msg = wire.build_message(prefix, header, dest)
+    assert msg.tensor.data_ptr() == dest.data_ptr()
+    assert torch.equal(msg.tensor, torch.arange(D, dtype=torch.float32))
+    with pytest.raises(FrameError, match="payload tensor"):
+        wire.build_message(prefix, header, torch.zeros(D + 1))
+    with pytest.raises(ValueError, match="float32"):
+        wire.tensor_bytes(torch.zeros(D, dtype=torch.float64))

@@ -65,7 +65,7 @@ SHARD = (torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(1)),
 
 
 def make_worker(monkeypatch, base_config, beta, worker_id=3, worker_type=None, **wcfg):
-    monkeypatch.setattr(worker_mod, "shard_tensors", lambda cfg, wid, root: SHARD)
+    monkeypatch.setattr(worker_mod, "shard_tensors", lambda cfg, wid, root, mnist=None: SHARD)
     base_config["training"].update(model="logreg", batch_size=8, worker_momentum=beta)
     base_config["workers"][3].update(wcfg)
     return Worker(parse_config(base_config), worker_id, worker_type, "unused")

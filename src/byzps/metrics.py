@@ -94,13 +94,16 @@ def round_record(closed: Any, *, worker_ids: Optional[Iterable[int]] = None,
             evaluated (accuracy in [0, 1]); left out of the record when None.
         rows: worker id -> ``(d,)`` tensor it sent this round (the simulator has them); with
             ``aggregate`` (``(d,)``) gives each worker's distance to the aggregate.
-        latencies: worker id -> seconds from the round's start to its gradient's arrival.
-        bytes_received: worker id -> bytes received from it this round.
+        latencies: worker id -> seconds from the PS writing ROUND to that worker until its
+            GRADIENT fully arrived (the PS over TCP; the simulator has none).
+        bytes_received: worker id -> frame bytes (prefix, header, payload, MAC) received from
+            it while the round was open.
         now: the record's ``time`` (Unix seconds); default ``time.time()``.
 
     Returns:
         a JSON-serialisable dict: ``round``, ``time``, ``seconds_round`` (when given),
-        ``seconds_aggregate``, ``accepted`` (ascending ids), ``rejected`` (id -> reason, keys
+        ``seconds_aggregate``, ``seconds_validate`` (when ``closed`` has it: seconds spent
+        checking the round's gradients), ``accepted`` (ascending ids), ``rejected`` (id -> reason, keys
         as strings), ``missing``, ``reported_loss`` (mean of the accepted workers' reported
         losses, or None), ``test_loss``/``test_accuracy`` (when evaluated), and ``workers``:
         ``{"<id>": {"status": "accepted" | "rejected" | "missing", "reason": str (rejected
@@ -148,6 +151,8 @@ def round_record(closed: Any, *, worker_ids: Optional[Iterable[int]] = None,
         "reported_loss": sum(acc_losses) / len(acc_losses) if acc_losses else None,
         "workers": workers,
     }
+    if getattr(closed, "seconds_validate", None) is not None:
+        record["seconds_validate"] = float(closed.seconds_validate)
     if seconds_round is not None:
         record["seconds_round"] = float(seconds_round)
     if test_loss is not None:

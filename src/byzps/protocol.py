@@ -11,11 +11,18 @@ Round r, server side::
     on_message(id, Gradient) -> validated, stored; when every live worker answered:
                               aggregate -> optimizer step -> [Broadcast(Update(r, a)), RoundClosed]
     on_deadline()          -> close with what arrived if at least `quorum` rows, else RoundFailed
+
+Memory: the server keeps one preallocated ``(n, d)`` float32 buffer with a row per configured
+worker. A network layer receives each gradient straight into its worker's row
+(:meth:`ServerRounds.receive_buffer`); a Gradient whose tensor is elsewhere (the in-process
+simulator) is copied into the row. At the close the accepted rows are moved together in place
+and the aggregator gets a view of them, so no round stacks or copies the gradients again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -53,8 +60,12 @@ class RoundClosed:
         rejected: worker id -> reason its message was excluded this round.
         missing: live or registered workers that did not answer before the round closed.
         losses: worker id -> reported loss (untrusted, informational).
-        seconds_aggregate: wall seconds spent in the aggregator and the optimizer step.
+        seconds_aggregate: wall seconds of the close: the aggregator, the optimizer step and
+            the distances below.
         distances: accepted worker id -> L2 distance of its gradient to the aggregate.
+        seconds_validate: wall seconds this round spent checking gradients (copy into the
+            round's buffer where one was needed, and the NaN/Inf check), all workers together;
+            None when not measured.
     """
     round: int
     accepted: tuple[int, ...]
@@ -63,6 +74,7 @@ class RoundClosed:
     losses: dict[int, float]
     seconds_aggregate: float
     distances: dict[int, float] = field(default_factory=dict)
+    seconds_validate: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -97,12 +109,27 @@ Action = Union[Send, Broadcast, RoundClosed, RoundFailed, Drop, Finished]
 # Server
 
 
+#: float32 entries of the scratch block used for the distances at a close (1 MiB)
+SCRATCH_ELEMENTS = 1 << 18
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of a float tensor is finite (no NaN, no +-Inf), without a per-entry
+    temporary in the common case: a finite sum proves it (NaN and Inf propagate through a
+    sum); a non-finite sum (a bad entry, or finite entries whose sum overflowed) is followed
+    by the exact entry-wise check."""
+    if math.isfinite(float(torch.sum(x))):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 @dataclass
 class _Open:
     round: int
     rows: dict[int, torch.Tensor] = field(default_factory=dict)
     losses: dict[int, float] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
+    seconds_validate: float = 0.0
 
 
 class ServerRounds:
@@ -110,14 +137,20 @@ class ServerRounds:
 
     Args:
         worker_ids: the n configured worker ids.
-        replica: the PS's replica; the machine applies each aggregate to it.
+        replica: the PS's replica; the machine applies each aggregate to it (and caches its
+            STATE and digest between steps, so change it only through the machine).
         aggregate: callable ``(m, d) float32 -> (d,) float32``, the robust aggregator
             (pre-aggregators included); it may raise ValueError when m rows are too few.
         rounds: total number of rounds R; rounds are numbered 0..R-1.
         quorum: the fewest gradients a round may close with at its deadline (1..n).
         start_round: first round to run (for resumed runs).
-        clock: returns seconds (monotonic), used only to time the aggregator.
+        clock: returns seconds (monotonic), used only to time validation and the aggregator.
         max_missed: a live worker that misses this many round closes in a row is dropped.
+
+    Attributes:
+        buffer: the ``(n, d)`` float32 gradient buffer, one row per worker id in ascending
+            order (allocated at the first round; its contents are only meaningful inside a
+            round).
 
     Raises:
         ValueError: empty or duplicate worker ids, or a quorum outside 1..n.
@@ -143,6 +176,51 @@ class ServerRounds:
         self._clock = clock or time.perf_counter
         self.max_missed = max_missed
         self.missed: dict[int, int] = {w: 0 for w in self.worker_ids}
+        self._slot = {w: i for i, w in enumerate(self.worker_ids)}
+        self.buffer: Optional[torch.Tensor] = None
+        self._state: Optional[torch.Tensor] = None    # replica.state() since the last step
+        self._digest: Optional[str] = None            # replica.digest() since the last step
+        self._scratch: Optional[torch.Tensor] = None  # for the distances at each close
+
+    def _rows_buffer(self) -> torch.Tensor:
+        if self.buffer is None:
+            self.buffer = torch.empty((len(self.worker_ids), self.replica.d),
+                                      dtype=torch.float32)
+        return self.buffer
+
+    def _replica_state(self) -> torch.Tensor:
+        """``(2, d)`` STATE payload, made once per model version and shared by every Send
+        (never modified: a new one is made after the next step)."""
+        if self._state is None:
+            self._state = self.replica.state()
+        return self._state
+
+    def _replica_digest(self) -> str:
+        if self._digest is None:
+            self._digest = self.replica.digest()
+        return self._digest
+
+    def digest(self) -> str:
+        """The replica's digest (32 hex chars) that the next ROUND carries, computed once per
+        model version. A network layer may call it in a helper thread between rounds (the
+        hash releases the GIL), so that the event loop keeps sending meanwhile; the replica
+        only changes when a round closes."""
+        return self._replica_digest()
+
+    def receive_buffer(self, worker_id: int, round_: int) -> Optional[torch.Tensor]:
+        """Where to receive ``worker_id``'s GRADIENT for ``round_``: its ``(d,)`` float32 row of
+        :attr:`buffer`, or None (receive it elsewhere) when ``round_`` is not the open round
+        or the worker already answered it, so that a late, repeated or cut-off frame can
+        never overwrite a gradient that was already accepted.
+
+        Pass the message to :meth:`on_message` with the row as its tensor; it is then used
+        in place.
+        """
+        cur = self.current
+        if cur is None or round_ != cur.round or worker_id not in self._slot \
+                or worker_id in cur.rows or worker_id in cur.rejected:
+            return None
+        return self._rows_buffer()[self._slot[worker_id]]
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -160,9 +238,9 @@ class ServerRounds:
         if worker_id in self.live:
             raise ValueError(f"worker {worker_id} is already connected")
         self.live.add(worker_id)
-        actions: list[Action] = [Send(worker_id, State(self.round, self.replica.state()))]
+        actions: list[Action] = [Send(worker_id, State(self.round, self._replica_state()))]
         if self.current is not None and worker_id not in self.current.rows:
-            actions.append(Send(worker_id, RoundStart(self.round, self.replica.digest())))
+            actions.append(Send(worker_id, RoundStart(self.round, self._replica_digest())))
         return actions
 
     def disconnect(self, worker_id: int) -> list[Action]:
@@ -181,18 +259,21 @@ class ServerRounds:
         if self.current is not None or self.finished:
             raise RuntimeError("begin_round called while a round is open or after the end")
         self.current = _Open(self.round)
-        return [Broadcast(RoundStart(self.round, self.replica.digest()))]
+        self._rows_buffer()
+        return [Broadcast(RoundStart(self.round, self._replica_digest()))]
 
     def on_message(self, worker_id: int, msg: Message) -> list[Action]:
         """Handle a validated message from the authenticated worker ``worker_id``.
 
         Gradients are excluded (with a reason in the round's ``rejected``) when the header's
-        worker id is not the sender's, the worker already sent one this round, or it holds
-        NaN/Inf. A gradient for another round is stale and ignored.
+        worker id is not the sender's, the worker already sent one this round, the tensor is
+        not ``(d,)``, or it holds NaN/Inf. A gradient for another round is stale and ignored.
+        An accepted gradient's tensor is used in place when it is the worker's row of
+        :attr:`buffer` (see :meth:`receive_buffer`), else copied into that row.
         """
         if isinstance(msg, Resync):
-            return [Send(worker_id, State(self.round, self.replica.state()))] + (
-                [Send(worker_id, RoundStart(self.round, self.replica.digest()))]
+            return [Send(worker_id, State(self.round, self._replica_state()))] + (
+                [Send(worker_id, RoundStart(self.round, self._replica_digest()))]
                 if self.current is not None and worker_id not in self.current.rows else [])
         if not isinstance(msg, Gradient):
             log.warning("worker %d sent an unexpected %s; ignored", worker_id, type(msg).__name__)
@@ -202,17 +283,28 @@ class ServerRounds:
             log.info("worker %d: stale gradient for round %d ignored (current %s)", worker_id,
                      msg.round, None if cur is None else cur.round)
             return []
+        t = msg.tensor
         if msg.worker_id != worker_id:
             cur.rejected[worker_id] = f"header claims worker {msg.worker_id}"
         elif worker_id in cur.rows or worker_id in cur.rejected:
             cur.rejected[worker_id] = "duplicate gradient in one round"
             cur.rows.pop(worker_id, None)
-        elif not bool(torch.isfinite(msg.tensor).all()):
-            cur.rejected[worker_id] = "non-finite values (NaN or Inf)"
+        elif tuple(t.shape) != (self.replica.d,):
+            cur.rejected[worker_id] = f"shape {tuple(t.shape)}, expected ({self.replica.d},)"
         else:
-            cur.rows[worker_id] = msg.tensor
-            if msg.loss is not None:
-                cur.losses[worker_id] = msg.loss
+            start = self._clock()
+            row = self._rows_buffer()[self._slot[worker_id]]
+            if t.dtype != torch.float32 or t.data_ptr() != row.data_ptr() \
+                    or t.stride() != (1,):
+                row.copy_(t)
+            ok = all_finite(row)
+            cur.seconds_validate += self._clock() - start
+            if not ok:
+                cur.rejected[worker_id] = "non-finite values (NaN or Inf)"
+            else:
+                cur.rows[worker_id] = row
+                if msg.loss is not None:
+                    cur.losses[worker_id] = msg.loss
         if worker_id in cur.rejected:
             log.warning("round %d: gradient of worker %d excluded: %s", cur.round, worker_id,
                         cur.rejected[worker_id])
@@ -232,7 +324,7 @@ class ServerRounds:
         cur = self.current
         if cur is None:
             raise RuntimeError("retry_round called with no open round")
-        digest = self.replica.digest()
+        digest = self._replica_digest()
         return [Send(w, RoundStart(cur.round, digest)) for w in sorted(self.live)
                 if w not in cur.rows and w not in cur.rejected]
 
@@ -256,19 +348,25 @@ class ServerRounds:
             return [RoundFailed(cur.round, reason, missing)]
         ids = sorted(cur.rows)
         start = self._clock()
-        stacked = torch.stack([cur.rows[i] for i in ids])
+        rows = self._compact(ids)
         try:
-            agg = self.aggregate(stacked)
+            agg = self.aggregate(rows)
         except ValueError as e:
+            self._uncompact(ids)
             return [RoundFailed(cur.round, f"aggregator refused {len(ids)} gradients: {e}")]
-        if not bool(torch.isfinite(agg).all()):
+        if agg.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr():
+            agg = agg.clone()   # the broadcast must not alias the buffer the next round fills
+        if not all_finite(agg):
+            self._uncompact(ids)
             return [RoundFailed(cur.round, "aggregator returned non-finite values")]
         self.replica.apply(agg)
+        self._state = self._digest = None
+        dist = self._distances(rows, agg)
         seconds = self._clock() - start
         missing = tuple(w for w in self.worker_ids if w not in answered)
-        dist = torch.linalg.vector_norm(stacked - agg, dim=1).tolist()
         closed = RoundClosed(cur.round, tuple(ids), dict(cur.rejected), missing,
-                             dict(cur.losses), seconds, dict(zip(ids, dist)))
+                             dict(cur.losses), seconds, dict(zip(ids, dist)),
+                             cur.seconds_validate)
         self.current = None
         self.round += 1
         actions: list[Action] = [Broadcast(Update(cur.round, agg)), closed]
@@ -283,6 +381,44 @@ class ServerRounds:
             actions += [Broadcast(Stop(f"training finished after {self.rounds} rounds")),
                         Finished(self.rounds)]
         return actions
+
+    def _distances(self, rows: torch.Tensor, agg: torch.Tensor) -> list[float]:
+        """L2 distance of each of the ``(m, d)`` rows to the ``(d,)`` aggregate.
+
+        Column block by column block through one reused ``(m, c)`` scratch of about 1 MiB
+        (cache-resident; no ``(m, d)`` temporary), the squares summed in float64 across
+        blocks: about twice as fast as row by row, and accurate to ~1e-7 relative."""
+        m, d = rows.shape
+        cols = max(1024, SCRATCH_ELEMENTS // m)
+        if self._scratch is None or self._scratch.numel() < m * cols:
+            self._scratch = torch.empty(m * cols, dtype=torch.float32)
+        acc = torch.zeros(m, dtype=torch.float64)
+        for start in range(0, d, cols):
+            stop = min(start + cols, d)
+            block = self._scratch[:m * (stop - start)].view(m, stop - start)
+            torch.sub(rows[:, start:stop], agg[start:stop], out=block)
+            acc += torch.linalg.vector_norm(block, dim=1).to(torch.float64).square_()
+        return acc.sqrt_().tolist()
+
+    def _compact(self, ids: list[int]) -> torch.Tensor:
+        """Move the rows of ``ids`` (ascending) to the top of the buffer, in place; returns
+        the ``(m, d)`` view. Row j comes from slot s_j >= j with s_j ascending, so copying in
+        ascending j never overwrites a row still to be moved."""
+        buf = self._rows_buffer()
+        for j, w in enumerate(ids):
+            s = self._slot[w]
+            if s != j:
+                buf[j].copy_(buf[s])
+        return buf[:len(ids)]
+
+    def _uncompact(self, ids: list[int]) -> None:
+        """Undo :meth:`_compact` (the round stays open and may close later with more rows)."""
+        buf = self._rows_buffer()
+        for j in range(len(ids) - 1, -1, -1):
+            s = self._slot[ids[j]]
+            if s != j:
+                buf[s].copy_(buf[j])
+
 
 
 # ---------------------------------------------------------------------------------------------

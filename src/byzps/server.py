@@ -7,6 +7,13 @@ reads slowly delays nobody else: it is dropped when its queue backs up or a writ
 than ``server.write_timeout``. A peer that sends a bad frame, fails authentication, claims an
 unknown or already connected id, or sends a forged or replayed message is refused or
 disconnected with a logged reason; nothing a peer sends stops the server.
+
+Each connection is a :class:`byzps.transport.FrameStream`: a worker's GRADIENT payload is
+received straight into its row of the round logic's ``(n, d)`` buffer
+(:meth:`byzps.protocol.ServerRounds.receive_buffer`), and every frame is sent from the
+tensor's own memory, encoded once for all workers. Per round and worker the PS records the
+latency (ROUND written to that worker -> its GRADIENT fully arrived) and the frame bytes
+received, in ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -27,10 +34,10 @@ from byzps.protocol import Action, Broadcast, Drop, RoundClosed, RoundFailed, Se
     ServerRounds
 from byzps.robust import build_robust, default_quorum
 from byzps.training import Replica
-from byzps.transport import PeerClosed, frame_buffers, read_message, server_ssl_context, \
-    set_keepalive, write_message
-from byzps.wire import Auth, Challenge, FrameError, Hello, Limits, MsgType, Refuse, Stop, \
-    encode
+from byzps.transport import FrameStream, PeerClosed, frame_buffers, server_ssl_context, \
+    set_keepalive
+from byzps.wire import Auth, Challenge, FrameError, Gradient, Hello, Limits, MsgType, Prefix, \
+    Refuse, RoundStart, Stop, encode
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +127,12 @@ def build_ps_core(cfg: Config, data_root: str, rounds: int,
 @dataclass(eq=False)
 class _Peer:
     worker_id: int
-    writer: asyncio.StreamWriter
+    stream: FrameStream
     session: Optional[auth.MacSession]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     sender: Optional[asyncio.Task] = None
+    #: (round, time.perf_counter()) of the latest ROUND frame written to this worker
+    round_sent: Optional[tuple[int, float]] = None
 
 
 class _Refused(Exception):
@@ -171,6 +180,18 @@ class ParameterServer:
         self._all_connected = asyncio.Event()
         self._handlers: set[asyncio.Task] = set()
         self._closing = False
+        #: the open round's per-worker latency (s) and bytes received; per closed round,
+        #: (latencies, bytes, Unix time of the close) until its metrics record is written
+        self._latency: dict[int, float] = {}
+        self._bytes: dict[int, int] = {}
+        self._round_io: dict[int, tuple[dict[int, float], dict[int, int], float]] = {}
+        #: optional HTTP status endpoint (server.metrics_port; see byzps.status); run() starts it
+        self.status = None
+        if cfg.server.metrics_port is not None:
+            from byzps.status import StatusEndpoint
+            self.status = StatusEndpoint(cfg.server.metrics_host, cfg.server.metrics_port,
+                                         worker_ids=self.machine.worker_ids,
+                                         rounds=self.rounds, start_round=self.machine.round)
 
     def _load_keys(self) -> Optional[dict[int, bytes]]:
         path = auth.secrets_path(self.cfg.server.secrets_file)
@@ -185,10 +206,9 @@ class ParameterServer:
 
     # -- connections --------------------------------------------------------------------------
 
-    async def _handshake(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> tuple[int, Optional[auth.MacSession]]:
+    async def _handshake(self, stream: FrameStream) -> tuple[int, Optional[auth.MacSession]]:
         timeout = self.cfg.server.hello_timeout
-        hello = await read_message(reader, self.limits_hello, timeout)
+        hello = await stream.read_message(self.limits_hello, timeout)
         assert isinstance(hello, Hello)
         wid = hello.worker_id
         if wid not in self.machine.worker_ids:
@@ -200,8 +220,8 @@ class ParameterServer:
                 raise _Refused(f"worker {wid}: this PS requires authentication; give the worker "
                                f"its key (server.secrets_file or $BYZPS_SECRETS)")
             server_nonce = auth.new_nonce()
-            await write_message(writer, Challenge(server_nonce.hex()), timeout)
-            answer = await read_message(reader, self.limits_auth, timeout)
+            await stream.write_message(Challenge(server_nonce.hex()), timeout)
+            answer = await stream.read_message(self.limits_auth, timeout)
             assert isinstance(answer, Auth)
             client_nonce = bytes.fromhex(hello.nonce)
             try:
@@ -215,29 +235,56 @@ class ParameterServer:
             raise _Refused(f"worker {wid} is already connected", retry=True)
         return wid, session
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        addr = writer.get_extra_info("peername")
-        set_keepalive(writer.get_extra_info("socket"))
+    def _connection(self, stream: FrameStream) -> None:
+        """A connection was accepted (TLS handshake done): start its handler task."""
+        self._handlers.add(asyncio.get_running_loop().create_task(self._handle(stream)))
+
+    def _gradient_sink(self, wid: int):
+        """Where a frame's tensor payload from worker ``wid`` goes: a GRADIENT for the open
+        round into the worker's row of the round buffer, anything else into a fresh tensor."""
+        def sink(prefix: Prefix, header: dict) -> Optional[torch.Tensor]:
+            if prefix.mtype is MsgType.GRADIENT:
+                return self.machine.receive_buffer(wid, header["round"])
+            return None
+        return sink
+
+    def _account(self, peer: _Peer, msg, nbytes: int, arrived: float) -> None:
+        """Per-round I/O figures of the open round: frame bytes from each worker, and the
+        latency of its first GRADIENT for the round (from its ROUND frame being written)."""
+        cur = self.machine.current
+        if cur is None:
+            return
+        wid = peer.worker_id
+        self._bytes[wid] = self._bytes.get(wid, 0) + nbytes
+        if isinstance(msg, Gradient) and msg.round == cur.round and wid not in self._latency \
+                and peer.round_sent is not None and peer.round_sent[0] == cur.round:
+            self._latency[wid] = arrived - peer.round_sent[1]
+
+    async def _handle(self, stream: FrameStream) -> None:
+        addr = stream.get_extra_info("peername")
+        set_keepalive(stream.get_extra_info("socket"))
         task = asyncio.current_task()
         self._handlers.add(task)
         peer: Optional[_Peer] = None
         who = f"peer {addr}"
         try:
-            wid, session = await self._handshake(reader, writer)
+            wid, session = await self._handshake(stream)
             who = f"worker {wid} ({addr})"
-            peer = _Peer(wid, writer, session)
+            peer = _Peer(wid, stream, session)
             peer.sender = asyncio.create_task(self._sender(peer))
             self.peers[wid] = peer
             log.info("%s registered%s", who, " (authenticated)" if session else "")
             self._execute(self.machine.connect(wid))
             if set(self.peers) == set(self.machine.worker_ids):
                 self._all_connected.set()
+            sink = self._gradient_sink(wid)
             while True:
-                msg = await read_message(reader, self.limits, None, session)
+                msg = await stream.read_message(self.limits, None, session, sink)
+                self._account(peer, msg, stream.frame_bytes, stream.frame_arrived)
                 self._execute(self.machine.on_message(wid, msg))
         except _Refused as e:
             log.warning("refused %s: %s", who, e)
-            await _try_send(writer, Refuse(str(e), e.retry))
+            await _try_send(stream, Refuse(str(e), e.retry))
         except PeerClosed:
             log.info("%s closed the connection", who)
         except (FrameError, auth.AuthError) as e:
@@ -251,7 +298,7 @@ class ParameterServer:
             pass  # server shutdown; asyncio would otherwise log the cancellation as an error
         finally:
             self._handlers.discard(task)
-            writer.close()
+            stream.close()
             if peer is not None:
                 self._forget(peer)
 
@@ -260,7 +307,7 @@ class ParameterServer:
         if self.peers.get(peer.worker_id) is not peer:
             return
         del self.peers[peer.worker_id]
-        peer.writer.transport.abort()   # close() would wait for a slow reader to take its data
+        peer.stream.abort()   # close() would wait for a slow reader to take its data
         if peer.sender is not None and peer.sender is not asyncio.current_task():
             peer.sender.cancel()
         if not self._closing:
@@ -270,8 +317,10 @@ class ParameterServer:
         timeout = self.cfg.server.write_timeout
         try:
             while True:
-                buffers = await peer.queue.get()
-                await write_message(peer.writer, buffers, timeout)
+                buffers, round_start = await peer.queue.get()
+                if round_start is not None:
+                    peer.round_sent = (round_start, time.perf_counter())
+                await peer.stream.write_message(buffers, timeout)
         except (asyncio.TimeoutError, TimeoutError):
             log.warning("worker %d took no frame within server.write_timeout=%g s; dropped",
                         peer.worker_id, timeout)
@@ -281,7 +330,7 @@ class ParameterServer:
             return
         self._forget(peer)
 
-    def _enqueue(self, wid: int, buffers: list) -> None:
+    def _enqueue(self, wid: int, buffers: list, round_start: Optional[int] = None) -> None:
         peer = self.peers.get(wid)
         if peer is None:
             return
@@ -290,24 +339,27 @@ class ParameterServer:
                         peer.queue.qsize())
             self._forget(peer)
             return
-        peer.queue.put_nowait(frame_buffers(buffers, peer.session))
+        peer.queue.put_nowait((frame_buffers(buffers, peer.session), round_start))
 
     def _execute(self, actions: list[Action]) -> None:
         """Carry out the round logic's actions. Never blocks: sends are queued per peer."""
         mac = self.keys is not None
         for action in actions:
-            if isinstance(action, Send):
-                self._enqueue(action.worker_id, encode(action.message, mac=mac))
-            elif isinstance(action, Broadcast):
-                buffers = encode(action.message, mac=mac)   # encoded once for everyone
-                for wid in list(self.peers):
-                    self._enqueue(wid, buffers)
+            if isinstance(action, (Send, Broadcast)):
+                msg = action.message
+                round_start = msg.round if isinstance(msg, RoundStart) else None
+                buffers = encode(msg, mac=mac)   # a broadcast is encoded once for everyone
+                for wid in ([action.worker_id] if isinstance(action, Send) else list(self.peers)):
+                    self._enqueue(wid, buffers, round_start)
             elif isinstance(action, Drop):
                 peer = self.peers.get(action.worker_id)
                 if peer is not None:
                     log.warning("worker %d dropped: %s", action.worker_id, action.reason)
                     self._forget(peer)
             else:
+                if isinstance(action, RoundClosed):   # the record's time is the close's
+                    self._round_io[action.round] = (self._latency, self._bytes, time.time())
+                    self._latency, self._bytes = {}, {}
                 self.events.put_nowait(action)
 
     # -- the run ------------------------------------------------------------------------------
@@ -324,8 +376,8 @@ class ParameterServer:
         s = self.cfg.server
         ssl_ctx = server_ssl_context(s.tls.cert, s.tls.key) if s.tls else None
         tls_kw = {"ssl": ssl_ctx, "ssl_handshake_timeout": s.hello_timeout} if ssl_ctx else {}
-        server = await asyncio.start_server(self._handle, s.listen_host, s.port,
-                                            limit=1 << 20, **tls_kw)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: FrameStream(self._connection), s.listen_host, s.port, **tls_kw)
         self.port = server.sockets[0].getsockname()[1]
         log.info("PS listening on %s:%d%s; n=%d workers, f=%d, aggregator %s, rounds %d..%d, "
                  "d=%d, quorum %d", s.listen_host, self.port, " (TLS)" if ssl_ctx else "", self.cfg.n, self.cfg.f,
@@ -336,6 +388,8 @@ class ParameterServer:
                         "reaches %s:%d can act as a worker. Use `byzps keygen` for real "
                         "deployments.", s.listen_host, self.port)
         try:
+            if self.status is not None:
+                self.status.start()   # StatusEndpointError names server.metrics_port
             return await self._train()
         finally:
             try:
@@ -343,6 +397,8 @@ class ParameterServer:
             except (asyncio.TimeoutError, TimeoutError):
                 log.error("shutdown did not finish within %.0f s; exiting anyway",
                           SHUTDOWN_TIMEOUT)
+            if self.status is not None:
+                self.status.stop()
 
     async def _shutdown(self, server: asyncio.Server) -> None:
         """Tell every worker to stop, give them a moment to hang up, then close everything."""
@@ -358,7 +414,7 @@ class ParameterServer:
             await asyncio.wait(set(self._handlers), timeout=max(0.1, deadline - time.monotonic()))
         self._closing = True
         for p in list(self.peers.values()):
-            p.writer.close()
+            p.stream.close()
         for task in list(self._handlers) + pending:
             task.cancel()
         await asyncio.gather(*self._handlers, *pending, return_exceptions=True)
@@ -404,6 +460,8 @@ class ParameterServer:
             r = self.machine.round
             round_start = time.perf_counter()
             log.debug("round %d begins; live workers %s", r, sorted(self.machine.live))
+            # hash the replica off the event loop, which meanwhile sends the last UPDATE
+            await asyncio.to_thread(self.machine.digest)
             self._execute(self.machine.begin_round())
             closed = await self._await_close(r, t.round_timeout)
             for wid, reason in closed.rejected.items():
@@ -412,7 +470,9 @@ class ParameterServer:
             evaluate = (r + 1) % t.eval_every == 0 or self.machine.finished
             if evaluate:
                 test_loss, test_acc = self.replica.evaluate(self.test_x, self.test_y)
+            latencies, nbytes, closed_at = self._round_io.pop(r, ({}, {}, None))
             record = round_record(closed, worker_ids=self.machine.worker_ids,
+                                  latencies=latencies, bytes_received=nbytes, now=closed_at,
                                   seconds_round=time.perf_counter() - round_start,
                                   test_loss=test_loss if evaluate else None,
                                   test_accuracy=test_acc if evaluate else None)
@@ -425,6 +485,8 @@ class ParameterServer:
                          list(closed.accepted),
                          f", rejected {closed.rejected}" if closed.rejected else "")
             self.metrics.write(record)
+            if self.status is not None:
+                self.status.update(record, live_workers=self.machine.live)
             if t.checkpoint_every and (r + 1) % t.checkpoint_every == 0:
                 self._checkpoint()
         digest = self.replica.digest()
@@ -465,8 +527,8 @@ class ParameterServer:
             # Finished needs no handling here: the caller's loop checks machine.finished
 
 
-async def _try_send(writer: asyncio.StreamWriter, msg) -> None:
+async def _try_send(stream: FrameStream, msg) -> None:
     try:
-        await write_message(writer, msg, 5.0)
+        await stream.write_message(msg, 5.0)
     except (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError):
         pass

@@ -114,8 +114,8 @@ class Replica:
     def digest(self) -> str:
         """Hex digest (16 bytes of BLAKE2b) of theta and the momentum buffer's raw bytes."""
         h = hashlib.blake2b(digest_size=DIGEST_BYTES)
-        h.update(self.theta.detach().numpy().tobytes())
-        h.update(self.momentum_buffer().numpy().tobytes())
+        for t in (self.theta.detach(), self.momentum_buffer()):
+            h.update(memoryview(t.contiguous().numpy()).cast("B"))   # no copy of the bytes
         return h.hexdigest()
 
     @torch.no_grad()

@@ -314,23 +314,34 @@ def parse_header(prefix: Prefix, raw: bytes, limits: Limits) -> dict[str, Any]:
     return header
 
 
-def build_message(prefix: Prefix, header: dict[str, Any], payload: Union[bytes, bytearray,
-                  memoryview]) -> Message:
+def build_message(prefix: Prefix, header: dict[str, Any],
+                  payload: Union[bytes, bytearray, memoryview, torch.Tensor]) -> Message:
     """Assemble the message object from a validated prefix, header and payload.
 
-    A writable payload (``bytearray``) is wrapped without a copy; read-only bytes are copied.
+    The payload is either the raw little-endian bytes (a writable ``bytearray`` or memoryview
+    of one is wrapped without a copy; read-only bytes are copied), or a float32 tensor that
+    already holds the values (what :class:`byzps.transport.FrameStream` received straight into
+    the caller's buffer); that tensor becomes the message's tensor, viewed as the header's
+    shape, without a copy.
 
     Raises:
-        FrameError: payload length differs from the prefix.
+        FrameError: payload length (bytes, or 4 * numel for a tensor) differs from the prefix.
     """
-    if len(payload) != prefix.payload_len:
-        raise FrameError(f"payload cut short: {len(payload)} of {prefix.payload_len} bytes")
     t = prefix.mtype
-    if t in _TENSOR_SHAPES:
-        arr = np.frombuffer(payload, dtype="<f4")
-        if not arr.flags.writeable:
-            arr = arr.copy()
-        tensor = torch.from_numpy(arr.astype(np.float32, copy=False)).view(header["shape"])
+    if isinstance(payload, torch.Tensor):
+        size = payload.numel() * 4 if payload.dtype == torch.float32 else -1
+        if size != prefix.payload_len or (size and not payload.is_contiguous()):
+            raise FrameError(f"payload tensor of {payload.numel()} {payload.dtype} values for a "
+                             f"{prefix.payload_len}-byte payload")
+        tensor = payload.view(header["shape"]) if t in _TENSOR_SHAPES else None
+    else:
+        if len(payload) != prefix.payload_len:
+            raise FrameError(f"payload cut short: {len(payload)} of {prefix.payload_len} bytes")
+        if t in _TENSOR_SHAPES:
+            arr = np.frombuffer(payload, dtype="<f4")
+            if not arr.flags.writeable:
+                arr = arr.copy()
+            tensor = torch.from_numpy(arr.astype(np.float32, copy=False)).view(header["shape"])
     if t is MsgType.HELLO:
         return Hello(header["worker_id"], header["nonce"])
     if t is MsgType.CHALLENGE:
@@ -350,6 +361,19 @@ def build_message(prefix: Prefix, header: dict[str, Any], payload: Union[bytes, 
     if t is MsgType.RESYNC:
         return Resync(header["round"])
     return Refuse(header["reason"], header["retry"])
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view (``4 * numel`` bytes) of a contiguous float32 CPU tensor's storage:
+    where a receiver reads a payload straight into the tensor (no copy).
+
+    Raises:
+        ValueError: not float32, not contiguous, or not on the CPU.
+    """
+    if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"a receive buffer must be a contiguous float32 CPU tensor, got "
+                         f"{t.dtype} on {t.device}, contiguous={t.is_contiguous()}")
+    return memoryview(t.detach().numpy()).cast("B")
 
 
 def decode_frame(data: bytes, limits: Limits, session=None) -> Message:

@@ -27,11 +27,10 @@ import torch
 from byzps import attacks, auth
 from byzps.attacks.base import round_generator
 from byzps.config import Config
-from byzps.data import config_shards, load_mnist, to_tensors
+from byzps.data import Mnist, config_shards, load_mnist, to_tensors
 from byzps.protocol import WorkerRounds
 from byzps.training import Replica
-from byzps.transport import PeerClosed, client_ssl_context, read_message, set_keepalive, \
-    write_message
+from byzps.transport import FrameStream, PeerClosed, client_ssl_context, set_keepalive
 from byzps.wire import Auth, Challenge, FrameError, Hello, Limits, MsgType, Refuse
 
 log = logging.getLogger(__name__)
@@ -124,14 +123,19 @@ class WorkerMomentum:
         return m
 
 
-def shard_tensors(cfg: Config, worker_id: int, data_root: str) -> tuple[torch.Tensor,
-                                                                         torch.Tensor]:
-    """Load MNIST and return this worker's shard (``training.distribution``) as tensors.
+def shard_tensors(cfg: Config, worker_id: int, data_root: str, mnist: Optional[Mnist] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This worker's shard (``training.distribution``) as tensors.
+
+    Args:
+        mnist: already loaded MNIST (the simulator loads it once for all workers); None loads
+            it from ``data_root``.
 
     Raises:
         byzps.data.DatasetNotFound: no MNIST copy found.
     """
-    mnist = load_mnist(data_root, parts=("train",))
+    if mnist is None:
+        mnist = load_mnist(data_root, parts=("train",))
     idx = config_shards(cfg, mnist.train_labels)[cfg.shard_of(worker_id)]
     return to_tensors(mnist.train_images[idx], mnist.train_labels[idx])
 
@@ -144,6 +148,13 @@ class Worker:
         worker_id: must be one of the config's worker ids.
         worker_type: ``honest`` or ``byzantine`` (overrides the config's type), or None.
         data_root: MNIST folder.
+        mnist: MNIST already loaded (train part), shared by the simulator's workers; None =
+            load it from ``data_root``.
+
+    Attributes:
+        omniscient_view: ``(h, d)`` float32 honest vectors of the current round, set by the
+            simulator before a Byzantine worker with an omniscient attack answers; always None
+            over TCP.
 
     Raises:
         KeyError: unknown worker id.
@@ -152,13 +163,13 @@ class Worker:
     """
 
     def __init__(self, cfg: Config, worker_id: int, worker_type: Optional[str],
-                 data_root: str):
+                 data_root: str, mnist: Optional[Mnist] = None):
         self.cfg = cfg
         self.id = worker_id
         wcfg = cfg.worker(worker_id)
         self.type = worker_type or wcfg.type
         t = cfg.training
-        x, y = shard_tensors(cfg, worker_id, data_root)
+        x, y = shard_tensors(cfg, worker_id, data_root, mnist)
         self.seed = t.seed * 1_000_003 + worker_id
         self.sampler = ShardSampler(x, y, t.batch_size, seed=self.seed)
         self._shard = (x, y)
@@ -166,6 +177,7 @@ class Worker:
         self.replica = Replica(t.model, t.seed, t.learning_rate, t.momentum)
         self.momentum = WorkerMomentum(t.worker_momentum)
         self.attack: Optional[attacks.Attack] = None
+        self.omniscient_view: Optional[torch.Tensor] = None
         if self.type == "byzantine":
             name, params = wcfg.attack_spec()
             self.attack = attacks.build(name, **params)
@@ -217,7 +229,8 @@ class Worker:
         return attacks.AttackContext(
             round_, honest, batch=batch, gradient=self._gradient,
             sample_batch=self.sample_batch, n=self.cfg.n, f=self.cfg.f, seed=self.seed,
-            worker_momentum=self.cfg.training.worker_momentum)
+            worker_momentum=self.cfg.training.worker_momentum,
+            honest_gradients=self.omniscient_view)
 
     def _compute(self, round_: int) -> tuple[torch.Tensor, float]:
         """``round -> ((d,) float32 vector to send, honest minibatch loss)``.
@@ -239,15 +252,16 @@ class Worker:
             sent = out
         return sent, loss
 
-    async def _connect(self, deadline: float) -> tuple[asyncio.StreamReader,
-                                                       asyncio.StreamWriter]:
+    async def _connect(self, deadline: float) -> FrameStream:
         s = self.cfg.server
         delay = 0.1
         while True:
             try:
-                return await asyncio.wait_for(asyncio.open_connection(
-                    s.host, s.port, ssl=self.ssl_ctx,
-                    server_hostname=s.host if self.ssl_ctx else None), 10.0)
+                _, stream = await asyncio.wait_for(
+                    asyncio.get_running_loop().create_connection(
+                        FrameStream, s.host, s.port, ssl=self.ssl_ctx,
+                        server_hostname=s.host if self.ssl_ctx else None), 10.0)
+                return stream
             except ssl.SSLCertVerificationError as e:
                 raise WorkerFailed(
                     f"worker {self.id}: the PS at {s.host}:{s.port} failed TLS verification "
@@ -275,12 +289,11 @@ class Worker:
             raise auth.AuthError(f"secrets file {path} has no key for worker {self.id}")
         return keys[self.id]
 
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                         ) -> Optional[auth.MacSession]:
+    async def _handshake(self, stream: FrameStream) -> Optional[auth.MacSession]:
         """Introduce (and authenticate) this worker; returns the MAC session or None."""
         nonce = auth.new_nonce() if self.key is not None else None
-        await write_message(writer, Hello(self.id, nonce.hex() if nonce else None), 30.0)
-        first = await read_message(reader, self.limits_first, 60.0)
+        await stream.write_message(Hello(self.id, nonce.hex() if nonce else None), 30.0)
+        first = await stream.read_message(self.limits_first, 60.0)
         if isinstance(first, Refuse):
             return self._refused(first)
         if self.key is None:
@@ -296,7 +309,7 @@ class Worker:
                                f"has a key; refusing to talk to it (wrong server or a downgrade)")
         server_nonce = bytes.fromhex(first.nonce)
         tag = auth.auth_tag(self.key, self.id, nonce, server_nonce)
-        await write_message(writer, Auth(tag.hex()), 30.0)
+        await stream.write_message(Auth(tag.hex()), 30.0)
         return auth.MacSession(self.key, self.id, nonce, server_nonce, is_server=False)
 
     def _refused(self, msg: Refuse) -> None:
@@ -314,21 +327,27 @@ class Worker:
         Raises:
             WorkerFailed: refused, PS unreachable, authentication failure, or the PS aborted.
         """
+        if self.attack is not None and self.attack.omniscient:
+            raise WorkerFailed(
+                f"worker {self.id}: attack {self.attack.name!r} has omniscient: true, which "
+                f"needs the honest workers' gradients; a worker over TCP never sees them. "
+                f"Run this config with `byzps simulate` or `byzps grid`, or remove "
+                f"workers[].attack_params.omniscient")
         timeout = self.cfg.server.connect_timeout
         while True:
-            reader, writer = await self._connect(time.monotonic() + timeout)
-            set_keepalive(writer.get_extra_info("socket"))
+            stream = await self._connect(time.monotonic() + timeout)
+            set_keepalive(stream.get_extra_info("socket"))
             try:
-                session = await self._handshake(reader, writer)
+                session = await self._handshake(stream)
                 limits = self.limits if session is None else self.limits_mac
                 log.info("worker %d (%s) connected to the PS%s", self.id, self.type,
                          " (authentication sent)" if session else "")
                 while self.machine.stopped is None:
-                    msg = await read_message(reader, limits, None, session)
+                    msg = await stream.read_message(limits, None, session)
                     if isinstance(msg, Refuse):
                         self._refused(msg)
                     for reply in self.machine.on_message(msg):
-                        await write_message(writer, reply, 60.0, session)
+                        await stream.write_message(reply, 60.0, session)
             except (PeerClosed, ConnectionError, OSError, FrameError, auth.AuthError, ValueError,
                     asyncio.TimeoutError, TimeoutError) as e:
                 log.warning("worker %d: connection to the PS lost (%s); reconnecting", self.id,
@@ -336,7 +355,7 @@ class Worker:
                 await asyncio.sleep(0.5)
                 continue
             finally:
-                writer.close()
+                stream.close()
             stop = self.machine.stopped
             if not stop.ok:
                 raise WorkerFailed(f"worker {self.id}: the PS aborted: {stop.reason}")
