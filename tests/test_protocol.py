@@ -268,3 +268,20 @@ def test_one_state_payload_is_shared_by_every_connect_until_the_next_step():
     m.disconnect(2)
     s2 = m.connect(2)[0].message.tensor
     assert s2 is not s0 and torch.equal(s2[0], m.replica.theta.detach())
+
+
+def test_replica_that_loaded_state_matches_a_fresh_one_bit_for_bit_with_negative_zeros():
+    """Regression: a fresh replica (the PS) and one that loaded STATE (a worker) must end the
+    first momentum step with the same digest even when the aggregate holds -0.0 (a median of a
+    sign-flipped zero): torch SGD's first step copied the gradient on the PS (-0.0) while the
+    worker computed 0.9 * 0 + g (+0.0), and every worker resynced after round 0."""
+    from byzps.training import Replica
+    ps = Replica("logreg", 0, 0.1, 0.9)
+    worker = Replica("logreg", 0, 0.1, 0.9)
+    worker.load_state(ps.state())
+    agg = torch.zeros(ps.d)
+    agg[::2] = -0.0
+    agg[1] = 0.5
+    ps.apply(agg.clone())
+    worker.apply(agg.clone())
+    assert ps.digest() == worker.digest()

@@ -45,6 +45,12 @@ class Replica:
         self._layout = [(name, p.shape, p.numel()) for name, p in named]
         self.optimizer = torch.optim.SGD([self.theta], lr=learning_rate, momentum=momentum,
                                          foreach=False)
+        if momentum != 0:
+            # An explicit zero buffer from the start, as a replica that loaded STATE has: torch
+            # SGD's first step otherwise copies the gradient (keeping -0.0 entries) while a
+            # replica with a zero buffer computes 0.9 * 0 + g (giving +0.0), and the digests
+            # of the PS and its workers then differ in the sign of zero after round 0.
+            self.optimizer.state[self.theta]["momentum_buffer"] = torch.zeros(self.d)
 
     def _views(self) -> dict[str, torch.Tensor]:
         views, offset = {}, 0
