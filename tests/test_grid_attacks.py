@@ -60,8 +60,32 @@ def test_tcp_entry_points_refuse_omniscient_attacks(tmp_path, base_config):
         proc = subprocess.run([sys.executable, str(ROOT / "ps_node.py"), "--config", str(path), *argv],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
-        assert "workers [3]: attack_params.omniscient is true" in proc.stderr
+        assert "attack_params.omniscient is true for worker id(s) 3," in proc.stderr
         assert "byzps simulate" in proc.stderr
-    with pytest.raises(ConfigError, match=r"workers \[3\]: attack_params.omniscient"):
+    with pytest.raises(ConfigError, match=r"omniscient is true for worker id\(s\) 3,"):
         launch(path, tmp_path / "run", data_root="./data", out=io.StringIO())
     assert not (tmp_path / "run" / "server.log").exists()
+
+
+def test_byzps_run_stops_the_workers_at_once_when_the_ps_fails(tmp_path, base_config):
+    """The PS cannot bind its status port: `byzps run` stops the workers instead of letting them wait
+    out connect_timeout (300 s here), and reports the PS's reason first."""
+    import socket
+    import time
+    base_config["server"]["connect_timeout"] = 300.0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        base_config["server"]["metrics_port"] = taken.getsockname()[1]
+        path = write_config(tmp_path / "c.yaml", base_config)
+        out = io.StringIO()
+        t0 = time.monotonic()
+        summary = launch(path, tmp_path / "run", data_root="./data", out=out, poll=0.2)
+        elapsed = time.monotonic() - t0
+    text = out.getvalue()
+    assert not summary.ok and summary.exit_codes["server"] == 1, text
+    assert elapsed < 120, text
+    lines = text.splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("  "))
+    assert lines[first].startswith("  server exited 1:") and "metrics_port" in lines[first], text
+    assert "  worker-0 exited" in text and "stopped because the PS failed" in text

@@ -120,7 +120,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
     omniscient = cfg.omniscient_workers()
     if omniscient:
-        print(f"config error: {OMNISCIENT_ONLY_IN_SIMULATION.format(ids=omniscient)}",
+        ids = ", ".join(map(str, omniscient))
+        print(f"config error: {OMNISCIENT_ONLY_IN_SIMULATION.format(ids=ids)}",
               file=sys.stderr)
         return 2
     if args.resume and args.role != "server":

@@ -259,9 +259,10 @@ class WorkerConfig(_Strict):
         return self.attack, dict(self.attack_params)
 
 
-#: Why a config with omniscient attacks cannot run over TCP (``ids``: the worker ids).
+#: Why a config with omniscient attacks cannot run over TCP (``ids``: the worker ids, e.g.
+#: "3, 4").
 OMNISCIENT_ONLY_IN_SIMULATION = (
-    "workers {ids}: attack_params.omniscient is true, which needs the honest workers' "
+    "attack_params.omniscient is true for worker id(s) {ids}, which needs the honest workers' "
     "gradients; over TCP a worker never sees them. Run this config with `byzps simulate` or "
     "`byzps grid`, or remove attack_params.omniscient")
 

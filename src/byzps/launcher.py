@@ -163,7 +163,8 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
     cfg = load_config(cfg_path)
     omniscient = cfg.omniscient_workers()
     if omniscient:
-        raise ConfigError(str(config), [OMNISCIENT_ONLY_IN_SIMULATION.format(ids=omniscient)])
+        raise ConfigError(str(config), [OMNISCIENT_ONLY_IN_SIMULATION.format(
+            ids=', '.join(map(str, omniscient)))])
     total = rounds or cfg.training.rounds
     env = _node_env()
     procs: dict[str, subprocess.Popen] = {}
@@ -180,8 +181,9 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
     print(f"byzps run: PS + {cfg.n} workers on 127.0.0.1:{cfg.server.port}, {total} rounds; "
           f"run folder {run_dir}", file=out, flush=True)
     if cfg.server.metrics_port is not None:
-        print(f"byzps run: PS status on http://{cfg.server.metrics_host}:"
-              f"{cfg.server.metrics_port}/status and /metrics", file=out, flush=True)
+        print(f"byzps run: PS status (once the PS is up) on http://"
+              f"{cfg.server.metrics_host}:{cfg.server.metrics_port}/status and /metrics",
+              file=out, flush=True)
     interrupted = False
     last_line, last_printed_round, acc = "", -1, None
     try:
@@ -192,6 +194,10 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
         first_time: Optional[float] = None
         while any(p.poll() is None for p in procs.values()):
             time.sleep(poll)
+            # the PS failed (e.g. its port or metrics port is taken): stop the rest now
+            # instead of letting the workers wait out server.connect_timeout
+            if procs["server"].poll() not in (None, 0):
+                break
             if not metrics.exists():
                 continue
             records = read_jsonl(metrics)
@@ -209,13 +215,12 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
             if tty:
                 if line != last_line:
                     print("\r" + line, end="", file=out, flush=True)
-            elif rec.get("test_accuracy") is not None and rec["round"] != last_printed_round:
-                print(line, file=out, flush=True)
-                last_printed_round = rec["round"]
+            else:   # one line per evaluated round, also those a poll stepped over
+                for r in records:
+                    if r.get("test_accuracy") is not None and r["round"] > last_printed_round:
+                        print(progress_line(r, total, spr, None), file=out, flush=True)
+                        last_printed_round = r["round"]
             last_line = line
-            # a node that failed while others still wait: stop the rest
-            if procs["server"].poll() not in (None, 0):
-                break
     except KeyboardInterrupt:
         interrupted = True
         _signal_all(procs, signal.SIGINT)
@@ -246,7 +251,7 @@ def _signal_all(procs: dict[str, subprocess.Popen], sig: int) -> None:
                 pass
 
 
-def _wait_all(procs: dict[str, subprocess.Popen], grace: float = 10.0) -> None:
+def _wait_all(procs: dict[str, subprocess.Popen], grace: float = 2.0) -> None:
     """Wait for every node; if the PS failed, the workers get SIGTERM after ``grace`` s."""
     deadline = time.monotonic() + grace
     server = procs.get("server")
@@ -272,7 +277,12 @@ def _print_summary(s: RunSummary, total: int, out: TextIO) -> None:
     print(f"byzps run: {status}: {s.rounds}/{total} rounds, final test accuracy {acc}"
           f"{threshold}, {s.seconds:.1f} s; logs and metrics.jsonl in {s.run_dir}", file=out,
           flush=True)
-    for name in s.failed:
+    ps_failed = s.exit_codes.get("server") not in (None, 0)
+    for name in sorted(s.failed, key=lambda n: n != "server"):   # the PS's reason first
+        if ps_failed and name != "server":
+            print(f"  {name} exited {s.exit_codes[name]}: stopped because the PS failed",
+                  file=out, flush=True)
+            continue
         log = s.run_dir / f"{name}.log"
         tail = ""
         if log.exists():
