@@ -275,12 +275,14 @@ def _cmd_simulate(args) -> int:
     cfg = load_config(args.config)
     total = args.rounds or cfg.training.rounds
     tty = sys.stderr.isatty()
-    state = {"acc": None, "last": None}
+    state = {"acc": None, "last": None, "seconds": 0.0}
 
     def show(rec: dict) -> None:
         if rec.get("test_accuracy") is not None:
             state["acc"] = rec["test_accuracy"]
-        line = progress_line(rec, total, rec.get("seconds_round"), state["acc"])
+        # the mean over the rounds so far, as the final summary reports it
+        state["seconds"] += rec.get("seconds_round") or 0.0
+        line = progress_line(rec, total, state["seconds"] / (rec["round"] + 1), state["acc"])
         if tty:
             print("\r" + line, end="", file=sys.stderr, flush=True)
         elif rec.get("test_accuracy") is not None:

@@ -25,6 +25,7 @@ builds every worker's attack at load time.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -424,7 +425,10 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{loc}: required field is missing"
     if kind == "extra_forbidden":
-        return f"{loc}: unknown field (check the spelling; see README.md for the schema)"
+        name = str(err["loc"][-1]) if err.get("loc") else ""
+        close = difflib.get_close_matches(name, _known_fields(), n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]!r}? " if close else "check the spelling; "
+        return f"{loc}: unknown field ({hint}see README.md for the schema)"
     if "input" in err and kind not in ("value_error",):
         val = err["input"]
         shown = repr(val) if not isinstance(val, (dict, list)) else type(val).__name__
@@ -434,6 +438,14 @@ def _describe(err: dict[str, Any]) -> str:
         if isinstance(val, bool):
             line += "; YAML reads on/off/yes/no as booleans"
     return line
+
+
+def _known_fields() -> list[str]:
+    """Every field name of every config section (for "did you mean" hints)."""
+    names: set[str] = set()
+    for model in _Strict.__subclasses__():
+        names.update(model.model_fields)
+    return sorted(names)
 
 
 def _looks_numeric(s: str) -> bool:
