@@ -22,13 +22,13 @@ and the aggregator gets a view of them, so no round stacks or copies the gradien
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
 
+from byzps.aggregators import all_finite
 from byzps.training import Replica
 from byzps.wire import Gradient, Message, Resync, RoundStart, State, Stop, Update
 
@@ -111,16 +111,6 @@ Action = Union[Send, Broadcast, RoundClosed, RoundFailed, Drop, Finished]
 
 #: float32 entries of the scratch block used for the distances at a close (1 MiB)
 SCRATCH_ELEMENTS = 1 << 18
-
-
-def all_finite(x: torch.Tensor) -> bool:
-    """Whether every entry of a float tensor is finite (no NaN, no +-Inf), without a per-entry
-    temporary in the common case: a finite sum proves it (NaN and Inf propagate through a
-    sum); a non-finite sum (a bad entry, or finite entries whose sum overflowed) is followed
-    by the exact entry-wise check."""
-    if math.isfinite(float(torch.sum(x))):
-        return True
-    return bool(torch.isfinite(x).all())
 
 
 @dataclass

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._base import Aggregator, Param, PreAggregator
+from ._common import all_finite
 from .arc import ARC
 from .bucketing import Bucketing
 from .bulyan import Bulyan
@@ -57,6 +58,7 @@ __all__ = [
     "Param",
     "PreAggregator",
     "TrimmedMean",
+    "all_finite",
     "build",
     "build_pre",
     "names",
