@@ -275,7 +275,7 @@ def _cmd_simulate(args) -> int:
     cfg = load_config(args.config)
     total = args.rounds or cfg.training.rounds
     tty = sys.stderr.isatty()
-    state = {"acc": None, "last": None, "seconds": 0.0}
+    state = {"acc": None, "seconds": 0.0}
 
     def show(rec: dict) -> None:
         if rec.get("test_accuracy") is not None:

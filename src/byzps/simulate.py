@@ -164,18 +164,22 @@ class Simulation:
                     # omniscient attackers answer last, having seen the honest vectors
                     live = sorted(set(live) - self._omniscient) + sorted(
                         set(live) & self._omniscient)
+                view = None
                 for wid in live:
                     if wid in self._omniscient:
-                        self._show_honest(wid)
+                        if view is None:   # the honest rows are all in by now: stack once
+                            view = self._honest_view()
+                        self.workers[wid].omniscient_view = view
                     self._to_worker(wid, action.message, queue)
             else:
                 events.append(action)
         return events
 
-    def _show_honest(self, wid: int) -> None:
-        """Give omniscient worker ``wid`` the ``(h, d)`` honest vectors of the round so far."""
+    def _honest_view(self) -> Optional[torch.Tensor]:
+        """The ``(h, d)`` honest vectors of the round so far (None when there are none), for
+        the omniscient workers; the attacks only read it."""
         rows = [self._rows[i] for i in sorted(self._rows) if i in self._honest]
-        self.workers[wid].omniscient_view = torch.stack(rows) if rows else None
+        return torch.stack(rows) if rows else None
 
     # -- the run ------------------------------------------------------------------------------
 
