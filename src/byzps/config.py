@@ -259,6 +259,15 @@ class WorkerConfig(_Strict):
             return "sign_flip", params
         return self.attack, dict(self.attack_params)
 
+    def build_attack(self) -> "attacks.Attack":
+        """The attack this worker runs when Byzantine (:meth:`attack_spec`, built).
+
+        Raises:
+            ValueError: unknown attack or bad parameter (from :func:`byzps.attacks.build`).
+        """
+        name, params = self.attack_spec()
+        return attacks.build(name, **params)
+
 
 #: Why a config with omniscient attacks cannot run over TCP (``ids``: the worker ids, e.g.
 #: "3, 4").
@@ -266,11 +275,6 @@ OMNISCIENT_ONLY_IN_SIMULATION = (
     "attack_params.omniscient is true for worker id(s) {ids}, which needs the honest workers' "
     "gradients; over TCP a worker never sees them. Run this config with `byzps simulate` or "
     "`byzps grid`, or remove attack_params.omniscient")
-
-
-def _build_attack(w: WorkerConfig) -> "attacks.Attack":
-    name, params = w.attack_spec()
-    return attacks.build(name, **params)
 
 
 class Config(_Strict):
@@ -307,7 +311,7 @@ class Config(_Strict):
         """Ids of the Byzantine workers whose attack is omniscient (``attack_params.omniscient``):
         such a config runs only in simulation (``byzps simulate`` / ``byzps grid``)."""
         return [w.id for w in self.workers if w.type == "byzantine"
-                and _build_attack(w).omniscient]
+                and w.build_attack().omniscient]
 
     def worker(self, worker_id: int) -> WorkerConfig:
         """The config entry of ``worker_id``. Raises KeyError for an unknown id."""
@@ -389,8 +393,7 @@ class Config(_Strict):
             raise ValueError(f"workers.{k}.attack_params.scale: sign_flip's scale is also given "
                              f"as workers.{k}.attack_scale; give it once")
         try:
-            name, params = w.attack_spec()
-            attacks.build(name, **params).check(self.n, self.f)
+            w.build_attack().check(self.n, self.f)
         except ValueError as e:
             raise ValueError(f"workers.{k}.attack: {e}") from None
 

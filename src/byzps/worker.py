@@ -179,9 +179,8 @@ class Worker:
         self.attack: Optional[attacks.Attack] = None
         self.omniscient_view: Optional[torch.Tensor] = None
         if self.type == "byzantine":
-            name, params = wcfg.attack_spec()
-            self.attack = attacks.build(name, **params)
-            log.info("worker %d is Byzantine: attack %s %s", worker_id, name, params)
+            self.attack = wcfg.build_attack()
+            log.info("worker %d is Byzantine: attack %s %s", worker_id, *wcfg.attack_spec())
         # a raw-gradient attack (label_flip, mimic) gets its own momentum, like an honest worker
         self.attack_momentum = WorkerMomentum(t.worker_momentum)
         self.machine = WorkerRounds(worker_id, self.replica, self._compute)
