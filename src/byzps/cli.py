@@ -6,12 +6,13 @@
     byzps simulate CONFIG [--rounds R] [--data-root DIR] [--metrics F] one process, no sockets
     byzps grid GRID.yaml [--jobs J] [--out DIR] [--rounds R]           sweep in simulation
     byzps keygen CONFIG --out DIR                                      worker key files
-    byzps list                                                         rules, attacks, models
+    byzps list                                          rules, attacks, models, tasks, optimizers
     byzps plot METRICS.jsonl [...] -o out.png                          accuracy/loss curves
 
 Exit codes: 0 success; 1 the run failed (no quorum, PS unreachable, refused, aborted, a node
 failed, a port in use, or ``byzps run --min-accuracy`` not reached); 2 bad usage or config (one
-line per problem, no traceback); 130 interrupted.
+line per problem, no traceback; also a task whose code fails, :class:`byzps.task.TaskError`);
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from byzps.checkpoint import CheckpointError
 from byzps.transport import TlsError
 from byzps.config import OMNISCIENT_ONLY_IN_SIMULATION, ConfigError, load_config
 from byzps.data import DatasetNotFound, IdxFormatError
+from byzps.task import TaskError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +135,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.role == "server":
             return _run_server(cfg, args)
         return _run_worker(cfg, args)
+    except TaskError as e:
+        print(f"task error: {e}", file=sys.stderr)
+        return 2
     except (DatasetNotFound, IdxFormatError) as e:
         print(f"data error: {e}", file=sys.stderr)
         return 1
@@ -225,7 +230,8 @@ def build_byzps_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", required=True, help="folder for the key files")
     k.add_argument("--force", action="store_true", help="overwrite existing key files")
 
-    sub.add_parser("list", help="aggregators, pre-aggregators, attacks, models, distributions")
+    sub.add_parser("list", help="aggregators, pre-aggregators, attacks, models, distributions, "
+                   "tasks, optimizers, lr schedules")
 
     pl = sub.add_parser("plot", help="plot accuracy and loss of metrics files")
     pl.add_argument("metrics", nargs="+", help="metrics.jsonl file(s)")
@@ -248,6 +254,9 @@ def byzps_main(argv: Optional[list[str]] = None) -> int:
         return handler(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except TaskError as e:
+        print(f"task error: {e}", file=sys.stderr)
         return 2
     except (DatasetNotFound, IdxFormatError) as e:
         print(f"data error: {e}", file=sys.stderr)
@@ -423,7 +432,34 @@ def list_text() -> str:
     lines.append("data distributions (training.distribution: {name: ...}):")
     extra = {"dirichlet": "alpha=1.0", "gamma": "gamma=0.5"}
     lines += [f"  {n:24s} {extra.get(n, '-')}" for n in DISTRIBUTIONS]
+    lines += _task_list_lines()
     return "\n".join(lines)
+
+
+def _task_list_lines() -> list[str]:
+    """``byzps list``'s built-in tasks (parameters and models), optimizers and schedules."""
+    from byzps import optimizers, tasks
+
+    lines = ["built-in tasks (task: {ref: NAME, params: {...}}; or ref: 'file.py:factory'; "
+             "not run by this version yet):"]
+    for name in tasks.names():
+        params = tasks.params(name)
+        lines.append(f"  {name:24s} {_param_text('task', name, params)}")
+        lines.append(f"  {'':24s} models: {', '.join(tasks.models(name))}")
+    lines.append("optimizers (training.optimizer: {name: ...}; sgd's momentum is "
+                 "training.momentum; only plain sgd runs in this version):")
+    for name in optimizers.optimizer_names():
+        params = {k: v for k, v in optimizers.optimizer_params(name).items() if k != "momentum"}
+        lines.append(f"  {name:24s} {_param_text('optimizer', name, params)}")
+    lines.append("lr schedules (training.lr_schedule: {name: ...}; a pure function of the "
+                 "round; only constant runs in this version):")
+    derived = {"milestones": "required", "step_size": "required", "t_max": "training.rounds"}
+    for name in optimizers.schedule_names():
+        params = optimizers.schedule_params(name)
+        helps = {k: f"(default {derived[k]})" for k in params if k in derived}
+        shown = {k: (None if k in derived else v) for k, v in params.items()}
+        lines.append(f"  {name:24s} {_param_text('schedule', name, shown, helps)}")
+    return lines
 
 
 def _cmd_list(args) -> int:

