@@ -237,7 +237,9 @@ def _describe_exc(e: BaseException) -> str:
     """``Type: message (at file:line)`` of an exception raised in user code."""
     where = ""
     tb = traceback.extract_tb(e.__traceback__)
-    if tb:
+    if isinstance(e, SyntaxError) and e.filename:
+        where = f" (at {e.filename}:{e.lineno})"
+    elif tb:
         frame = tb[-1]
         where = f" (at {frame.filename}:{frame.lineno})"
     msg = str(e)
