@@ -238,20 +238,6 @@ def test_step_refuses_bad_inputs(bad):
         adam.step(theta, grad, state, bad.get("lr", 0.1))
 
 
-@pytest.mark.parametrize("name,params,field", [
-    ("sgd", {"momentum": 1.0}, "momentum"),
-    ("sgd", {"nesterov": True}, "nesterov"),
-    ("sgd", {"weight_decay": -1.0}, "weight_decay"),
-    ("adam", {"beta2": 1.0}, "beta2"),
-    ("adam", {"eps": float("inf")}, "eps"),
-    ("adam", {"momentum": 0.9}, "unknown parameter"),
-    ("rmsprop", {}, "unknown optimizer"),
-])
-def test_bad_optimizer_parameters_name_the_field(name, params, field):
-    with pytest.raises(OptimizerError, match=field):
-        opt.build_optimizer(name, **params)
-
-
 def test_registry_lists_defaults():
     assert opt.optimizer_names() == ["adam", "adamw", "sgd"]
     assert opt.optimizer_params("adamw") == {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
@@ -326,18 +312,25 @@ def test_step_schedule_never_increases(r, size):
     assert s.lr(1.0, r + 1, 1000) <= s.lr(1.0, r, 1000)
 
 
-@pytest.mark.parametrize("name,params,field", [
-    ("step", {"step_size": 0}, "step_size"),
-    ("step", {"gamma": 1.5}, "gamma"),
-    ("multistep", {"milestones": [5, 5]}, "milestones"),
-    ("multistep", {"milestones": []}, "milestones"),
-    ("cosine", {"t_max": 0}, "t_max"),
-    ("cosine", {"gamma": 0.1}, "unknown parameter"),
-    ("linear", {}, "unknown lr schedule"),
+@pytest.mark.parametrize("build,name,params,field", [
+    ("optimizer", "sgd", {"momentum": 1.0}, "momentum"),
+    ("optimizer", "sgd", {"nesterov": True}, "nesterov"),
+    ("optimizer", "sgd", {"weight_decay": -1.0}, "weight_decay"),
+    ("optimizer", "adam", {"beta2": 1.0}, "beta2"),
+    ("optimizer", "adam", {"eps": float("inf")}, "eps"),
+    ("optimizer", "adam", {"momentum": 0.9}, "optimizer adam: unknown parameter"),
+    ("optimizer", "rmsprop", {}, "unknown optimizer"),
+    ("schedule", "step", {"step_size": 0}, "step_size"),
+    ("schedule", "step", {"gamma": 1.5}, "gamma"),
+    ("schedule", "multistep", {"milestones": [5, 5]}, "milestones"),
+    ("schedule", "multistep", {"milestones": []}, "milestones"),
+    ("schedule", "cosine", {"t_max": 0}, "t_max"),
+    ("schedule", "cosine", {"gamma": 0.1}, "lr schedule cosine: unknown parameter"),
+    ("schedule", "linear", {}, "unknown lr schedule"),
 ])
-def test_bad_schedule_parameters_name_the_field(name, params, field):
+def test_bad_parameters_name_the_field(build, name, params, field):
     with pytest.raises(OptimizerError, match=field):
-        opt.build_schedule(name, **params)
+        getattr(opt, f"build_{build}")(name, **params)
 
 
 def test_schedule_refuses_bad_round():

@@ -289,8 +289,7 @@ def optimizer_params(name: str) -> dict[str, Any]:
     Raises:
         OptimizerError: unknown name.
     """
-    cls = _lookup(_OPTIMIZERS, name, "optimizer")
-    return {f.name: f.default for f in cls.__dataclass_fields__.values()}
+    return _defaults(_OPTIMIZERS, name, "optimizer")
 
 
 def build_optimizer(name: str, **params: Any) -> Optimizer:
@@ -299,19 +298,32 @@ def build_optimizer(name: str, **params: Any) -> Optimizer:
     Raises:
         OptimizerError: unknown name, unknown parameter, or a value out of range.
     """
-    cls = _lookup(_OPTIMIZERS, name, "optimizer")
-    known = set(cls.__dataclass_fields__)
-    extra = sorted(set(params) - known)
-    if extra:
-        raise OptimizerError(f"optimizer {name}: unknown parameter(s) {', '.join(extra)}; "
-                             f"expected some of {', '.join(sorted(known))}")
-    return cls(**params)
+    return _build(_OPTIMIZERS, name, "optimizer", params)
 
 
 def _lookup(table: dict, name: str, what: str):
     if name not in table:
         raise OptimizerError(f"unknown {what} {name!r}; expected one of {', '.join(sorted(table))}")
     return table[name]
+
+
+def _defaults(table: dict, name: str, what: str) -> dict[str, Any]:
+    """Field name -> default of the dataclass ``table[name]`` (a factory's value for a
+    ``default_factory`` field)."""
+    cls = _lookup(table, name, what)
+    return {f.name: f.default_factory() if callable(f.default_factory) else f.default
+            for f in cls.__dataclass_fields__.values()}
+
+
+def _build(table: dict, name: str, what: str, params: dict[str, Any]) -> Any:
+    """``table[name](**params)`` after refusing unknown parameter names."""
+    cls = _lookup(table, name, what)
+    known = set(cls.__dataclass_fields__)
+    extra = sorted(set(params) - known)
+    if extra:
+        raise OptimizerError(f"{what} {name}: unknown parameter(s) {', '.join(extra)}; "
+                             f"expected some of {', '.join(sorted(known)) or 'none'}")
+    return cls(**params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,11 +476,7 @@ def schedule_params(name: str) -> dict[str, Any]:
     Raises:
         OptimizerError: unknown name.
     """
-    cls = _lookup(_SCHEDULES, name, "lr schedule")
-    out = {}
-    for f in cls.__dataclass_fields__.values():
-        out[f.name] = f.default_factory() if callable(f.default_factory) else f.default
-    return out
+    return _defaults(_SCHEDULES, name, "lr schedule")
 
 
 def build_schedule(name: str, **params: Any) -> LrSchedule:
@@ -477,12 +485,6 @@ def build_schedule(name: str, **params: Any) -> LrSchedule:
     Raises:
         OptimizerError: unknown name, unknown parameter, or a value out of range.
     """
-    cls = _lookup(_SCHEDULES, name, "lr schedule")
-    known = set(cls.__dataclass_fields__)
-    extra = sorted(set(params) - known)
-    if extra:
-        raise OptimizerError(f"lr schedule {name}: unknown parameter(s) {', '.join(extra)}; "
-                             f"expected {', '.join(sorted(known)) or 'none'}")
     if "milestones" in params:
         params = dict(params, milestones=tuple(params["milestones"]))
-    return cls(**params)
+    return _build(_SCHEDULES, name, "lr schedule", params)
