@@ -329,3 +329,18 @@ def test_resnet20_on_the_written_files_through_validate(tmp_path):
     task = load_task("cifar10", {"data_root": str(tmp_path), "download": False})
     info = validate_task(task)
     assert info.d == 269_722 and len(info.buffers) == 57
+
+
+def test_idx_reader_bounds_what_a_gzip_file_expands_to(tmp_path, monkeypatch):
+    """A small .gz that expands past data.MAX_IDX_BYTES is refused (a gzip bomb does not fill
+    memory); here the bound is lowered to keep the test small."""
+    _fashion_files(tmp_path)
+    monkeypatch.setattr(data, "MAX_IDX_BYTES", 16 + 6 * 28 * 28)   # the training images
+    task = load_task("fashion_mnist", {"data_root": str(tmp_path), "download": False})
+    assert len(task.train_data()) == 6
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(10 ** 6)))
+    with pytest.raises(IdxFormatError, match="more than 4720 bytes"):
+        task.test_data()
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b" + b"junk" * 10)
+    with pytest.raises(IdxFormatError, match="not a readable gzip file"):
+        task.test_data()

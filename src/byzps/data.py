@@ -108,9 +108,24 @@ def parse_idx(raw: bytes) -> np.ndarray:
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
+#: Largest IDX file read, gzipped or not (MNIST's and Fashion-MNIST's largest is 47,040,016
+#: bytes); a file that is (or decompresses to) more is refused rather than filling memory.
+MAX_IDX_BYTES = 64 * 1024 * 1024
+
+
 def _read_maybe_gz(path: Path) -> bytes:
-    data = path.read_bytes()
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+        fh.seek(0)
+        src = gzip.GzipFile(fileobj=fh) if head == b"\x1f\x8b" else fh
+        try:
+            data = src.read(MAX_IDX_BYTES + 1)
+        except (OSError, EOFError) as e:   # gzip.BadGzipFile is an OSError
+            raise IdxFormatError(f"{path}: not a readable gzip file: {e}") from None
+    if len(data) > MAX_IDX_BYTES:
+        raise IdxFormatError(f"{path}: more than {MAX_IDX_BYTES} bytes (after gunzip); not an "
+                             f"IDX file of this dataset")
+    return data
 
 
 def find_idx_files(folder: Path, files: dict = MNIST_FILES) -> dict[str, Path] | None:
