@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = {
     "training": {"rounds": 3, "batch_size": 32, "learning_rate": 0.05, "momentum": 0.9,
                  "seed": 0, "model": "small_cnn", "eval_every": 1, "round_timeout": 30.0,
-                 "train_limit": 2000, "test_limit": 500},
+                 "train_limit": 2000, "test_limit": 500,
+                 # many tests compare exact digests or accepted sets: wait for every worker
+                 # (the default, quorum, closes at the n - f fastest; tests of it drop this)
+                 "close_at": "all"},
     "aggregation": {"method": "coordinate_wise_median"},
     "server": {"host": "127.0.0.1", "port": 9000, "bind_host": "127.0.0.1",
                "connect_timeout": 60.0},

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from byzps.protocol import (Broadcast, Finished, RoundClosed, RoundFailed, Send, ServerRounds,
+from byzps.protocol import (REJECT_DUPLICATE, REJECT_NON_FINITE, REJECT_WORKER_ID, Broadcast,
+                            Drop, Finished, RoundClosed, RoundFailed, Send, ServerRounds,
                             WorkerRounds)
 from byzps.training import Replica
 from byzps.wire import Gradient, Resync, RoundStart, State, Stop, Update
@@ -19,8 +20,8 @@ def mean(rows):
     return rows.mean(0)
 
 
-def machine(n=3, rounds=2, quorum=2):
-    return ServerRounds(list(range(n)), replica(), mean, rounds, quorum)
+def machine(n=3, rounds=2, quorum=2, **kw):
+    return ServerRounds(list(range(n)), replica(), mean, rounds, quorum, **kw)
 
 
 def grad(m, wid, value, r=None):
@@ -71,9 +72,10 @@ def test_exclusions_nonfinite_impersonation_duplicate_stale():
     acts = m.on_message(3, grad(m, 3, 4.0))
     closed = next(a for a in acts if isinstance(a, RoundClosed))
     assert closed.accepted == (3,)
-    assert closed.rejected == {0: "non-finite values (NaN or Inf)",
-                               1: "header claims worker 2",
-                               2: "duplicate gradient in one round"}
+    assert closed.rejected == {0: REJECT_NON_FINITE, 1: REJECT_WORKER_ID, 2: REJECT_DUPLICATE}
+    assert (REJECT_NON_FINITE, REJECT_WORKER_ID, REJECT_DUPLICATE) == (
+        "non-finite values (NaN or Inf)", "header names another worker",
+        "duplicate gradient in one round")
 
 
 def test_deadline_with_quorum_closes_without_quorum_fails():
@@ -102,13 +104,17 @@ def test_disconnect_of_the_last_straggler_closes_the_round():
 
 
 def test_reconnect_mid_round_gets_state_and_the_open_round():
-    m = machine()
+    m = machine(rounds=3)
     for w in range(3):
         m.connect(w)
     m.begin_round()
+    for w in range(3):
+        m.on_message(w, grad(m, w, 1.0))
+    m.begin_round()                                  # model version 1
     m.disconnect(1)
     acts = m.connect(1)
     assert [type(a.message) for a in acts] == [State, RoundStart]
+    assert acts[0].message.round == 1 and acts[1].message.round == 1
     with pytest.raises(ValueError, match="already connected"):
         m.connect(1)
     with pytest.raises(ValueError, match="unknown worker id 9"):
@@ -163,15 +169,20 @@ def test_server_and_workers_stay_bit_identical_over_rounds():
 
 def test_worker_detects_drift_and_asks_for_resync():
     w = WorkerRounds(0, replica(), lambda r: (torch.zeros(7850), 0.0))
-    with pytest.raises(ValueError, match="before the initial STATE"):
-        w.on_message(RoundStart(0, "0" * 32))
+    # before its STATE a worker ignores ROUND and UPDATE (it has no model to use them on)
+    assert w.on_message(RoundStart(0, "0" * 32)) == []
+    assert w.on_message(Update(0, torch.zeros(7850))) == [] and w.rounds_done == 0
     w.on_message(State(0, replica().state()))
     assert w.on_message(RoundStart(0, "f" * 32)) == [Resync(0)]
-    m = machine()
+    assert not w.synced and w.on_message(Update(0, torch.zeros(7850))) == []
+    m = machine(n=1, rounds=3, quorum=1)
     m.connect(0)
     m.begin_round()
-    acts = m.on_message(0, Resync(0))
+    m.on_message(0, grad(m, 0, 1.0))               # version 1: the drift shows here
+    m.begin_round()
+    acts = m.on_message(0, Resync(1))
     assert [type(a.message) for a in acts] == [State, RoundStart]
+    assert acts[0].message.round == 1 and m.states_refused == {0: 0}
 
 
 def test_failure_says_who_is_missing_and_flags_divergence():
@@ -285,3 +296,121 @@ def test_replica_that_loaded_state_matches_a_fresh_one_bit_for_bit_with_negative
     ps.apply(agg.clone())
     worker.apply(agg.clone())
     assert ps.digest() == worker.digest()
+
+
+# -- issue 11: liveness and STATE amplification ------------------------------------------------
+
+
+def test_quorum_close_does_not_wait_and_a_late_gradient_never_enters_a_later_round():
+    """close_at="quorum": the round closes at the quorum-th usable gradient; the straggler's
+    round-0 gradient, arriving in round 1, is stale: ignored, never in round 1's aggregate."""
+    m = machine(n=4, rounds=3, quorum=3, close_at="quorum")
+    for w in range(4):
+        m.connect(w)
+    m.begin_round()
+    assert m.on_message(0, grad(m, 0, 1.0)) == []
+    assert m.on_message(1, grad(m, 1, 2.0)) == []
+    upd, closed = m.on_message(2, grad(m, 2, 6.0))[:2]   # worker 3 not waited for
+    assert closed.accepted == (0, 1, 2) and closed.missing == (3,)
+    assert torch.equal(upd.message.tensor, torch.full((m.replica.d,), 3.0))
+    m.begin_round()
+    assert m.receive_buffer(3, 0) is None                # a late frame lands elsewhere
+    assert m.on_message(3, grad(m, 3, 1000.0, r=0)) == []  # late: stale, ignored
+    for w, v in ((0, 3.0), (1, 4.0)):
+        m.on_message(w, grad(m, w, v))
+    upd, closed = m.on_message(2, grad(m, 2, 5.0))[:2]
+    assert closed.accepted == (0, 1, 2) and closed.missing == (3,)
+    assert torch.equal(upd.message.tensor, torch.full((m.replica.d,), 4.0))
+    assert m.missed[3] == 0        # early closes do not count against the workers not waited for
+
+
+def test_all_waits_for_every_live_worker_until_the_deadline():
+    m = machine(n=4, rounds=2, quorum=3, close_at="all")
+    for w in range(4):
+        m.connect(w)
+    m.begin_round()
+    for w in range(3):
+        assert m.on_message(w, grad(m, w, 1.0)) == []
+    closed = next(a for a in m.on_deadline() if isinstance(a, RoundClosed))
+    assert closed.missing == (3,) and m.missed[3] == 1
+    with pytest.raises(ValueError, match="close_at"):
+        machine(close_at="fastest")
+
+
+@pytest.mark.parametrize("close_at", ["all", "quorum"])
+def test_a_worker_whose_gradients_are_always_rejected_is_dropped(close_at):
+    """Before issue 11 a rejected gradient counted as an answer: the worker was never dropped,
+    and with close_at all it could hold every round until the deadline."""
+    m = machine(n=4, rounds=10, quorum=3, max_missed=2, close_at=close_at)
+    for w in range(4):
+        m.connect(w)
+    nan = torch.full((m.replica.d,), float("nan"))
+    drops = []
+    for r in range(2):
+        m.begin_round()
+        acts = m.on_message(3, Gradient(r, 3, nan))      # the Byzantine worker answers first
+        for w in range(3):
+            acts += m.on_message(w, grad(m, w, 1.0))
+        closed = next(a for a in acts if isinstance(a, RoundClosed))
+        assert closed.rejected == {3: REJECT_NON_FINITE}
+        drops += [a for a in acts if isinstance(a, Drop)]
+    assert [(d.worker_id, d.reason) for d in drops] == [
+        (3, "missed 2 round deadlines in a row (no usable gradient: silent, late or rejected)")]
+    assert 3 not in m.live
+    # it reconnects: its count survives, so one more rejected gradient drops it again
+    m.connect(3)
+    m.begin_round()
+    acts = m.on_message(3, Gradient(2, 3, nan))
+    for w in range(3):
+        acts += m.on_message(w, grad(m, w, 1.0))
+    assert [a.worker_id for a in acts if isinstance(a, Drop)] == [3]
+
+
+def test_one_state_per_worker_and_model_version_under_a_resync_flood():
+    m = machine(n=3, rounds=3, quorum=2)
+    for w in range(3):
+        m.connect(w)
+    m.begin_round()
+    for _ in range(700):                                   # the flood: nothing sent
+        assert m.on_message(2, Resync(0)) == []
+    assert m.states_refused == {0: 0, 1: 0, 2: 700} and m.awaiting_state == {2}
+    m.on_message(0, grad(m, 0, 1.0))
+    acts = m.on_message(1, grad(m, 1, 3.0))                # 2 cannot answer: not waited for
+    kinds = [(type(a).__name__, getattr(getattr(a, "message", None), "round", None))
+             for a in acts]
+    assert kinds[:3] == [("Broadcast", 0), ("RoundClosed", None), ("Send", 1)]
+    closed, state = acts[1], acts[2]
+    assert closed.accepted == (0, 1) and closed.missing == (2,)
+    assert closed.states_refused == {2: 700}
+    assert state.worker_id == 2 and isinstance(state.message, State)
+    assert torch.equal(state.message.tensor[0], m.replica.theta.detach())
+    assert m.awaiting_state == set() and m.missed[2] == 0
+    m.begin_round()                                        # version 1: it already has it
+    assert m.on_message(2, Resync(1)) == []
+    m.disconnect(2)                                        # nor does a reconnect get another
+    assert m.connect(2) == [] and m.states_refused[2] == 702
+    m.on_message(0, grad(m, 0, 1.0))
+    acts = m.on_message(1, grad(m, 1, 1.0))
+    assert next(a for a in acts if isinstance(a, RoundClosed)).states_refused == {2: 2}
+    assert [a.worker_id for a in acts if isinstance(a, Send)] == [2]
+
+
+def test_a_worker_refused_a_state_catches_up_with_the_next_one():
+    """Worker side of the one-STATE rule: the UPDATE it cannot use is ignored, the next
+    version's STATE syncs it, and it answers the next round with the PS's digest."""
+    m = machine(n=2, rounds=3, quorum=1)
+    gen = torch.Generator().manual_seed(0)
+    w1 = WorkerRounds(1, replica(), lambda r: (torch.randn(m.replica.d, generator=gen), 0.0))
+    m.connect(0)
+    m.connect(1)                                        # its STATE is lost with the connection
+    m.disconnect(1)
+    m.begin_round()
+    assert m.connect(1) == []                           # the same version: refused
+    acts = m.on_message(0, grad(m, 0, 1.0))
+    for a in acts:
+        if isinstance(a, (Send, Broadcast)) and (not isinstance(a, Send) or a.worker_id == 1):
+            assert w1.on_message(a.message) == []
+    assert w1.synced and w1.replica.digest() == m.replica.digest()
+    (start,) = m.begin_round()
+    (reply,) = w1.on_message(start.message)
+    assert isinstance(reply, Gradient) and reply.round == 1

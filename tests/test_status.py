@@ -14,7 +14,7 @@ import pytest
 
 from byzps.config import ConfigError, parse_config
 from byzps.metrics import round_record
-from byzps.protocol import RoundClosed
+from byzps.protocol import REJECT_NON_FINITE, RoundClosed
 
 from conftest import ROOT, free_port, start_node, write_config
 
@@ -51,11 +51,11 @@ class FakeClock:
 
 
 def two_records() -> list[dict]:
-    r0 = round_record(RoundClosed(round=3, accepted=(0, 1, 2), rejected={3: "non-finite values"},
+    r0 = round_record(RoundClosed(round=3, accepted=(0, 1, 2), rejected={3: REJECT_NON_FINITE},
                                   missing=(), losses={0: 1.0, 1: 2.0, 2: 3.0},
                                   seconds_aggregate=0.004),
                       worker_ids=[0, 1, 2, 3], seconds_round=0.3, now=10.0)
-    r1 = round_record(RoundClosed(round=4, accepted=(0, 2), rejected={3: "non-finite values"},
+    r1 = round_record(RoundClosed(round=4, accepted=(0, 2), rejected={3: REJECT_NON_FINITE},
                                   missing=(1,), losses={0: 0.5, 2: 1.5}, seconds_aggregate=0.02),
                       worker_ids=[0, 1, 2, 3], seconds_round=1.5, test_loss=0.25,
                       test_accuracy=0.875, now=11.0)
@@ -96,7 +96,7 @@ def test_metrics_and_status_report_exact_values():
         assert m[("byzps_round_seconds_bucket", (("le", "0.5"),))] == 1.0
         assert m[("byzps_aggregate_seconds_sum", ())] == pytest.approx(0.024)
         assert m[("byzps_rejected_gradients_total",
-                  (("reason", "non-finite values"), ("worker", "3")))] == 2.0
+                  (("reason", REJECT_NON_FINITE), ("worker", "3")))] == 2.0
         assert m[("byzps_missing_total", (("worker", "1"),))] == 1.0
         assert m[("byzps_missing_total", (("worker", "0"),))] == 0.0
         assert m[("byzps_accepted_total", (("worker", "0"),))] == 2.0
@@ -111,10 +111,11 @@ def test_metrics_and_status_report_exact_values():
             "workers": {"0": {"status": "accepted", "loss": 0.5, "round": 4},
                         "1": {"status": "missing", "round": 4},
                         "2": {"status": "accepted", "loss": 1.5, "round": 4},
-                        "3": {"status": "rejected", "reason": "non-finite values", "round": 4}},
+                        "3": {"status": "rejected", "reason": REJECT_NON_FINITE, "round": 4}},
             "test_accuracy": 0.875, "test_loss": 0.25, "evaluated_round": 4,
             "reported_loss": 1.0, "last_round_seconds": 1.5,
-            "rejected_gradients": {"3": {"non-finite values": 2}}, "missing": {"1": 1},
+            "rejected_gradients": {"3": {REJECT_NON_FINITE: 2}}, "missing": {"1": 1},
+            "states_refused": {},
             "uptime_seconds": 12.5}
         assert fetch(ep.url + "/nope")[0] == 404
         assert fetch(ep.url + "/")[0] == 200
@@ -244,3 +245,32 @@ def test_ps_serves_status_while_training(tmp_path, base_config):
         {w: e["status"] for w, e in records[-1]["workers"].items()}
     with pytest.raises(OSError):   # the endpoint is closed with the PS
         socket.create_connection(("127.0.0.1", cfg.server.metrics_port), timeout=1).close()
+
+
+def test_labels_and_status_keys_stay_bounded_whatever_the_records_say():
+    """Issue 11: a record naming unknown workers or reasons (say, a reason that quotes a new
+    claimed worker id each round) adds no label value and no /status key."""
+    from byzps.protocol import REJECTION_REASONS
+    ep = StatusEndpoint("127.0.0.1", 0, worker_ids=[0, 1], rounds=10 ** 6)
+    for r in range(300):
+        ep.update({"round": r, "accepted": [0, 7000 + r], "missing": [9000 + r],
+                   "rejected": {"1": f"header claims worker {r}", str(5000 + r): "x"},
+                   "workers": {"0": {"status": "accepted"}, str(8000 + r): {"status": "x"},
+                               "1": {"status": "rejected", "states_refused": 2}}},
+                  live_workers=[0, 1])
+    m = samples(_latest(ep))
+    workers = {dict(labels).get("worker") for _, labels in m} - {None}
+    reasons = {dict(labels).get("reason") for _, labels in m} - {None}
+    assert workers == {"0", "1"}
+    assert reasons == {"other"} and "other" not in REJECTION_REASONS
+    snap = ep.snapshot()
+    assert set(snap["workers"]) == {"0", "1"} and snap["rejected_gradients"] == {
+        "1": {"other": 300}}
+    assert snap["missing"] == {} and snap["states_refused"] == {"1": 600}
+    assert m[("byzps_states_refused_total", (("worker", "1"),))] == 600.0
+    assert m[("byzps_accepted_total", (("worker", "0"),))] == 300.0
+
+
+def _latest(ep) -> str:
+    from prometheus_client import generate_latest
+    return generate_latest(ep.registry).decode()

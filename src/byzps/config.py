@@ -246,8 +246,18 @@ class TrainingConfig(_Strict):
             n - f, and never fewer than the rule needs).
         round_retries: a round without a quorum at its deadline is retried (the PS asks the
             workers that did not answer again) this many times; then the PS exits non-zero.
-        max_missed_rounds: a connected worker that misses this many round deadlines in a row
-            is disconnected (it may reconnect).
+        max_missed_rounds: a connected worker that contributes no usable gradient to this
+            many rounds in a row is disconnected (it may reconnect): a rejected gradient
+            counts, and so does a round that closed at its deadline without its answer.
+        close_at: when a round closes before its deadline. ``quorum`` (default): as soon as
+            ``quorum`` (default n - f) usable gradients arrived, the "n - f fastest" rule of
+            AggregaThor (Damaskinos et al., SysML 2019) and Garfield (Guerraoui et al., DSN
+            2021); answers that come later count as missing and are never applied to a later
+            round. No worker, Byzantine or slow, can then make a round wait for it. ``all``:
+            when every live worker answered (at the deadline, with a quorum, at the latest):
+            every honest gradient is used and the run is reproducible bit for bit (the
+            simulator always behaves so), but one late-answering worker holds every round
+            until ``round_timeout``.
         checkpoint_every: the PS writes a checkpoint every this many rounds (0 = never).
         checkpoint_dir: folder of the PS's checkpoints (``latest.pt`` there).
         distribution: how the data is split into shards (:class:`DistributionConfig`);
@@ -278,6 +288,7 @@ class TrainingConfig(_Strict):
     quorum: Optional[int] = Field(None, ge=1)
     round_retries: int = Field(3, ge=0)
     max_missed_rounds: int = Field(3, ge=1)
+    close_at: Literal["all", "quorum"] = "quorum"
     checkpoint_every: int = Field(0, ge=0)
     checkpoint_dir: str = Field("checkpoints", min_length=1)
     distribution: DistributionConfig = Field(default_factory=DistributionConfig)

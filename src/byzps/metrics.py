@@ -10,9 +10,38 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
+
+
+#: largest reported training loss taken as sane: losses are non-negative (cross-entropy,
+#: squared error) and a diverging run is obvious long before this; a worker's value outside
+#: [0, MAX_REPORTED_LOSS] is left out of ``reported_loss``
+MAX_REPORTED_LOSS = 1e6
+
+
+def reported_loss(losses: Iterable[Any]) -> Optional[float]:
+    """A robust summary of the training losses the workers reported: the median of the finite
+    values in [0, :data:`MAX_REPORTED_LOSS`] (the mean of the two middle ones for an even
+    count), or None when there is none.
+
+    The losses are untrusted (a Byzantine worker reports what it likes): the median moves by
+    at most one order statistic per value a Byzantine worker adds, so fewer than half of them
+    cannot push it outside the honest values' range, while one -1e308 made the former mean
+    -2.5e307.
+
+    Args:
+        losses: reported values (floats; non-numbers are ignored).
+
+    Returns:
+        the median as a float, or None.
+    """
+    sane = [float(v) for v in losses
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v) and 0.0 <= v <= MAX_REPORTED_LOSS]
+    return float(statistics.median(sane)) if sane else None
 
 
 def _clean(value: Any) -> Any:
@@ -104,17 +133,20 @@ def round_record(closed: Any, *, worker_ids: Optional[Iterable[int]] = None,
         a JSON-serialisable dict: ``round``, ``time``, ``seconds_round`` (when given),
         ``seconds_aggregate``, ``seconds_validate`` (when ``closed`` has it: seconds spent
         checking the round's gradients), ``accepted`` (ascending ids), ``rejected`` (id -> reason, keys
-        as strings), ``missing``, ``reported_loss`` (mean of the accepted workers' reported
-        losses, or None), ``test_loss``/``test_accuracy`` (when evaluated), and ``workers``:
-        ``{"<id>": {"status": "accepted" | "rejected" | "missing", "reason": str (rejected
-        only), "loss": float, "distance": float, "latency": float, "bytes": int}}`` with the
-        optional keys present only when known. Distances are Euclidean (L2), in gradient
-        units.
+        as strings), ``missing``, ``reported_loss`` (:func:`reported_loss`: median of the
+        accepted workers' sane reported losses, or None), ``test_loss``/``test_accuracy``
+        (when evaluated), and ``workers``: ``{"<id>": {"status": "accepted" | "rejected" |
+        "missing", "reason": str (rejected only), "loss": float, "distance": float,
+        "latency": float, "bytes": int, "states_refused": int}}`` with the optional keys
+        present only when known (``states_refused``: STATE requests of that worker refused
+        since the previous round, when any). Distances are Euclidean (L2), in gradient units.
+        Its size is bounded by the number of workers (nothing cumulative is copied into it).
     """
     accepted = sorted(int(w) for w in closed.accepted)
     rejected = {int(w): str(r) for w, r in closed.rejected.items()}
     missing = sorted(int(w) for w in closed.missing)
     losses = {int(w): float(v) for w, v in closed.losses.items()}
+    refused = {int(w): int(k) for w, k in (getattr(closed, "states_refused", None) or {}).items()}
     ids = sorted(set(worker_ids) if worker_ids is not None
                  else set(accepted) | set(rejected) | set(missing))
     dist: dict[int, Optional[float]] = {}
@@ -139,6 +171,8 @@ def round_record(closed: Any, *, worker_ids: Optional[Iterable[int]] = None,
             entry["latency"] = float(latencies[w])
         if bytes_received is not None and w in bytes_received:
             entry["bytes"] = int(bytes_received[w])
+        if refused.get(w):
+            entry["states_refused"] = int(refused[w])
         workers[str(w)] = entry
     acc_losses = [losses[w] for w in accepted if w in losses]
     record: dict[str, Any] = {
@@ -148,7 +182,7 @@ def round_record(closed: Any, *, worker_ids: Optional[Iterable[int]] = None,
         "accepted": accepted,
         "rejected": {str(w): r for w, r in sorted(rejected.items())},
         "missing": missing,
-        "reported_loss": sum(acc_losses) / len(acc_losses) if acc_losses else None,
+        "reported_loss": reported_loss(acc_losses),
         "workers": workers,
     }
     if getattr(closed, "seconds_validate", None) is not None:

@@ -8,9 +8,24 @@ an in-process simulator can wire them together directly.
 Round r, server side::
 
     begin_round()          -> [Broadcast(RoundStart(r, digest))]
-    on_message(id, Gradient) -> validated, stored; when every live worker answered:
+    on_message(id, Gradient) -> validated, stored; the round closes when every live worker
+                              answered (close_at="all") or as soon as `quorum` usable gradients
+                              arrived (close_at="quorum"):
                               aggregate -> optimizer step -> [Broadcast(Update(r, a)), RoundClosed]
     on_deadline()          -> close with what arrived if at least `quorum` rows, else RoundFailed
+
+Liveness against Byzantine workers: with ``close_at="quorum"`` a round never waits for more than
+the ``quorum`` (default n - f) fastest usable gradients, the rule of AggregaThor (Damaskinos et
+al., SysML 2019) and Garfield (Guerraoui et al., DSN 2021); a gradient that arrives after its
+round closed is stale: it counts as missing and is never applied to a later round. Under either
+setting a worker whose gradient is rejected counts as missing for ``max_missed``, so one that
+always sends garbage is disconnected.
+
+STATE amplification: a STATE (``(2, d)`` float32) costs the PS 8d bytes, a RESYNC frame a few
+dozen. Each worker gets at most one STATE per model version (per closed round), whether it asked
+by connecting or by RESYNC; a further request is counted (:attr:`ServerRounds.states_refused`)
+and answered with the next version's STATE right after the next close. Until then the worker
+is not waited for.
 
 Memory: the server keeps one preallocated ``(n, d)`` float32 buffer with a row per configured
 worker. A network layer receives each gradient straight into its worker's row
@@ -29,10 +44,30 @@ from typing import Callable, Optional, Union
 import torch
 
 from byzps.aggregators import all_finite
+from byzps.logutil import RateLimitedLog
 from byzps.training import Replica
 from byzps.wire import Gradient, Message, Resync, RoundStart, State, Stop, Update
 
 log = logging.getLogger(__name__)
+#: peer-triggered lines (rejections, stale gradients, refused STATEs) are rate-limited
+_peer_log = RateLimitedLog(log)
+
+# ---------------------------------------------------------------------------------------------
+# Fixed vocabularies
+
+#: Why a gradient was excluded. A fixed set, so that what a Byzantine worker can put into the
+#: round's ``rejected``, the metrics records and the Prometheus labels is bounded; the details
+#: (the id a header claimed, the shape it had) go to the log, rate-limited.
+REJECT_WORKER_ID = "header names another worker"
+REJECT_DUPLICATE = "duplicate gradient in one round"
+REJECT_SHAPE = "wrong shape"
+REJECT_NON_FINITE = "non-finite values (NaN or Inf)"
+REJECTION_REASONS = frozenset({REJECT_WORKER_ID, REJECT_DUPLICATE, REJECT_SHAPE,
+                               REJECT_NON_FINITE})
+
+#: When a round closes before its deadline: ``all`` live workers answered, or a ``quorum`` of
+#: usable gradients arrived (see the module docstring).
+CLOSE_AT = ("all", "quorum")
 
 # ---------------------------------------------------------------------------------------------
 # Actions
@@ -66,6 +101,8 @@ class RoundClosed:
         seconds_validate: wall seconds this round spent checking gradients (copy into the
             round's buffer where one was needed, and the NaN/Inf check), all workers together;
             None when not measured.
+        states_refused: worker id -> STATE requests (connects, RESYNCs) refused since the
+            previous close because the worker already had this model version's STATE.
     """
     round: int
     accepted: tuple[int, ...]
@@ -75,6 +112,7 @@ class RoundClosed:
     seconds_aggregate: float
     distances: dict[int, float] = field(default_factory=dict)
     seconds_validate: Optional[float] = None
+    states_refused: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,25 +173,38 @@ class ServerRounds:
         quorum: the fewest gradients a round may close with at its deadline (1..n).
         start_round: first round to run (for resumed runs).
         clock: returns seconds (monotonic), used only to time validation and the aggregator.
-        max_missed: a live worker that misses this many round closes in a row is dropped.
+        max_missed: a live worker that contributes no usable gradient to this many closes in
+            a row is dropped: a rejected gradient counts, and so does a round that closed at
+            its deadline without its answer (a round that closed early, at the quorum, does
+            not count against the workers it did not wait for). Counts survive a reconnect;
+            a usable gradient resets them.
+        close_at: ``"all"``: a round closes before its deadline only when every live worker
+            answered; ``"quorum"``: as soon as ``quorum`` usable gradients arrived (AggregaThor,
+            Garfield). See :data:`CLOSE_AT`.
 
     Attributes:
         buffer: the ``(n, d)`` float32 gradient buffer, one row per worker id in ascending
             order (allocated at the first round; its contents are only meaningful inside a
             round).
 
+        states_refused: worker id -> STATE requests refused over the run (one STATE per
+            worker and model version).
+
     Raises:
-        ValueError: empty or duplicate worker ids, or a quorum outside 1..n.
+        ValueError: empty or duplicate worker ids, a quorum outside 1..n, or an unknown
+            ``close_at``.
     """
 
     def __init__(self, worker_ids: list[int], replica: Replica,
                  aggregate: Callable[[torch.Tensor], torch.Tensor], rounds: int, quorum: int,
                  start_round: int = 0, clock: Optional[Callable[[], float]] = None,
-                 max_missed: int = 3):
+                 max_missed: int = 3, close_at: str = "all"):
         if not worker_ids or len(set(worker_ids)) != len(worker_ids):
             raise ValueError(f"worker ids must be non-empty and unique, got {worker_ids}")
         if not 1 <= quorum <= len(worker_ids):
             raise ValueError(f"quorum must be in 1..{len(worker_ids)}, got {quorum}")
+        if close_at not in CLOSE_AT:
+            raise ValueError(f"close_at must be one of {CLOSE_AT}, got {close_at!r}")
         self.worker_ids = sorted(worker_ids)
         self.replica = replica
         self.aggregate = aggregate
@@ -165,7 +216,14 @@ class ServerRounds:
         self.finished = start_round >= rounds
         self._clock = clock or time.perf_counter
         self.max_missed = max_missed
+        self.close_at = close_at
         self.missed: dict[int, int] = {w: 0 for w in self.worker_ids}
+        #: worker id -> model version (self.round) of the last STATE it was sent
+        self._state_version: dict[int, int] = {}
+        #: live workers refused a STATE in this version: sent the next one at the close
+        self.awaiting_state: set[int] = set()
+        self.states_refused: dict[int, int] = {w: 0 for w in self.worker_ids}
+        self._refused_since_close: dict[int, int] = {}
         self._slot = {w: i for i, w in enumerate(self.worker_ids)}
         self.buffer: Optional[torch.Tensor] = None
         self._state: Optional[torch.Tensor] = None    # replica.state() since the last step
@@ -218,7 +276,9 @@ class ServerRounds:
         """A worker registered (identity already checked by the caller).
 
         Returns:
-            a STATE for it, and the open round's RoundStart if a round is in progress.
+            a STATE for it, and the open round's RoundStart if a round is in progress; nothing
+            if it already got this model version's STATE (it gets the next one after the
+            close; see :meth:`_give_state`).
 
         Raises:
             ValueError: unknown id or an id that is already live.
@@ -228,15 +288,37 @@ class ServerRounds:
         if worker_id in self.live:
             raise ValueError(f"worker {worker_id} is already connected")
         self.live.add(worker_id)
-        actions: list[Action] = [Send(worker_id, State(self.round, self._replica_state()))]
-        if self.current is not None and worker_id not in self.current.rows:
-            actions.append(Send(worker_id, RoundStart(self.round, self._replica_digest())))
-        return actions
+        return self._give_state(worker_id, "connect")
 
     def disconnect(self, worker_id: int) -> list[Action]:
         """A worker's connection ended. The open round may now be complete."""
         self.live.discard(worker_id)
+        self.awaiting_state.discard(worker_id)
         return self._maybe_close(deadline=False)
+
+    def _give_state(self, worker_id: int, why: str) -> list[Action]:
+        """This model version's STATE for ``worker_id`` (and the open round's RoundStart if it
+        has not answered it), unless it already got this version's STATE: then nothing now,
+        the refusal is counted, and the worker waits in :attr:`awaiting_state` for the next
+        version's STATE, which the next close sends it."""
+        if self._state_version.get(worker_id) == self.round:
+            self.states_refused[worker_id] += 1
+            self._refused_since_close[worker_id] = \
+                self._refused_since_close.get(worker_id, 0) + 1
+            self.awaiting_state.add(worker_id)
+            _peer_log.log(logging.WARNING, ("state", worker_id),
+                          "worker %d: %s refused: it already got the STATE of model version "
+                          "%d (one per worker and version); it gets the next one after the "
+                          "close (%d refused so far)", worker_id, why, self.round,
+                          self.states_refused[worker_id])
+            return []
+        self._state_version[worker_id] = self.round
+        self.awaiting_state.discard(worker_id)
+        actions: list[Action] = [Send(worker_id, State(self.round, self._replica_state()))]
+        cur = self.current
+        if cur is not None and worker_id not in cur.rows and worker_id not in cur.rejected:
+            actions.append(Send(worker_id, RoundStart(self.round, self._replica_digest())))
+        return actions
 
     # -- rounds -------------------------------------------------------------------------------
 
@@ -255,32 +337,39 @@ class ServerRounds:
     def on_message(self, worker_id: int, msg: Message) -> list[Action]:
         """Handle a validated message from the authenticated worker ``worker_id``.
 
-        Gradients are excluded (with a reason in the round's ``rejected``) when the header's
-        worker id is not the sender's, the worker already sent one this round, the tensor is
-        not ``(d,)``, or it holds NaN/Inf. A gradient for another round is stale and ignored.
-        An accepted gradient's tensor is used in place when it is the worker's row of
-        :attr:`buffer` (see :meth:`receive_buffer`), else copied into that row.
+        Gradients are excluded (with a reason from :data:`REJECTION_REASONS` in the round's
+        ``rejected``; the details go to the log, rate-limited) when the header's worker id is
+        not the sender's, the worker already sent one this round, the tensor is not ``(d,)``,
+        or it holds NaN/Inf. A gradient for another round (a late one, after its round
+        closed) is stale and ignored: it never enters a later round. An accepted gradient's
+        tensor is used in place when it is the worker's row of :attr:`buffer` (see
+        :meth:`receive_buffer`), else copied into that row. A RESYNC gets a STATE at most
+        once per model version (:meth:`_give_state`).
         """
         if isinstance(msg, Resync):
-            return [Send(worker_id, State(self.round, self._replica_state()))] + (
-                [Send(worker_id, RoundStart(self.round, self._replica_digest()))]
-                if self.current is not None and worker_id not in self.current.rows else [])
+            return self._give_state(worker_id, "RESYNC") + self._maybe_close(deadline=False)
         if not isinstance(msg, Gradient):
-            log.warning("worker %d sent an unexpected %s; ignored", worker_id, type(msg).__name__)
+            _peer_log.log(logging.WARNING, ("unexpected", worker_id),
+                          "worker %d sent an unexpected %s; ignored", worker_id,
+                          type(msg).__name__)
             return []
         cur = self.current
         if cur is None or msg.round != cur.round:
-            log.info("worker %d: stale gradient for round %d ignored (current %s)", worker_id,
-                     msg.round, None if cur is None else cur.round)
+            _peer_log.log(logging.INFO, ("stale", worker_id),
+                          "worker %d: stale gradient for round %d ignored (current %s)",
+                          worker_id, msg.round, None if cur is None else cur.round)
             return []
         t = msg.tensor
+        detail = ""
         if msg.worker_id != worker_id:
-            cur.rejected[worker_id] = f"header claims worker {msg.worker_id}"
+            cur.rejected[worker_id] = REJECT_WORKER_ID
+            detail = f": it claims worker {msg.worker_id}"
         elif worker_id in cur.rows or worker_id in cur.rejected:
-            cur.rejected[worker_id] = "duplicate gradient in one round"
+            cur.rejected[worker_id] = REJECT_DUPLICATE
             cur.rows.pop(worker_id, None)
         elif tuple(t.shape) != (self.replica.d,):
-            cur.rejected[worker_id] = f"shape {tuple(t.shape)}, expected ({self.replica.d},)"
+            cur.rejected[worker_id] = REJECT_SHAPE
+            detail = f": {tuple(t.shape)}, expected ({self.replica.d},)"
         else:
             start = self._clock()
             row = self._rows_buffer()[self._slot[worker_id]]
@@ -290,14 +379,15 @@ class ServerRounds:
             ok = all_finite(row)
             cur.seconds_validate += self._clock() - start
             if not ok:
-                cur.rejected[worker_id] = "non-finite values (NaN or Inf)"
+                cur.rejected[worker_id] = REJECT_NON_FINITE
             else:
                 cur.rows[worker_id] = row
                 if msg.loss is not None:
                     cur.losses[worker_id] = msg.loss
         if worker_id in cur.rejected:
-            log.warning("round %d: gradient of worker %d excluded: %s", cur.round, worker_id,
-                        cur.rejected[worker_id])
+            _peer_log.log(logging.WARNING, ("rejected", worker_id, cur.rejected[worker_id]),
+                          "round %d: gradient of worker %d excluded: %s%s", cur.round,
+                          worker_id, cur.rejected[worker_id], detail[:200])
         return self._maybe_close(deadline=False)
 
     def on_deadline(self) -> list[Action]:
@@ -316,14 +406,16 @@ class ServerRounds:
             raise RuntimeError("retry_round called with no open round")
         digest = self._replica_digest()
         return [Send(w, RoundStart(cur.round, digest)) for w in sorted(self.live)
-                if w not in cur.rows and w not in cur.rejected]
+                if w not in cur.rows and w not in cur.rejected and w not in self.awaiting_state]
 
     def _maybe_close(self, deadline: bool) -> list[Action]:
         cur = self.current
         if cur is None:
             return []
         answered = set(cur.rows) | set(cur.rejected)
-        if not deadline and not (self.live <= answered):
+        expected = self.live - self.awaiting_state   # those without a STATE cannot answer
+        quorum_in = self.close_at == "quorum" and len(cur.rows) >= self.quorum
+        if not deadline and not quorum_in and not (expected <= answered):
             return []
         if len(cur.rows) < self.quorum:
             if not deadline and not set(self.worker_ids) <= answered:
@@ -331,8 +423,8 @@ class ServerRounds:
             missing = tuple(w for w in self.worker_ids if w not in answered)
             reason = (f"{len(cur.rows)} usable gradients, quorum is "
                       f"{self.quorum}; rejected: {cur.rejected or 'none'}")
-            if cur.rejected and all("non-finite" in v for v in cur.rejected.values()) \
-                    and not cur.rows:
+            if cur.rejected and not cur.rows and \
+                    all(v == REJECT_NON_FINITE for v in cur.rejected.values()):
                 reason += (" (every gradient is NaN/Inf: the model has probably diverged; a "
                            "lower learning rate or a robust aggregator helps)")
             return [RoundFailed(cur.round, reason, missing)]
@@ -356,16 +448,23 @@ class ServerRounds:
         missing = tuple(w for w in self.worker_ids if w not in answered)
         closed = RoundClosed(cur.round, tuple(ids), dict(cur.rejected), missing,
                              dict(cur.losses), seconds, dict(zip(ids, dist)),
-                             cur.seconds_validate)
+                             cur.seconds_validate, dict(self._refused_since_close))
+        self._refused_since_close = {}
         self.current = None
         self.round += 1
         actions: list[Action] = [Broadcast(Update(cur.round, agg)), closed]
+        for w in sorted(self.awaiting_state & self.live):   # the new version's STATE
+            actions += self._give_state(w, "waiting")
         for w in self.worker_ids:
-            self.missed[w] = self.missed[w] + 1 if (w in missing and w in self.live) else 0
-            if self.missed[w] >= self.max_missed:
+            if w in cur.rows:
                 self.missed[w] = 0
+            elif w in self.live and (w in cur.rejected or deadline):
+                self.missed[w] += 1
+            if w in self.live and self.missed[w] >= self.max_missed:
                 self.live.discard(w)
-                actions.append(Drop(w, f"missed {self.max_missed} round deadlines in a row"))
+                self.awaiting_state.discard(w)
+                actions.append(Drop(w, f"missed {self.missed[w]} round deadlines in a row "
+                                       f"(no usable gradient: silent, late or rejected)"))
         if self.round >= self.rounds:
             self.finished = True
             actions += [Broadcast(Stop(f"training finished after {self.rounds} rounds")),
@@ -441,9 +540,14 @@ class WorkerRounds:
     def on_message(self, msg: Message) -> list[Message]:
         """Handle a message from the PS; returns the messages to send back.
 
+        A ROUND or UPDATE that arrives while the worker waits for a STATE (before the first
+        one, or after a RESYNC) is ignored: it refers to a model the worker does not hold, and
+        the PS sends the STATE of the next model version after the close (one STATE per
+        worker and version, see :class:`ServerRounds`).
+
         Raises:
-            ValueError: a message that makes no sense in this state (e.g. UPDATE before STATE);
-                the caller drops the connection and resyncs.
+            ValueError: a message that makes no sense in this state (e.g. an UPDATE for
+                another round); the caller drops the connection and resyncs.
         """
         if isinstance(msg, State):
             self.replica.load_state(msg.tensor)
@@ -453,6 +557,10 @@ class WorkerRounds:
             self.stopped = msg
             return []
         if not self.synced:
+            if isinstance(msg, (RoundStart, Update)):
+                log.debug("worker %d: %s while waiting for a STATE; ignored", self.worker_id,
+                          type(msg).__name__)
+                return []
             raise ValueError(f"{type(msg).__name__} before the initial STATE")
         if isinstance(msg, RoundStart):
             self.round = msg.round

@@ -87,7 +87,8 @@ class PsCore:
 
 
 def build_ps_core(cfg: Config, data_root: str, rounds: int,
-                  checkpoint_dir: Optional[str] = None) -> PsCore:
+                  checkpoint_dir: Optional[str] = None, close_at: Optional[str] = None
+                  ) -> PsCore:
     """Build the PS's replica, robust pipeline, round machine and test set.
 
     Args:
@@ -95,6 +96,8 @@ def build_ps_core(cfg: Config, data_root: str, rounds: int,
         data_root: MNIST folder.
         rounds: total rounds R (absolute).
         checkpoint_dir: resume from this folder's latest checkpoint (None: start at round 0).
+        close_at: overrides ``training.close_at`` (the simulator, which has no arrival
+            times, passes ``"all"``).
 
     Raises:
         byzps.data.DatasetNotFound: no MNIST copy found.
@@ -120,7 +123,8 @@ def build_ps_core(cfg: Config, data_root: str, rounds: int,
                  start_round)
     machine = ServerRounds([w.id for w in cfg.workers], replica, aggregator, rounds,
                            default_quorum(cfg, aggregator), start_round=start_round,
-                           max_missed=t.max_missed_rounds)
+                           max_missed=t.max_missed_rounds,
+                           close_at=t.close_at if close_at is None else close_at)
     return PsCore(replica, aggregator, machine, test_x, test_y)
 
 
@@ -174,8 +178,6 @@ class ParameterServer:
         self.peers: dict[int, _Peer] = {}
         self.events: asyncio.Queue = asyncio.Queue()
         self.metrics = JsonlWriter(t.metrics_file)
-        #: worker id -> rejection reason -> count, over the whole run (also in each record)
-        self.rejected_gradients: dict[int, dict[str, int]] = {}
         self.port: Optional[int] = None
         self._all_connected = asyncio.Event()
         self._handlers: set[asyncio.Task] = set()
@@ -464,9 +466,6 @@ class ParameterServer:
             await asyncio.to_thread(self.machine.digest)
             self._execute(self.machine.begin_round())
             closed = await self._await_close(r, t.round_timeout)
-            for wid, reason in closed.rejected.items():
-                counts = self.rejected_gradients.setdefault(wid, {})
-                counts[reason] = counts.get(reason, 0) + 1
             evaluate = (r + 1) % t.eval_every == 0 or self.machine.finished
             if evaluate:
                 test_loss, test_acc = self.replica.evaluate(self.test_x, self.test_y)
@@ -476,8 +475,6 @@ class ParameterServer:
                                   seconds_round=time.perf_counter() - round_start,
                                   test_loss=test_loss if evaluate else None,
                                   test_accuracy=test_acc if evaluate else None)
-            record["rejected_gradients"] = {str(w): dict(c) for w, c in
-                                            sorted(self.rejected_gradients.items())}
             if evaluate:
                 log.info("round %d/%d: test accuracy %.4f, test loss %.4f, %.3f s/round, "
                          "accepted %s%s", r + 1, self.rounds, test_acc, test_loss,

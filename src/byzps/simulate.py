@@ -8,9 +8,11 @@ The simulator runs the same round logic as a TCP run: the server side is a
 :class:`byzps.protocol.WorkerRounds` computes exactly what the worker process would send.
 Messages are handed over in memory (tensors copied, as the wire would): STATE to every worker
 as it "connects", then per round ROUND -> GRADIENT -> UPDATE. Every worker always answers, so
-no deadline ever passes; for the same config and seed the final PS replica is bit-identical
-to a TCP run without timeouts or disconnections (with the same number of torch threads per
-process: the node launcher and :func:`simulate` both use one).
+no deadline ever passes and every round closes with every answer (``training.close_at:
+all``, whatever the config says: without arrival times there are no "fastest n - f"); for the
+same config and seed the final PS replica is bit-identical to a TCP run with ``close_at: all``
+and without timeouts or disconnections (with the same number of torch threads per process: the
+node launcher and :func:`simulate` both use one).
 
 Omniscient attacks (``attack_params: {omniscient: true}`` for ALIE and IPM) exist only here:
 when a config has one, each ROUND goes first to the other workers, and the vectors the honest
@@ -124,7 +126,10 @@ class Simulation:
         t = cfg.training
         self.rounds = rounds if rounds is not None else t.rounds
         mnist = load_mnist(data_root, parts=("train",))
-        core = build_ps_core(cfg, data_root, self.rounds)   # exactly as the TCP PS builds it
+        # exactly as the TCP PS builds it; every answer is in before the close (no arrival
+        # times here), i.e. training.close_at "all", so a TCP run equals this one bit for bit
+        # only with close_at: all
+        core = build_ps_core(cfg, data_root, self.rounds, close_at="all")
         self.replica, self.robust, self.machine = core.replica, core.aggregator, core.machine
         self.test_x, self.test_y = core.test_x, core.test_y
         # the workers, built by the worker's own constructor (it loads its configured shard)

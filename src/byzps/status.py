@@ -29,12 +29,19 @@ Metrics (all prefixed ``byzps_``; times in seconds, accuracy in [0, 1]):
 ``byzps_rejected_gradients_total{worker,   counter    gradients rejected per worker and reason
 reason}``
 ``byzps_missing_total{worker}``            counter    rounds a worker did not answer in time
-``byzps_reported_loss``                    gauge      mean training loss the accepted workers
+``byzps_states_refused_total{worker}``     counter    STATE requests refused (one STATE per
+                                                      worker and model version)
+``byzps_reported_loss``                    gauge      median training loss the accepted workers
                                                       reported in the last round (NaN if none)
 ``byzps_test_accuracy``                    gauge      last evaluated test accuracy (NaN before)
 ``byzps_test_loss``                        gauge      last evaluated test loss (NaN before)
 ``byzps_start_time_seconds``               gauge      Unix time the endpoint was created
 =========================================  =========  ============================================
+
+Label values are bounded whatever the workers send: ``worker`` is always one of the configured
+worker ids (anything else in a record is ignored), ``reason`` one of
+:data:`byzps.protocol.REJECTION_REASONS` (anything else is counted as ``other``); so are the
+keys of ``/status``.
 
 Each endpoint has its own :class:`prometheus_client.CollectorRegistry` (never the process-wide
 default), so several can live in one process (tests). The HTTP server runs in daemon threads
@@ -54,13 +61,15 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from byzps.protocol import REJECTION_REASONS
+
 log = logging.getLogger(__name__)
 
 #: histogram buckets (seconds) of byzps_round_seconds and byzps_aggregate_seconds
 SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                    60.0, 120.0)
-#: longest rejection reason kept as a label value (longer ones are cut, to bound label size)
-MAX_REASON_CHARS = 80
+#: the ``reason`` label of a rejection that is not one of the fixed reasons
+OTHER_REASON = "other"
 
 
 class StatusEndpointError(RuntimeError):
@@ -124,13 +133,14 @@ class StatusEndpoint:
         self._httpd: Optional[WSGIServer] = None
         self._thread: Optional[threading.Thread] = None
         ids = sorted(int(w) for w in worker_ids)
+        self._ids = frozenset(str(w) for w in ids)
         self._state: dict[str, Any] = {
             "round": int(start_round), "rounds": int(rounds), "rounds_this_run": 0,
             "finished": int(start_round) >= int(rounds),
             "live_workers": [], "workers": {str(w): {"status": "unknown"} for w in ids},
             "test_accuracy": None, "test_loss": None, "evaluated_round": None,
             "reported_loss": None, "last_round_seconds": None,
-            "rejected_gradients": {}, "missing": {},
+            "rejected_gradients": {}, "missing": {}, "states_refused": {},
         }
         try:
             from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, \
@@ -160,6 +170,9 @@ class StatusEndpoint:
                                    "worker and reason", ["worker", "reason"], registry=r)
         self._c_missing = Counter("byzps_missing", "rounds a worker did not answer before the "
                                   "round closed", ["worker"], registry=r)
+        self._c_refused = Counter("byzps_states_refused", "STATE requests refused (one STATE "
+                                  "per worker and model version), per worker", ["worker"],
+                                  registry=r)
         self._g_reported = Gauge("byzps_reported_loss", "mean training loss reported by the "
                                  "accepted workers in the last round", registry=r)
         self._g_acc = Gauge("byzps_test_accuracy", "last evaluated test accuracy in [0, 1]",
@@ -177,16 +190,20 @@ class StatusEndpoint:
         for w in ids:   # zero-valued series exist from the start, so rate() works at once
             self._c_accepted.labels(worker=str(w))
             self._c_missing.labels(worker=str(w))
+            self._c_refused.labels(worker=str(w))
         self._metrics_app = make_wsgi_app(self.registry)
 
     # -- state ------------------------------------------------------------------------------
 
     def update(self, record: Mapping[str, Any], live_workers: Iterable[int] = ()) -> None:
-        """Take one round's record (:func:`byzps.metrics.round_record` layout, optionally with
-        ``rejected_gradients``) and the ids the round logic counts as live. Thread-safe."""
+        """Take one round's record (:func:`byzps.metrics.round_record` layout) and the ids the
+        round logic counts as live. Thread-safe. Worker ids that are not configured are
+        ignored and unknown rejection reasons count as ``other``, so no record can add a label
+        value or a ``/status`` key beyond the configured workers and the fixed reasons."""
         rnd = int(record["round"])
         live = sorted(int(w) for w in live_workers)
-        workers = record.get("workers") or {}
+        workers = {str(w): e for w, e in (record.get("workers") or {}).items()
+                   if str(w) in self._ids}
         with self._lock:
             s = self._state
             s["round"] = rnd + 1
@@ -196,17 +213,26 @@ class StatusEndpoint:
             s["reported_loss"] = record.get("reported_loss")
             s["last_round_seconds"] = record.get("seconds_round")
             for wid, entry in workers.items():
-                s["workers"][str(wid)] = dict(entry, round=rnd)
+                s["workers"][wid] = dict(entry, round=rnd)
+                if entry.get("states_refused"):
+                    k = int(entry["states_refused"])
+                    s["states_refused"][wid] = s["states_refused"].get(wid, 0) + k
+                    self._c_refused.labels(worker=wid).inc(k)
             for wid, reason in (record.get("rejected") or {}).items():
-                reason = str(reason)[:MAX_REASON_CHARS]
-                per = s["rejected_gradients"].setdefault(str(wid), {})
+                wid = str(wid)
+                if wid not in self._ids:
+                    continue
+                reason = str(reason) if reason in REJECTION_REASONS else OTHER_REASON
+                per = s["rejected_gradients"].setdefault(wid, {})
                 per[reason] = per.get(reason, 0) + 1
-                self._c_rejected.labels(worker=str(wid), reason=reason).inc()
-            for wid in record.get("missing") or ():
-                s["missing"][str(wid)] = s["missing"].get(str(wid), 0) + 1
-                self._c_missing.labels(worker=str(wid)).inc()
-            for wid in record.get("accepted") or ():
-                self._c_accepted.labels(worker=str(wid)).inc()
+                self._c_rejected.labels(worker=wid, reason=reason).inc()
+            for wid in map(str, record.get("missing") or ()):
+                if wid in self._ids:
+                    s["missing"][wid] = s["missing"].get(wid, 0) + 1
+                    self._c_missing.labels(worker=wid).inc()
+            for wid in map(str, record.get("accepted") or ()):
+                if wid in self._ids:
+                    self._c_accepted.labels(worker=wid).inc()
             if record.get("test_accuracy") is not None:
                 s["test_accuracy"] = float(record["test_accuracy"])
                 s["evaluated_round"] = rnd
@@ -239,7 +265,8 @@ class StatusEndpoint:
         record plus ``round``; ``{"status": "unknown"}`` before the first round),
         ``test_accuracy`` / ``test_loss`` / ``evaluated_round`` (None before the first
         evaluation), ``reported_loss``, ``last_round_seconds``, ``rejected_gradients``
-        (id -> reason -> count), ``missing`` (id -> count), ``uptime_seconds``. Non-finite
+        (id -> reason -> count), ``missing`` (id -> count), ``states_refused`` (id -> count),
+        ``uptime_seconds``. Non-finite
         numbers are None.
         """
         with self._lock:

@@ -191,8 +191,11 @@ class Worker:
                              MsgType.REFUSE})
         self.limits = Limits(d, running)
         self.limits_mac = Limits(d, running, mac=True)
+        # without authentication the first frame may be a ROUND or UPDATE when the PS has
+        # already sent this model version's STATE to this worker id (one per version)
         self.limits_first = Limits(d, frozenset({MsgType.CHALLENGE, MsgType.STATE,
-                                                 MsgType.REFUSE}))
+                                                 MsgType.REFUSE, MsgType.ROUND, MsgType.UPDATE,
+                                                 MsgType.STOP}))
 
     def _gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``(d,)`` float32 raw gradient on ``(B, 1, 28, 28)`` / ``(B,)`` data at the replica."""
