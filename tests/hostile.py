@@ -4,7 +4,8 @@ one of the ways an authenticated worker can:
 
 - ``late``: answers each ROUND ``delay`` seconds after it arrived, with an all-NaN gradient
   (which the PS rejects) or a finite one;
-- ``resync``: sends a burst of RESYNC frames and keeps reading what the PS sends;
+- ``resync``: sends RESYNC frames (``resyncs`` in all, over every connection; one each
+  ``interval`` seconds, or all at once) and keeps reading what the PS sends;
 - ``claim_ids``: answers each ROUND promptly with a gradient whose header claims a new worker
   id every round.
 
@@ -44,24 +45,28 @@ class HostileWorker(threading.Thread):
         mode: ``late``, ``resync`` or ``claim_ids`` (see the module docstring).
         delay: ``late``: seconds between a ROUND's arrival and the answer.
         nan: ``late``: send NaN (rejected) rather than zeros (usable).
-        resyncs: ``resync``: RESYNC frames sent right after each connect.
+        resyncs: ``resync``: RESYNC frames to send in all.
+        interval: ``resync``: seconds between two RESYNC frames (0: a burst).
         host: the PS's address.
 
     Attributes:
         bytes_by_type: message type name -> frame bytes received.
         frames_by_type: message type name -> frames received.
         connects: successful handshakes.
+        resyncs_sent: RESYNC frames sent so far.
         stopped: the PS's STOP, once received.
     """
 
     def __init__(self, port: int, worker_id: int, key: bytes, d: int, mode: str,
                  delay: float = 0.0, nan: bool = True, resyncs: int = 0,
-                 host: str = "127.0.0.1"):
+                 interval: float = 0.0, host: str = "127.0.0.1"):
         super().__init__(daemon=True, name=f"hostile-{worker_id}")
         if mode not in ("late", "resync", "claim_ids"):
             raise ValueError(f"unknown mode {mode!r}")
         self.host, self.port, self.worker_id, self.key, self.d = host, port, worker_id, key, d
         self.mode, self.delay, self.nan, self.resyncs = mode, delay, nan, resyncs
+        self.interval = interval
+        self.resyncs_sent = 0
         self.bytes_by_type: Counter = Counter()
         self.frames_by_type: Counter = Counter()
         self.connects = 0
@@ -132,9 +137,9 @@ class HostileWorker(threading.Thread):
         timers: list[threading.Timer] = []
         try:
             if self.mode == "resync":
-                with lock:
-                    for _ in range(self.resyncs):
-                        self._send(sock, Resync(0), session)
+                flood = threading.Thread(target=self._flood, args=(sock, session, lock),
+                                         daemon=True)
+                flood.start()
             while not self._halt.is_set():
                 msg = self._read(sock, Limits(self.d, _RUNNING, mac=True), session)
                 if isinstance(msg, Stop):
@@ -157,6 +162,17 @@ class HostileWorker(threading.Thread):
             for t in timers:
                 t.cancel()
             sock.close()
+
+    def _flood(self, sock, session, lock) -> None:
+        try:
+            while self.resyncs_sent < self.resyncs and not self._halt.is_set():
+                with lock:
+                    self._send(sock, Resync(0), session)
+                self.resyncs_sent += 1
+                if self.interval > 0:
+                    time.sleep(self.interval)
+        except OSError:
+            pass
 
     def _safe_answer(self, sock, session, lock, round_: int) -> None:
         try:

@@ -414,3 +414,18 @@ def test_a_worker_refused_a_state_catches_up_with_the_next_one():
     (start,) = m.begin_round()
     (reply,) = w1.on_message(start.message)
     assert isinstance(reply, Gradient) and reply.round == 1
+
+
+def test_an_early_close_the_aggregator_refuses_waits_for_the_others():
+    def needs_three(rows):
+        if len(rows) < 3:
+            raise ValueError("needs 3 rows")
+        return rows.mean(0)
+    m = ServerRounds([0, 1, 2], replica(), needs_three, rounds=1, quorum=2, close_at="quorum")
+    for w in range(3):
+        m.connect(w)
+    m.begin_round()
+    m.on_message(0, grad(m, 0, 1.0))
+    assert m.on_message(1, grad(m, 1, 2.0)) == []        # quorum, refused: not a failure yet
+    closed = next(a for a in m.on_message(2, grad(m, 2, 6.0)) if isinstance(a, RoundClosed))
+    assert closed.accepted == (0, 1, 2)

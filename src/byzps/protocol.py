@@ -435,6 +435,8 @@ class ServerRounds:
             agg = self.aggregate(rows)
         except ValueError as e:
             self._uncompact(ids)
+            if not deadline and not expected <= answered:
+                return []   # closing early at the quorum: wait for the others instead
             return [RoundFailed(cur.round, f"aggregator refused {len(ids)} gradients: {e}")]
         if agg.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr():
             agg = agg.clone()   # the broadcast must not alias the buffer the next round fills
