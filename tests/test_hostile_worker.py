@@ -176,3 +176,27 @@ def test_rejection_reasons_come_from_the_fixed_set(claimed, size, fill):
         assert rejected[0] == REJECT_WORKER_ID
     else:
         assert rejected.get(0) == (None if math.isfinite(fill) else REJECT_NON_FINITE)
+
+
+# -- rate-limited logging ------------------------------------------------------------------------
+
+
+def test_rate_limited_log_lets_burst_lines_through_per_key_and_window_then_counts(caplog):
+    import logging
+
+    from byzps.logutil import RateLimitedLog
+    now = [0.0]
+    rl = RateLimitedLog(logging.getLogger("t.rl"), interval=10.0, burst=2, max_keys=2,
+                        clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="t.rl"):
+        got = [rl.log(logging.INFO, "a", "a %d", i) for i in range(5)]
+        assert got == [True, True, False, False, False]
+        assert rl.log(logging.INFO, "b", "b")                 # another key: its own window
+        now[0] = 10.0                                          # a new window for "a"
+        assert rl.log(logging.INFO, "a", "a again")
+        assert rl.log(logging.INFO, "c", "c")                  # a third key evicts one
+    assert [r.getMessage() for r in caplog.records] == [
+        "a 0", "a 1", "b", "a again (3 similar lines left out)", "c"]
+    assert len(rl._windows) == 2
+    with pytest.raises(ValueError):
+        RateLimitedLog(logging.getLogger("t.rl"), interval=0)

@@ -455,8 +455,6 @@ class ServerRounds:
         self.current = None
         self.round += 1
         actions: list[Action] = [Broadcast(Update(cur.round, agg)), closed]
-        for w in sorted(self.awaiting_state & self.live):   # the new version's STATE
-            actions += self._give_state(w, "waiting")
         for w in self.worker_ids:
             if w in cur.rows:
                 self.missed[w] = 0
@@ -467,6 +465,8 @@ class ServerRounds:
                 self.awaiting_state.discard(w)
                 actions.append(Drop(w, f"missed {self.missed[w]} round deadlines in a row "
                                        f"(no usable gradient: silent, late or rejected)"))
+        for w in sorted(self.awaiting_state & self.live):   # the new version's STATE
+            actions += self._give_state(w, "waiting")
         if self.round >= self.rounds:
             self.finished = True
             actions += [Broadcast(Stop(f"training finished after {self.rounds} rounds")),

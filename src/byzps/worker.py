@@ -339,6 +339,10 @@ class Worker:
         while True:
             stream = await self._connect(time.monotonic() + timeout)
             set_keepalive(stream.get_extra_info("socket"))
+            # a new connection starts from a STATE (now, or after the next close when this
+            # worker id already got this model version's); ROUND and UPDATE before it are
+            # ignored, even if the replica of the lost connection happens to be current
+            self.machine.synced = False
             try:
                 session = await self._handshake(stream)
                 limits = self.limits if session is None else self.limits_mac
