@@ -189,6 +189,9 @@ class ServerRounds:
 
         states_refused: worker id -> STATE requests refused over the run (one STATE per
             worker and model version).
+        awaiting_state: live worker ids refused a STATE in the current model version; the
+            next close sends them the new version's STATE, and until then no round waits
+            for them.
 
     Raises:
         ValueError: empty or duplicate worker ids, a quorum outside 1..n, or an unknown
