@@ -429,3 +429,16 @@ def test_an_early_close_the_aggregator_refuses_waits_for_the_others():
     assert m.on_message(1, grad(m, 1, 2.0)) == []        # quorum, refused: not a failure yet
     closed = next(a for a in m.on_message(2, grad(m, 2, 6.0)) if isinstance(a, RoundClosed))
     assert closed.accepted == (0, 1, 2)
+
+
+def test_close_at_is_not_part_of_a_checkpoints_fingerprint(base_config):
+    """Like quorum and round_timeout it decides which answers a round waits for, not what the
+    run is: a run may resume with the other setting (and checkpoints written before the field
+    existed stay usable)."""
+    from byzps.checkpoint import fingerprint
+    from byzps.config import parse_config
+    a = fingerprint(parse_config(dict(base_config, training=dict(base_config["training"],
+                                                                 close_at="all"))))
+    b = fingerprint(parse_config(dict(base_config, training=dict(base_config["training"],
+                                                                 close_at="quorum"))))
+    assert a == b and not any("close_at" in k for k in a)

@@ -26,7 +26,7 @@ FILENAME = "latest.pt"
 VOLATILE = ("training.rounds", "training.eval_every", "training.metrics_file",
             "training.checkpoint_every", "training.checkpoint_dir", "training.round_timeout",
             "training.round_retries", "training.max_missed_rounds", "training.quorum",
-            "training.test_limit", "training.device", "server.*")
+            "training.test_limit", "training.device", "training.close_at", "server.*")
 #: A device changes the rounding of the gradients a replica computes, as another CPU or thread
 #: count does, not what the run is; the PS's CPU step stays authoritative. So it is volatile.
 _WORKER_VOLATILE = ("host", "port", "device")
