@@ -33,6 +33,9 @@ from typing import Iterable, Union
 
 import yaml
 
+from byzps.safeio import MAX_SECRETS_BYTES, FileRefused, first_line, load_yaml, read_text, \
+    shorten
+
 KEY_BYTES = 32
 NONCE_BYTES = 32
 MAC_BYTES = 32
@@ -142,34 +145,44 @@ def write_keys(path: Union[str, Path], keys: dict[int, bytes]) -> None:
 def load_keys(path: Union[str, Path]) -> dict[int, bytes]:
     """Read a key file written by :func:`write_keys` (YAML or JSON).
 
+    The file must be a regular file of at most :data:`byzps.safeio.MAX_SECRETS_BYTES` bytes
+    (checked before reading); YAML aliases are refused (:class:`byzps.safeio.NoAliasLoader`).
+
     Returns:
         worker id -> 32-byte key.
 
     Raises:
-        AuthError: unreadable file, wrong layout, an id that is not a non-negative integer, or
-            a key that is not 64 hex characters; the message names the file and the entry.
+        AuthError: unreadable file, not a regular file, too large, not YAML/JSON, wrong layout,
+            an id that is not a non-negative integer, or a key that is not 64 hex characters;
+            the message names the file and the entry (never the key, and no value longer than
+            :data:`byzps.safeio.ECHO_CHARS` characters).
     """
     p = Path(path)
     try:
         if p.stat().st_mode & 0o077:
             log.warning("secrets file %s is readable by other users; chmod 600 it", p)
-        text = p.read_text(encoding="utf-8")
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        raise AuthError(f"secrets file {p}: cannot read it: {e}") from None
+        text = read_text(p, MAX_SECRETS_BYTES, "secrets file")
+        data = json.loads(text) if p.suffix == ".json" else load_yaml(text)
+    except FileRefused as e:
+        raise AuthError(str(e)) from None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as e:
+        raise AuthError(f"secrets file {p}: cannot read it: {first_line(e)}") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), dict):
         raise AuthError(f"secrets file {p}: expected a mapping 'keys: {{worker id: hex key}}'")
     keys = {}
     for wid, hexkey in data["keys"].items():
-        if isinstance(wid, bool) or not isinstance(wid, (int, str)) or not str(wid).isdigit():
-            raise AuthError(f"secrets file {p}: worker id {wid!r} is not a non-negative integer")
+        if not ((isinstance(wid, int) and not isinstance(wid, bool) and wid >= 0)
+                or (isinstance(wid, str) and len(wid) <= 20 and wid.isdigit())):
+            raise AuthError(f"secrets file {p}: worker id {shorten(wid)} is not a non-negative "
+                            f"integer")
         if not isinstance(hexkey, str) or len(hexkey) != 2 * KEY_BYTES:
-            raise AuthError(f"secrets file {p}: key of worker {wid} must be "
+            raise AuthError(f"secrets file {p}: key of worker {shorten(wid)} must be "
                             f"{2 * KEY_BYTES} hex characters")
         try:
             keys[int(wid)] = bytes.fromhex(hexkey)
         except ValueError:
-            raise AuthError(f"secrets file {p}: key of worker {wid} is not hex") from None
+            raise AuthError(f"secrets file {p}: key of worker {shorten(wid)} is not hex") \
+                from None
     return keys
 
 

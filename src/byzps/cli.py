@@ -153,7 +153,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run_server(cfg, args) -> int:
-    from byzps.server import ParameterServer, TrainingFailed
+    from byzps.server import ListenError, ParameterServer, TrainingFailed
     from byzps.status import StatusEndpointError
 
     try:
@@ -165,9 +165,11 @@ def _run_server(cfg, args) -> int:
     except TrainingFailed as e:
         print(f"training failed: {e}", file=sys.stderr)
         return 1
+    except ListenError as e:   # names the port, and blames it only for EADDRINUSE
+        print(f"server error: {e.strerror or e}", file=sys.stderr)
+        return 1
     except OSError as e:
-        print(f"server error: cannot listen on {cfg.server.listen_host}:{cfg.server.port}: "
-              f"{e.strerror or e} (is the port in use? change server.port)", file=sys.stderr)
+        print(f"server error: {e}", file=sys.stderr)
         return 1
     print(f"final test accuracy: {result.test_accuracy:.4f} (loss {result.test_loss:.4f}) after "
           f"{result.rounds} rounds in {result.seconds:.1f} s "

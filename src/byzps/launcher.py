@@ -32,6 +32,7 @@ import yaml
 
 from byzps.config import OMNISCIENT_ONLY_IN_SIMULATION, ConfigError, load_config
 from byzps.metrics import progress_line, read_jsonl
+from byzps.safeio import MAX_CONFIG_BYTES, load_yaml, read_text
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -59,10 +60,10 @@ def prepare_run_dir(config: str | Path, run_dir: str | Path) -> Path:
     Raises:
         byzps.config.ConfigError: the config is invalid.
     """
-    load_config(config)
+    load_config(config)   # checks file type, size and YAML aliases before this second read
     p = Path(config)
-    text = p.read_text(encoding="utf-8")
-    data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    text = read_text(p, MAX_CONFIG_BYTES, "config file")
+    data = json.loads(text) if p.suffix.lower() == ".json" else load_yaml(text)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data["server"]["host"] = "127.0.0.1"

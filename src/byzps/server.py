@@ -19,7 +19,10 @@ received, in ``metrics.jsonl``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -27,6 +30,8 @@ from typing import Optional
 import torch
 
 from byzps import auth, checkpoint
+from byzps.admission import Admission, RateLimitedLog, Ticket, descriptor_budget, \
+    raise_nofile_limit
 from byzps.config import Config
 from byzps.data import load_mnist, to_tensors
 from byzps.metrics import JsonlWriter, round_record
@@ -47,6 +52,11 @@ SHUTDOWN_TIMEOUT = 20.0  # seconds the PS gives its shutdown (STOP to all, hang-
 
 class TrainingFailed(RuntimeError):
     """Training could not go on (no quorum, too few workers registered); message says why."""
+
+
+class ListenError(OSError):
+    """The PS cannot listen on ``server.bind_host:server.port``; ``errno`` is the OS's
+    (``errno.EADDRINUSE`` when the port is in use) and the message names the fields."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +126,12 @@ def build_ps_core(cfg: Config, data_root: str, rounds: int,
     if checkpoint_dir is not None:
         ckpt = checkpoint.load(checkpoint_dir, cfg, replica.d)
         replica.load_state(ckpt.state)
-        aggregator.load_state_dict(ckpt.aggregator_state)
+        try:
+            aggregator.load_state_dict(ckpt.aggregator_state)
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+            raise checkpoint.CheckpointError(
+                f"{checkpoint_dir}/{checkpoint.FILENAME}: field aggregator_state: "
+                f"{str(e)[:300]}") from None
         torch.random.set_rng_state(ckpt.rng_state)
         start_round = ckpt.round
         log.info("resumed from %s/%s at round %d", checkpoint_dir, checkpoint.FILENAME,
@@ -179,6 +194,10 @@ class ParameterServer:
         self.events: asyncio.Queue = asyncio.Queue()
         self.metrics = JsonlWriter(t.metrics_file)
         self.port: Optional[int] = None
+        #: connection caps and descriptor budget (byzps.admission); run() sets it up
+        self.admission: Optional[Admission] = None
+        #: rate-limited log of refused connections and of strangers' failed handshakes
+        self.refusals = RateLimitedLog(log, "connections refused or closed before registering")
         self._all_connected = asyncio.Event()
         self._handlers: set[asyncio.Task] = set()
         self._closing = False
@@ -237,9 +256,48 @@ class ParameterServer:
             raise _Refused(f"worker {wid} is already connected", retry=True)
         return wid, session
 
-    def _connection(self, stream: FrameStream) -> None:
-        """A connection was accepted (TLS handshake done): start its handler task."""
-        self._handlers.add(asyncio.get_running_loop().create_task(self._handle(stream)))
+    async def _accept(self, sock: socket.socket, tls_kw: dict) -> None:
+        """Accept connections on the listening socket ``sock`` until cancelled, admitting each
+        through :attr:`admission` (caps and descriptor budget, see :mod:`byzps.admission`);
+        a refused connection is reset at once, unread."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(sock)
+            except OSError as e:   # EMFILE/ENFILE/ENOBUFS: back off instead of spinning
+                self.refusals.note("accept error", f"accept() failed: {e.strerror or e}; "
+                                   f"pausing 0.1 s")
+                await asyncio.sleep(0.1)
+                continue
+            host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+            ticket, reason = self.admission.admit(host)
+            if ticket is None:
+                _reset(conn)
+                self.refusals.note(reason, f"connection from {host} refused ({reason}: "
+                                   f"{self.admission.pending} pending, "
+                                   f"{self.admission.open} open)")
+                continue
+            task = loop.create_task(self._serve(conn, addr, ticket, tls_kw))
+            self._handlers.add(task)
+
+    async def _serve(self, conn: socket.socket, addr, ticket: Ticket, tls_kw: dict) -> None:
+        """One admitted connection: TLS handshake (if configured), then :meth:`_handle`."""
+        try:
+            stream = FrameStream()
+            try:
+                await asyncio.get_running_loop().connect_accepted_socket(
+                    lambda: stream, conn, **tls_kw)
+            except (OSError, asyncio.TimeoutError, TimeoutError) as e:
+                conn.close()
+                self.refusals.note("TLS handshake", f"peer {addr}: TLS handshake failed or "
+                                   f"timed out: {e}")
+                return
+            await self._handle(stream, ticket)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            ticket.release()
+            self._handlers.discard(asyncio.current_task())
 
     def _gradient_sink(self, wid: int):
         """Where a frame's tensor payload from worker ``wid`` goes: a GRADIENT for the open
@@ -262,7 +320,7 @@ class ParameterServer:
                 and peer.round_sent is not None and peer.round_sent[0] == cur.round:
             self._latency[wid] = arrived - peer.round_sent[1]
 
-    async def _handle(self, stream: FrameStream) -> None:
+    async def _handle(self, stream: FrameStream, ticket: Optional[Ticket] = None) -> None:
         addr = stream.get_extra_info("peername")
         set_keepalive(stream.get_extra_info("socket"))
         task = asyncio.current_task()
@@ -270,11 +328,15 @@ class ParameterServer:
         peer: Optional[_Peer] = None
         who = f"peer {addr}"
         try:
-            wid, session = await self._handshake(stream)
+            # one deadline for the whole handshake, however the peer spreads its frames
+            wid, session = await asyncio.wait_for(self._handshake(stream),
+                                                  self.cfg.server.hello_timeout)
             who = f"worker {wid} ({addr})"
             peer = _Peer(wid, stream, session)
             peer.sender = asyncio.create_task(self._sender(peer))
             self.peers[wid] = peer
+            if ticket is not None:
+                ticket.promote()
             log.info("%s registered%s", who, " (authenticated)" if session else "")
             self._execute(self.machine.connect(wid))
             if set(self.peers) == set(self.machine.worker_ids):
@@ -285,15 +347,16 @@ class ParameterServer:
                 self._account(peer, msg, stream.frame_bytes, stream.frame_arrived)
                 self._execute(self.machine.on_message(wid, msg))
         except _Refused as e:
-            log.warning("refused %s: %s", who, e)
+            self._stranger(peer, "refused in handshake", f"refused {who}: {e}")
             await _try_send(stream, Refuse(str(e), e.retry))
         except PeerClosed:
             log.info("%s closed the connection", who)
         except (FrameError, auth.AuthError) as e:
-            log.warning("%s: bad frame, connection closed: %s", who, e)
+            self._stranger(peer, "bad frame", f"{who}: bad frame, connection closed: {e}")
         except (asyncio.TimeoutError, TimeoutError):
-            log.warning("%s did not complete its HELLO/authentication within "
-                        "server.hello_timeout=%g s; closed", who, self.cfg.server.hello_timeout)
+            self._stranger(peer, "handshake timeout",
+                           f"{who} did not complete its HELLO/authentication within "
+                           f"server.hello_timeout={self.cfg.server.hello_timeout:g} s; closed")
         except (ConnectionError, OSError) as e:
             log.info("%s: connection lost: %s", who, e)
         except asyncio.CancelledError:
@@ -303,6 +366,14 @@ class ParameterServer:
             stream.close()
             if peer is not None:
                 self._forget(peer)
+
+    def _stranger(self, peer: Optional[_Peer], reason: str, message: str) -> None:
+        """Log a problem of a connection: rate-limited while it has not registered as a
+        worker (strangers can make many), in full for a registered worker."""
+        if peer is None:
+            self.refusals.note(reason, message)
+        else:
+            log.warning("%s", message)
 
     def _forget(self, peer: _Peer) -> None:
         """Remove a peer (once) and tell the round logic it is gone."""
@@ -372,14 +443,14 @@ class ParameterServer:
         Raises:
             TrainingFailed: too few workers registered in time, or a round without a quorum
                 after ``training.round_retries`` retries.
-            OSError: the port cannot be bound.
+            ListenError: the port cannot be bound.
             byzps.transport.TlsError: ``server.tls`` is set but its files are unusable.
         """
         s = self.cfg.server
         ssl_ctx = server_ssl_context(s.tls.cert, s.tls.key) if s.tls else None
         tls_kw = {"ssl": ssl_ctx, "ssl_handshake_timeout": s.hello_timeout} if ssl_ctx else {}
-        server = await asyncio.get_running_loop().create_server(
-            lambda: FrameStream(self._connection), s.listen_host, s.port, **tls_kw)
+        raise_nofile_limit()
+        server = _Listeners(_listen(s.listen_host, s.port))
         self.port = server.sockets[0].getsockname()[1]
         log.info("PS listening on %s:%d%s; n=%d workers, f=%d, aggregator %s, rounds %d..%d, "
                  "d=%d, quorum %d", s.listen_host, self.port, " (TLS)" if ssl_ctx else "", self.cfg.n, self.cfg.f,
@@ -392,6 +463,9 @@ class ParameterServer:
         try:
             if self.status is not None:
                 self.status.start()   # StatusEndpointError names server.metrics_port
+            self.admission = self._admission()
+            server.tasks = [asyncio.get_running_loop().create_task(self._accept(sock, tls_kw))
+                            for sock in server.sockets]
             return await self._train()
         finally:
             try:
@@ -402,7 +476,25 @@ class ParameterServer:
             if self.status is not None:
                 self.status.stop()
 
-    async def _shutdown(self, server: asyncio.Server) -> None:
+    def _admission(self) -> Admission:
+        """Connection caps from the config and the descriptor budget: the open-file soft
+        limit minus the descriptors open now, ``server.fd_reserve`` and the status
+        endpoint's connection cap (:func:`byzps.admission.descriptor_budget`)."""
+        s = self.cfg.server
+        reserve = s.fd_reserve + (s.metrics_max_connections if self.status is not None else 0)
+        budget = descriptor_budget(reserve)
+        if budget is None:
+            budget = 1 << 30
+        elif budget < self.cfg.n + 1:
+            log.warning("the open-file limit leaves room for only %d connections (n = %d "
+                        "workers, server.fd_reserve=%d); raise it (ulimit -n)", max(budget, 0),
+                        self.cfg.n, s.fd_reserve)
+        budget = max(budget, 1)
+        log.info("connections: at most %d pending (%d per address), %d open in all",
+                 s.max_pending_connections, s.max_pending_per_address, budget)
+        return Admission(s.max_pending_connections, s.max_pending_per_address, budget)
+
+    async def _shutdown(self, server: "_Listeners") -> None:
         """Tell every worker to stop, give them a moment to hang up, then close everything."""
         if not self.machine.finished:
             self._execute([Broadcast(Stop("server shutting down", ok=False))])
@@ -420,6 +512,7 @@ class ParameterServer:
         for task in list(self._handlers) + pending:
             task.cancel()
         await asyncio.gather(*self._handlers, *pending, return_exceptions=True)
+        self.refusals.flush()
         self.metrics.close()
 
     async def _wait_for_workers(self) -> None:
@@ -437,12 +530,23 @@ class ParameterServer:
             log.warning("starting without workers %s (not registered within %g s)", missing,
                         s.connect_timeout)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> bool:
+        """Write the checkpoint of the current round; a failure (disk full, no descriptor
+        left, folder not writable) is logged and training goes on: the next checkpoint
+        tries again. Returns whether it was written."""
         t = self.cfg.training
-        path = checkpoint.save(t.checkpoint_dir, checkpoint.Checkpoint(
-            self.machine.round, self.replica.state(), self.aggregator.state_dict(),
-            torch.random.get_rng_state(), checkpoint.fingerprint(self.cfg)))
+        try:
+            path = checkpoint.save(t.checkpoint_dir, checkpoint.Checkpoint(
+                self.machine.round, self.replica.state(), self.aggregator.state_dict(),
+                torch.random.get_rng_state(), checkpoint.fingerprint(self.cfg)))
+        except (OSError, RuntimeError) as e:   # torch's file writer raises RuntimeError
+            log.error("checkpoint of round %d could not be written to %s: %s; training goes "
+                      "on and the next checkpoint (every %d rounds) tries again",
+                      self.machine.round, t.checkpoint_dir, str(e).splitlines()[0][:300],
+                      t.checkpoint_every)
+            return False
         log.info("checkpoint of round %d written to %s", self.machine.round, path)
+        return True
 
     async def _train(self) -> ServerResult:
         await self._wait_for_workers()
@@ -522,6 +626,65 @@ class ParameterServer:
                 self._execute(self.machine.retry_round())
                 deadline = time.monotonic() + timeout
             # Finished needs no handling here: the caller's loop checks machine.finished
+
+
+class _Listeners:
+    """The PS's listening sockets and their accept tasks; ``close()`` stops both."""
+
+    def __init__(self, sockets: list[socket.socket]):
+        self.sockets = sockets
+        self.tasks: list[asyncio.Task] = []
+
+    def close(self) -> None:
+        """Cancel the accept tasks and close the listening sockets (idempotent)."""
+        for task in self.tasks:
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Non-blocking listening sockets on every address ``host`` resolves to (like
+    ``loop.create_server``: SO_REUSEADDR, IPv6 sockets v6-only).
+
+    Raises:
+        ListenError: ``host`` does not resolve or an address cannot be bound; the message
+            names server.bind_host and server.port.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise ListenError(e.errno or errno.EINVAL, f"server.bind_host={host!r} does not "
+                          f"resolve: {e.strerror or e}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(512)
+            sock.setblocking(False)
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        hint = "the port is in use; change server.port" if e.errno == errno.EADDRINUSE \
+            else "check server.bind_host and server.port"
+        raise ListenError(e.errno or errno.EINVAL, f"cannot listen on {host}:{port}: "
+                          f"{e.strerror or e} ({hint})") from None
+    return sockets
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close an accepted socket at once with a TCP reset (no TIME_WAIT, no reading)."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    conn.close()
 
 
 async def _try_send(stream: FrameStream, msg) -> None:

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from byzps.auth import MacSession
+from byzps.safeio import MAX_TLS_BYTES, FileRefused, check_file, first_line, read_text
 from byzps.wire import MAC_BYTES, PREFIX_BYTES, FrameError, Limits, Message, Prefix, \
     build_message, encode, parse_header, parse_prefix, tensor_bytes
 
@@ -383,8 +384,11 @@ class TlsError(ValueError):
 def server_ssl_context(cert: str | None, key: str | None):
     """An ``ssl.SSLContext`` for the PS (TLS >= 1.2) from PEM files.
 
+    Both files must be regular files of at most :data:`byzps.safeio.MAX_TLS_BYTES` bytes
+    (checked before ``ssl`` reads them).
+
     Raises:
-        TlsError: cert or key missing or unreadable.
+        TlsError: cert or key missing, unreadable, not a regular file or too large.
     """
     import ssl
 
@@ -393,6 +397,13 @@ def server_ssl_context(cert: str | None, key: str | None):
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
+        check_file(cert, MAX_TLS_BYTES, "server.tls.cert")
+        check_file(key, MAX_TLS_BYTES, "server.tls.key")
+    except FileRefused as e:
+        raise TlsError(str(e)) from None
+    except OSError as e:
+        raise TlsError(f"server.tls: cannot read {e.filename}: {e.strerror or e}") from None
+    try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as e:
         raise TlsError(f"server.tls: cannot load cert {cert} / key {key}: {e}") from None
@@ -400,17 +411,24 @@ def server_ssl_context(cert: str | None, key: str | None):
 
 
 def client_ssl_context(ca: str | None):
-    """An ``ssl.SSLContext`` for a worker that verifies the PS against the CA bundle ``ca``.
+    """An ``ssl.SSLContext`` for a worker that verifies the PS against the CA bundle ``ca``
+    (a regular file of at most :data:`byzps.safeio.MAX_TLS_BYTES` bytes, read once).
 
     Raises:
-        TlsError: ca missing or unreadable.
+        TlsError: ca missing, unreadable, not a regular file, too large or not PEM.
     """
     import ssl
 
     if not ca:
         raise TlsError("server.tls needs ca on the workers (the CA that signed the PS's cert)")
     try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        pem = read_text(ca, MAX_TLS_BYTES, "server.tls.ca")
+    except FileRefused as e:
+        raise TlsError(str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TlsError(f"server.tls: cannot load CA bundle {ca}: {first_line(e)}") from None
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=pem)
     except (OSError, ssl.SSLError) as e:
         raise TlsError(f"server.tls: cannot load CA bundle {ca}: {e}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
