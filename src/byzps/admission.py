@@ -90,22 +90,26 @@ def descriptor_budget(reserve: int) -> Optional[int]:
 class RateLimitedLog:
     """Log a kind of event (refused connections) without letting a flood fill the log.
 
-    The first event is logged at once with its message; later events are counted and, at
-    most once per ``interval`` seconds, summarised in one line (count per reason and the
-    latest message).
+    In each window of ``interval`` seconds the first ``burst`` events are logged in full;
+    later ones are only counted, and summarised in one line (count per reason and the latest
+    message) when the next window starts or at :meth:`flush`. So a flood writes at most
+    ``burst + 1`` lines per interval.
 
     Args:
         logger: where the lines go (WARNING).
-        what: the events' name in the lines, e.g. ``"connections refused"``.
-        interval: seconds between two lines, at least.
+        what: the events' name in the summary, e.g. ``"connections refused"``.
+        interval: window length, seconds.
+        burst: events logged in full per window.
         clock: ``time.monotonic``-like clock (tests pass a fake one).
     """
 
     def __init__(self, logger: logging.Logger, what: str, interval: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self._log, self._what, self._interval, self._clock = logger, what, interval, clock
-        self._last: Optional[float] = None
-        self._counts: dict[str, int] = {}
+                 burst: int = 5, clock: Callable[[], float] = time.monotonic):
+        self._log, self._what, self._interval, self._burst = logger, what, interval, burst
+        self._clock = clock
+        self._window: Optional[float] = None   # start of the current window
+        self._shown = 0                        # events logged in full in this window
+        self._counts: dict[str, int] = {}      # events not shown, per reason
         self._latest = ""
         #: events noted over the whole run, per reason
         self.total: dict[str, int] = {}
@@ -115,28 +119,28 @@ class RateLimitedLog:
     def note(self, reason: str, message: str) -> None:
         """Record one event with a short, fixed ``reason`` key and a detailed ``message``."""
         self.total[reason] = self.total.get(reason, 0) + 1
+        now = self._clock()
+        if self._window is None or now - self._window >= self._interval:
+            self.flush(now)
+            self._window, self._shown = now, 0
+        if self._shown < self._burst:
+            self._shown += 1
+            self.lines += 1
+            self._log.warning("%s", message)
+            return
         self._counts[reason] = self._counts.get(reason, 0) + 1
         self._latest = message
-        now = self._clock()
-        if self._last is None or now - self._last >= self._interval:
-            self.flush(now)
 
     def flush(self, now: Optional[float] = None) -> None:
-        """Write the pending events now, as one line (if any is pending)."""
+        """Write the summary of the events not shown yet (if any)."""
         if not self._counts:
             return
         now = self._clock() if now is None else now
-        n = sum(self._counts.values())
-        if n == 1:
-            self._log.warning("%s: %s", self._what, self._latest)
-        else:
-            window = now - self._last if self._last is not None else 0.0
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self._counts.items()))
-            self._log.warning("%d %s in the last %.0f s (%s); latest: %s", n, self._what,
-                              window, reasons, self._latest)
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self._counts.items()))
+        self._log.warning("%d more %s in %.0f s (%s); latest: %s", sum(self._counts.values()),
+                          self._what, now - (self._window or now), reasons, self._latest)
         self.lines += 1
         self._counts = {}
-        self._last = now
 
 
 class Ticket:

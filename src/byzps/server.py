@@ -212,7 +212,8 @@ class ParameterServer:
             from byzps.status import StatusEndpoint
             self.status = StatusEndpoint(cfg.server.metrics_host, cfg.server.metrics_port,
                                          worker_ids=self.machine.worker_ids,
-                                         rounds=self.rounds, start_round=self.machine.round)
+                                         rounds=self.rounds, start_round=self.machine.round,
+                                         max_connections=cfg.server.metrics_max_connections)
 
     def _load_keys(self) -> Optional[dict[int, bytes]]:
         path = auth.secrets_path(self.cfg.server.secrets_file)

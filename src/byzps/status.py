@@ -44,8 +44,13 @@ worker ids (anything else in a record is ignored), ``reason`` one of
 keys of ``/status``.
 
 Each endpoint has its own :class:`prometheus_client.CollectorRegistry` (never the process-wide
-default), so several can live in one process (tests). The HTTP server runs in daemon threads
-and only reads a snapshot taken under a lock, so it never blocks the PS's event loop.
+default), so several can live in one process (tests). The HTTP server
+(:class:`byzps.bounded_http.BoundedHttpServer`) runs in one daemon thread and only reads a
+snapshot taken under a lock, so it never blocks the PS's event loop. Its cost is bounded
+whatever clients do: one thread for all connections, at most ``max_connections`` of them
+(``server.metrics_max_connections``, default 16; more are reset), at most
+:data:`MAX_REQUEST_BYTES` of request head each (more: 431), and :data:`CONNECTION_TIMEOUT`
+seconds per connection from accept to the end of the answer.
 """
 
 from __future__ import annotations
@@ -54,13 +59,11 @@ import copy
 import json
 import logging
 import math
-import socket
-import socketserver
 import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from byzps.bounded_http import BoundedHttpServer
 from byzps.protocol import REJECTION_REASONS
 
 log = logging.getLogger(__name__)
@@ -77,21 +80,10 @@ class StatusEndpointError(RuntimeError):
     address) or prometheus-client is missing; the message names ``server.metrics_port``."""
 
 
-class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class _ThreadingWSGIServer6(_ThreadingWSGIServer):
-    address_family = socket.AF_INET6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """wsgiref's handler logs every request to stderr; send it to ``logging`` (DEBUG)."""
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        """Log one request line at DEBUG on ``byzps.status`` instead of writing to stderr."""
-        log.debug("status endpoint %s: " + format, self.client_address[0], *args)
+#: largest request line + headers the endpoint reads, bytes (more: 431)
+MAX_REQUEST_BYTES = 8192
+#: seconds a client connection may live, from accept to the last byte of the answer
+CONNECTION_TIMEOUT = 5.0
 
 
 def _finite(value: Any) -> Any:
@@ -115,6 +107,9 @@ class StatusEndpoint:
         rounds: total rounds R of the run (absolute).
         start_round: the first round this process runs (> 0 after a resume).
         clock: ``time.time``-like clock, for the uptime (tests pass a fake one).
+        max_connections: most client connections held at once (``server.
+            metrics_max_connections``); more are reset.
+        timeout: seconds a client connection may live (default :data:`CONNECTION_TIMEOUT`).
 
     Nothing listens until :meth:`start`; :meth:`update` works with or without a listener.
 
@@ -123,14 +118,17 @@ class StatusEndpoint:
     """
 
     def __init__(self, host: str, port: int, *, worker_ids: Iterable[int], rounds: int,
-                 start_round: int = 0, clock: Callable[[], float] = time.time):
+                 start_round: int = 0, clock: Callable[[], float] = time.time,
+                 max_connections: int = 16, timeout: float = CONNECTION_TIMEOUT):
         self.host = host
+        self.max_connections = int(max_connections)
+        self.timeout = float(timeout)
         self.requested_port = int(port)
         self.port: Optional[int] = None
         self._clock = clock
         self._started_at = clock()
         self._lock = threading.Lock()
-        self._httpd: Optional[WSGIServer] = None
+        self._httpd: Optional[BoundedHttpServer] = None
         self._thread: Optional[threading.Thread] = None
         ids = sorted(int(w) for w in worker_ids)
         self._ids = frozenset(str(w) for w in ids)
@@ -143,8 +141,8 @@ class StatusEndpoint:
             "rejected_gradients": {}, "missing": {}, "states_refused": {},
         }
         try:
-            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, \
-                make_wsgi_app
+            from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, \
+                Gauge, Histogram, generate_latest
         except ImportError:
             raise StatusEndpointError("server.metrics_port needs the prometheus-client package: "
                                       "pip install prometheus-client (or rerun "
@@ -191,7 +189,7 @@ class StatusEndpoint:
             self._c_accepted.labels(worker=str(w))
             self._c_missing.labels(worker=str(w))
             self._c_refused.labels(worker=str(w))
-        self._metrics_app = make_wsgi_app(self.registry)
+        self._render_metrics = lambda: (CONTENT_TYPE_LATEST, generate_latest(self.registry))
 
     # -- state ------------------------------------------------------------------------------
 
@@ -276,10 +274,11 @@ class StatusEndpoint:
 
     # -- HTTP -------------------------------------------------------------------------------
 
-    def _app(self, environ: dict, start_response: Callable) -> list[bytes]:
-        path = environ.get("PATH_INFO", "/")
+    def _app(self, path: str) -> tuple[str, str, bytes]:
+        """``(status, content type, body)`` of a GET of ``path``."""
         if path == "/metrics":
-            return self._metrics_app(environ, start_response)
+            ctype, body = self._render_metrics()
+            return "200 OK", ctype, body
         if path in ("/status", "/status/"):
             body = json.dumps(self.snapshot(), sort_keys=True, allow_nan=False).encode()
             ctype = "application/json"
@@ -288,10 +287,9 @@ class StatusEndpoint:
             body = b"byzps parameter server\n/metrics  Prometheus metrics\n/status   JSON status\n"
             ctype, status = "text/plain; charset=utf-8", "200 OK"
         else:
-            body = f"not found: {path}; try /metrics or /status\n".encode()
+            body = f"not found: {path[:100]}; try /metrics or /status\n".encode()
             ctype, status = "text/plain; charset=utf-8", "404 Not Found"
-        start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body)))])
-        return [body]
+        return status, ctype, body
 
     def start(self) -> int:
         """Bind ``host:port`` and serve in a daemon thread; returns the bound port.
@@ -303,9 +301,9 @@ class StatusEndpoint:
         if self._httpd is not None:
             raise RuntimeError("status endpoint already started")
         try:
-            server_class = _ThreadingWSGIServer6 if ":" in self.host else _ThreadingWSGIServer
-            httpd = make_server(self.host, self.requested_port, self._app,
-                                server_class=server_class, handler_class=_QuietHandler)
+            httpd = BoundedHttpServer(self.host, self.requested_port, self._app,
+                                      max_connections=self.max_connections,
+                                      max_request_bytes=MAX_REQUEST_BYTES, timeout=self.timeout)
         except OSError as e:
             raise StatusEndpointError(
                 f"cannot serve the status endpoint on {self.host}:{self.requested_port}: "
