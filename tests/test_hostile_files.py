@@ -26,7 +26,6 @@ from byzps.config import ConfigError, load_config, parse_config
 from byzps.data import IdxFormatError, parse_idx
 from byzps.grid import GridError, load_grid
 from byzps.robust import build_robust
-from byzps.safeio import MAX_CONFIG_BYTES, shorten
 from byzps.training import Replica
 
 from conftest import ROOT, node_env, write_config
@@ -86,6 +85,8 @@ def test_errors_never_echo_a_huge_value(tmp_path, base_config):
 
 
 def test_shorten_is_exact():
+    from byzps.safeio import shorten
+
     assert shorten("abc") == "'abc'"
     assert shorten("x" * 200, limit=10) == "'xxxxxxxxx…"
     assert shorten(list(range(100))) == "<list of 100 items>"
@@ -145,6 +146,8 @@ def test_endless_files_are_refused_before_reading(tmp_path, base_config):
 
 
 def test_oversized_config_and_secrets_are_refused_naming_the_limit(tmp_path):
+    from byzps.safeio import MAX_CONFIG_BYTES
+
     big = tmp_path / "big.yaml"
     with open(big, "wb") as fh:
         fh.truncate(MAX_CONFIG_BYTES + 1)   # sparse: costs no disk

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import struct
 import time
 from typing import Callable, Optional
 
@@ -70,6 +72,16 @@ def open_fds() -> Optional[int]:
         except OSError:
             continue
     return None
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Close an accepted socket at once with a TCP reset: no lingering, no TIME_WAIT on this
+    side, nothing read from it."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
 
 
 def descriptor_budget(reserve: int) -> Optional[int]:

@@ -7,7 +7,9 @@ to 100 header lines of 64 KiB each. :class:`BoundedHttpServer` instead:
 
 * runs **one** thread, which multiplexes every connection with ``selectors`` (non-blocking
   sockets), so idle connections cost no thread;
-* holds at most ``max_connections`` connections; a connection over the cap is reset at once;
+* holds at most ``max_connections`` connections; a new connection over the cap evicts the
+  oldest one still sending its request (so idle hoarders cannot lock out a scraper, whose
+  request takes milliseconds), or is reset at once when every held one is being answered;
 * reads at most ``max_request_bytes`` of request line plus headers (more: ``431`` and close)
   and no body;
 * gives each connection ``timeout`` seconds from accept to the end of its response (an idle,
@@ -22,11 +24,12 @@ from __future__ import annotations
 import logging
 import selectors
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+from byzps.admission import reset_socket
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +87,10 @@ class BoundedHttpServer:
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
-        #: connections reset because the cap was reached, over the server's life
+        #: connections reset at accept because the cap was reached, over the server's life
         self.refused = 0
+        #: held connections closed to make room for a newer one
+        self.evicted = 0
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -120,13 +125,13 @@ class BoundedHttpServer:
                 log.debug("status endpoint: accept failed: %s", e)
                 return
             if len(self._conns) >= self.max_connections:
-                self.refused += 1
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:
-                    pass
-                sock.close()
-                continue
+                reading = [c for c in self._conns.values() if c.out is None]
+                if not reading:
+                    self.refused += 1
+                    reset_socket(sock)
+                    continue
+                self.evicted += 1
+                self._close(min(reading, key=lambda c: c.deadline), reset=True)
             sock.setblocking(False)
             conn = _Conn(sock, time.monotonic() + self.timeout)
             self._conns[sock] = conn
@@ -199,14 +204,17 @@ class BoundedHttpServer:
         for conn in [c for c in self._conns.values() if c.deadline <= now]:
             self._close(conn)
 
-    def _close(self, conn: _Conn) -> None:
+    def _close(self, conn: _Conn, reset: bool = False) -> None:
         if self._conns.pop(conn.sock, None) is None:
             return
         try:
             self._sel.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
-        conn.sock.close()
+        if reset:
+            reset_socket(conn.sock)
+        else:
+            conn.sock.close()
 
     # -- control ------------------------------------------------------------------------------
 
@@ -228,3 +236,4 @@ class BoundedHttpServer:
         self._listener.close()
         self._wake_r.close()
         self._wake_w.close()
+

@@ -22,7 +22,6 @@ import asyncio
 import errno
 import logging
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -31,7 +30,7 @@ import torch
 
 from byzps import auth, checkpoint
 from byzps.admission import Admission, RateLimitedLog, Ticket, descriptor_budget, \
-    raise_nofile_limit
+    raise_nofile_limit, reset_socket
 from byzps.config import Config
 from byzps.data import load_mnist, to_tensors
 from byzps.metrics import JsonlWriter, round_record
@@ -273,7 +272,7 @@ class ParameterServer:
             host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
             ticket, reason = self.admission.admit(host)
             if ticket is None:
-                _reset(conn)
+                reset_socket(conn)
                 self.refusals.note(reason, f"connection from {host} refused ({reason}: "
                                    f"{self.admission.pending} pending, "
                                    f"{self.admission.open} open)")
@@ -677,15 +676,6 @@ def _listen(host: str, port: int) -> list[socket.socket]:
         raise ListenError(e.errno or errno.EINVAL, f"cannot listen on {host}:{port}: "
                           f"{e.strerror or e} ({hint})") from None
     return sockets
-
-
-def _reset(conn: socket.socket) -> None:
-    """Close an accepted socket at once with a TCP reset (no TIME_WAIT, no reading)."""
-    try:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    conn.close()
 
 
 async def _try_send(stream: FrameStream, msg) -> None:

@@ -1,0 +1,199 @@
+"""Keyless strangers against the PS (issue 11, item 5): connection caps, the descriptor reserve,
+the HELLO deadline under a flood, quiet logging, checkpoint write errors and honest error
+messages. The flood test runs a real PS process with a low open-file limit on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from byzps import auth, checkpoint
+from byzps.config import parse_config
+
+from conftest import ROOT, node_env, start_node, write_config
+
+FLOOD_NOFILE = 160   # open-file limit (soft = hard) of the PS process in the flood test
+
+
+def _low_nofile():
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FLOOD_NOFILE, FLOOD_NOFILE))
+
+
+def _closed_by_peer(s: socket.socket) -> bool:
+    """Whether the PS has closed (or reset) this connection; never blocks."""
+    try:
+        return s.recv(1, socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_stranger_flood_cannot_exhaust_descriptors_or_stop_checkpoints(tmp_path, base_config):
+    """Waves of keyless connections from four source addresses, held open, while a PS with
+    per-worker keys, 160 descriptors and a checkpoint every round trains: it finishes every
+    round and checkpoint, closes each stranger within hello_timeout, and logs the flood in a
+    few lines."""
+    rounds = 25
+    keys = auth.generate_keys(range(4))
+    auth.write_keys(tmp_path / "ps.secrets.yaml", keys)
+    t, s = base_config["training"], base_config["server"]
+    t.update(rounds=rounds, model="mlp", eval_every=1000, checkpoint_every=1,
+             checkpoint_dir=str(tmp_path / "ck"), metrics_file=str(tmp_path / "m.jsonl"),
+             round_timeout=20.0)
+    s.update(secrets_file=str(tmp_path / "ps.secrets.yaml"), hello_timeout=1.0,
+             max_pending_connections=12, max_pending_per_address=6, fd_reserve=16)
+    cfg = write_config(tmp_path / "c.yaml", base_config)
+    log = tmp_path / "ps.log"
+    cmd = [sys.executable, str(ROOT / "ps_node.py"), "--config", str(cfg), "--role", "server"]
+    with open(log, "w") as out:
+        ps = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=node_env(),
+                              cwd=ROOT, preexec_fn=_low_nofile)
+    waves: list[tuple[float, list[socket.socket]]] = []
+    overdue: list[socket.socket] = []
+    try:
+        workers = [start_node(cfg, "worker", worker_id=i, log=tmp_path / f"w{i}.log")
+                   for i in range(4)]
+        deadline = time.time() + 120
+        while not (tmp_path / "m.jsonl").exists() or \
+                len((tmp_path / "m.jsonl").read_text().splitlines()) < 2:
+            assert ps.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.1)
+        port = s["port"]
+        while ps.poll() is None and len(waves) < 40:
+            wave = []
+            for k in range(100):
+                c = socket.socket()
+                c.bind((f"127.0.0.{2 + k % 4}", 0))
+                c.setblocking(False)
+                try:
+                    c.connect(("127.0.0.1", port))
+                except BlockingIOError:
+                    pass
+                except OSError:   # the PS ended meanwhile
+                    c.close()
+                    continue
+                wave.append(c)
+            waves.append((time.monotonic(), wave))
+            time.sleep(0.3)
+            for opened, held in waves:   # hello_timeout 1 s (+ slack on a loaded machine)
+                if time.monotonic() - opened > 6.0 and ps.poll() is None:
+                    overdue += [c for c in held if not _closed_by_peer(c)]
+                    held.clear()
+        assert ps.wait(120) == 0, log.read_text()[-3000:]
+        for w in workers:
+            assert w.wait(60) == 0
+    finally:
+        for c in overdue + [c for _, held in waves for c in held]:
+            c.close()
+        if ps.poll() is None:
+            ps.kill()
+            ps.wait()
+    text = log.read_text()
+    assert not overdue, f"{len(overdue)} stranger connections outlived hello_timeout"
+    assert sum(len(w) for _, w in waves) >= 500, "the flood was too short to mean anything"
+    assert f"after {rounds} rounds" in text and "Traceback" not in text, text[-3000:]
+    d = torch.load(tmp_path / "ck" / checkpoint.FILENAME, weights_only=True)["state"].shape[1]
+    assert checkpoint.load(tmp_path / "ck", parse_config(base_config), d).round == rounds
+    assert "could not be written" not in text, text[-3000:]
+    flood_lines = [ln for ln in text.splitlines() if "refused" in ln or "peer (" in ln
+                   or "did not complete" in ln or "accept()" in ln]
+    assert 1 <= len(flood_lines) <= 40, "\n".join(flood_lines[:60])
+    assert "connections refused or closed before registering" in text
+
+
+# -- the parts, exactly -----------------------------------------------------------------------
+
+def test_admission_caps_exact():
+    from byzps.admission import Admission
+
+    a = Admission(max_pending=3, max_pending_per_address=2, max_open=4)
+    t1, _ = a.admit("10.0.0.1")
+    t2, _ = a.admit("10.0.0.1")
+    assert a.admit("10.0.0.1") == (None, "per-address cap")
+    t3, _ = a.admit("10.0.0.2")
+    assert a.admit("10.0.0.3") == (None, "pending cap")
+    t1.promote()                       # registered: frees a pending slot, still open
+    assert (a.pending, a.open) == (2, 3)
+    t4, _ = a.admit("10.0.0.1")
+    assert (a.pending, a.open) == (3, 4)
+    t2.release()
+    t2.release()                       # idempotent
+    assert (a.pending, a.open) == (2, 3)
+    t5, reason = a.admit("10.0.0.3")
+    assert reason == "" and (a.pending, a.open) == (3, 4)
+    assert a.admit("10.0.0.4") == (None, "descriptor budget")
+    for t in (t1, t3, t4, t5):
+        t.release()
+    assert (a.pending, a.open) == (0, 0)
+    with pytest.raises(ValueError, match="caps must be >= 1"):
+        Admission(0, 1, 1)
+
+
+def test_rate_limited_log_shows_a_burst_then_one_summary_per_window(caplog):
+    from byzps.admission import RateLimitedLog
+
+    now = [100.0]
+    rl = RateLimitedLog(logging.getLogger("byzps.test"), "refusals", interval=10.0, burst=2,
+                        clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="byzps.test"):
+        for i in range(1000):
+            rl.note("pending cap" if i % 2 else "per-address cap", f"event {i}")
+        now[0] = 111.0
+        rl.note("pending cap", "event late")
+        rl.flush()
+    assert [r.getMessage() for r in caplog.records] == [
+        "event 0", "event 1",
+        "998 more refusals in 11 s (pending cap: 499, per-address cap: 499); latest: event 999",
+        "event late"]
+    assert rl.total == {"pending cap": 501, "per-address cap": 500} and rl.lines == 4
+
+
+def test_checkpoint_write_error_is_logged_and_training_goes_on(tmp_path, base_config, caplog):
+    from byzps.server import ParameterServer
+
+    (tmp_path / "file").write_text("not a folder")
+    base_config["training"]["checkpoint_dir"] = str(tmp_path / "file" / "ck")
+    ps = ParameterServer(parse_config(base_config), str(ROOT / "data"))
+    with caplog.at_level(logging.ERROR, logger="byzps.server"):
+        assert ps._checkpoint() is False
+    assert "could not be written" in caplog.text and "tries again" in caplog.text
+    base_config["training"]["checkpoint_dir"] = str(tmp_path / "ck")
+    ps = ParameterServer(parse_config(base_config), str(ROOT / "data"))
+    assert ps._checkpoint() is True
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == [checkpoint.FILENAME]
+
+
+def test_an_unrelated_os_error_does_not_blame_the_port(tmp_path, base_config, capsys):
+    from byzps.cli import main
+
+    (tmp_path / "file").write_text("not a folder")
+    base_config["training"]["metrics_file"] = str(tmp_path / "file" / "m.jsonl")
+    cfg = write_config(tmp_path / "c.yaml", base_config)
+    assert main(["--config", str(cfg), "--role", "server"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("server error: ") and str(tmp_path / "file") in err, err
+    assert "port" not in err, err
+
+
+def test_port_in_use_is_named_as_such(tmp_path, base_config, capsys):
+    from byzps.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        base_config["server"]["port"] = s.getsockname()[1]
+        cfg = write_config(tmp_path / "c.yaml", base_config)
+        assert main(["--config", str(cfg), "--role", "server"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{base_config['server']['port']}" in err
+    assert "the port is in use; change server.port" in err
