@@ -100,7 +100,11 @@ class BoundedHttpServer:
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
             while not self._stop.is_set():
-                for key, events in self._sel.select(poll_interval):
+                # requests already held first, new connections last: a burst of new ones
+                # then evicts only connections that still have not sent a whole request
+                ready = sorted(self._sel.select(poll_interval),
+                               key=lambda event: event[0].data == "accept")
+                for key, events in ready:
                     if key.data == "accept":
                         self._accept()
                     elif key.data == "wake":
