@@ -102,16 +102,17 @@ def descriptor_budget(reserve: int) -> Optional[int]:
 class RateLimitedLog:
     """Log a kind of event (refused connections) without letting a flood fill the log.
 
-    In each window of ``interval`` seconds the first ``burst`` events are logged in full;
-    later ones are only counted, and summarised in one line (count per reason and the latest
-    message) when the next window starts or at :meth:`flush`. So a flood writes at most
-    ``burst + 1`` lines per interval.
+    In each window of ``interval`` seconds the first ``burst`` events of each reason are
+    logged in full; later ones are only counted, and summarised in one line (count per reason
+    and the latest message) when the next window starts or at :meth:`flush`. Reasons come
+    from a small fixed set chosen by the caller, so a flood writes at most
+    ``burst * reasons + 1`` lines per interval.
 
     Args:
         logger: where the lines go (WARNING).
         what: the events' name in the summary, e.g. ``"connections refused"``.
         interval: window length, seconds.
-        burst: events logged in full per window.
+        burst: events of one reason logged in full per window.
         clock: ``time.monotonic``-like clock (tests pass a fake one).
     """
 
@@ -120,7 +121,7 @@ class RateLimitedLog:
         self._log, self._what, self._interval, self._burst = logger, what, interval, burst
         self._clock = clock
         self._window: Optional[float] = None   # start of the current window
-        self._shown = 0                        # events logged in full in this window
+        self._shown: dict[str, int] = {}       # events logged in full in this window
         self._counts: dict[str, int] = {}      # events not shown, per reason
         self._latest = ""
         #: events noted over the whole run, per reason
@@ -134,9 +135,9 @@ class RateLimitedLog:
         now = self._clock()
         if self._window is None or now - self._window >= self._interval:
             self.flush(now)
-            self._window, self._shown = now, 0
-        if self._shown < self._burst:
-            self._shown += 1
+            self._window, self._shown = now, {}
+        if self._shown.get(reason, 0) < self._burst:
+            self._shown[reason] = self._shown.get(reason, 0) + 1
             self.lines += 1
             self._log.warning("%s", message)
             return
