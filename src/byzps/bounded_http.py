@@ -9,7 +9,8 @@ to 100 header lines of 64 KiB each. :class:`BoundedHttpServer` instead:
   sockets), so idle connections cost no thread;
 * holds at most ``max_connections`` connections; a new connection over the cap evicts the
   oldest one still sending its request (so idle hoarders cannot lock out a scraper, whose
-  request takes milliseconds), or is reset at once when every held one is being answered;
+  request takes milliseconds), or is reset at once when no held one can be evicted (all are
+  being answered, or arrived in the same burst of accepts);
 * reads at most ``max_request_bytes`` of request line plus headers (more: ``431`` and close)
   and no body;
 * gives each connection ``timeout`` seconds from accept to the end of its response (an idle,
@@ -120,6 +121,9 @@ class BoundedHttpServer:
             self._sel.close()
 
     def _accept(self) -> None:
+        # a connection accepted in this burst is never evicted by a later one of the same
+        # burst: it first gets one turn to have its request read
+        born_before = time.monotonic() + self.timeout
         for _ in range(64):   # a burst at a time; the rest on the next select
             try:
                 sock, _ = self._listener.accept()
@@ -129,7 +133,8 @@ class BoundedHttpServer:
                 log.debug("status endpoint: accept failed: %s", e)
                 return
             if len(self._conns) >= self.max_connections:
-                reading = [c for c in self._conns.values() if c.out is None]
+                reading = [c for c in self._conns.values()
+                           if c.out is None and c.deadline < born_before]
                 if not reading:
                     self.refused += 1
                     reset_socket(sock)
