@@ -338,8 +338,10 @@ def test_idx_reader_bounds_what_a_gzip_file_expands_to(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "MAX_IDX_BYTES", 16 + 6 * 28 * 28)   # the training images
     task = load_task("fashion_mnist", {"data_root": str(tmp_path), "download": False})
     assert len(task.train_data()) == 6
-    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(10 ** 6)))
-    with pytest.raises(IdxFormatError, match="more than 4720 bytes"):
+    # a header declaring 10 images, then a million zero bytes: refused from the header alone
+    bomb = struct.pack(">BBBB3I", 0, 0, 8, 3, 10, 28, 28) + bytes(10 ** 6)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(bomb))
+    with pytest.raises(IdxFormatError, match="more than the limit of 4720"):
         task.test_data()
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b" + b"junk" * 10)
     with pytest.raises(IdxFormatError, match="not a readable gzip file"):

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from byzps.data import DatasetNotFound, IdxFormatError
+from byzps.safeio import FileRefused, open_checked
 from byzps.task import LabeledTensors, Task
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,15 @@ def read_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         OSError: the file cannot be read.
     """
     path = Path(path)
-    size = path.stat().st_size
-    if size == 0 or size % RECORD_BYTES or size // RECORD_BYTES > MAX_RECORDS:
-        raise CifarFormatError(f"{path}: {size} bytes is not 1..{MAX_RECORDS} whole records "
-                               f"of {RECORD_BYTES} bytes (CIFAR-10 binary version)")
-    with open(path, "rb") as fh:
+    try:   # a regular file only: a FIFO or device would be read without end
+        fh = open_checked(path, MAX_RECORDS * RECORD_BYTES, "CIFAR-10 batch")
+    except FileRefused as e:
+        raise CifarFormatError(str(e)) from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0 or size % RECORD_BYTES or size // RECORD_BYTES > MAX_RECORDS:
+            raise CifarFormatError(f"{path}: {size} bytes is not 1..{MAX_RECORDS} whole "
+                                   f"records of {RECORD_BYTES} bytes (CIFAR-10 binary version)")
         raw = fh.read(size + 1)
     if len(raw) != size:
         raise CifarFormatError(f"{path}: changed size while being read")
@@ -103,7 +108,11 @@ def read_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _md5_of(path: Path) -> str:
     h = hashlib.md5()
-    with open(path, "rb") as fh:
+    try:   # a regular file of a bounded size only (a symlink to /dev/zero never ends)
+        fh = open_checked(path, MAX_ARCHIVE_BYTES, "CIFAR-10 archive")
+    except FileRefused as e:
+        raise CifarFormatError(str(e)) from None
+    with fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
