@@ -4,9 +4,7 @@ with wrong fields, IDX headers that overflow, and gzip bombs in the data root.""
 from __future__ import annotations
 
 import gzip
-import io
 import json
-import os
 import struct
 import subprocess
 import sys

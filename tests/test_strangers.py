@@ -8,9 +8,7 @@ import logging
 import socket
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch

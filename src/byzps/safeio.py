@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import os
 import stat
-from pathlib import Path
 from typing import Any, BinaryIO, Union
 
 import yaml
