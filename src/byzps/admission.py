@@ -14,9 +14,9 @@ checkpoint, metrics or log. So the PS admits a new connection only while
 A pending connection must register within ``server.hello_timeout`` (the server enforces one
 deadline for the whole handshake), so a flood holds at most the pending cap for that long.
 Registered connections are bounded by n (one per worker id). A refused connection is closed at
-once, without reading from it. Refusals and accept errors are logged through
-:class:`RateLimitedLog` (one line at once, then at most one summary per interval), so a flood
-cannot fill the log.
+once, without reading from it. The server logs refusals and accept errors through
+:class:`byzps.logutil.RateLimitedLog` (a few lines per reason and interval, then a count of
+those left out), so a flood cannot fill the log.
 
 The caps follow the usual defence against connection-exhaustion attacks on servers (limit
 half-open and per-client connections; e.g. Apache's ``mod_reqtimeout`` and nginx's
@@ -30,7 +30,7 @@ import os
 import socket
 import struct
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -97,63 +97,6 @@ def descriptor_budget(reserve: int) -> Optional[int]:
     if soft == resource.RLIM_INFINITY or used is None:
         return None
     return soft - used - reserve
-
-
-class RateLimitedLog:
-    """Log a kind of event (refused connections) without letting a flood fill the log.
-
-    In each window of ``interval`` seconds the first ``burst`` events of each reason are
-    logged in full; later ones are only counted, and summarised in one line (count per reason
-    and the latest message) when the next window starts or at :meth:`flush`. Reasons come
-    from a small fixed set chosen by the caller, so a flood writes at most
-    ``burst * reasons + 1`` lines per interval.
-
-    Args:
-        logger: where the lines go (WARNING).
-        what: the events' name in the summary, e.g. ``"connections refused"``.
-        interval: window length, seconds.
-        burst: events of one reason logged in full per window.
-        clock: ``time.monotonic``-like clock (tests pass a fake one).
-    """
-
-    def __init__(self, logger: logging.Logger, what: str, interval: float = 10.0,
-                 burst: int = 5, clock: Callable[[], float] = time.monotonic):
-        self._log, self._what, self._interval, self._burst = logger, what, interval, burst
-        self._clock = clock
-        self._window: Optional[float] = None   # start of the current window
-        self._shown: dict[str, int] = {}       # events logged in full in this window
-        self._counts: dict[str, int] = {}      # events not shown, per reason
-        self._latest = ""
-        #: events noted over the whole run, per reason
-        self.total: dict[str, int] = {}
-        #: lines written
-        self.lines = 0
-
-    def note(self, reason: str, message: str) -> None:
-        """Record one event with a short, fixed ``reason`` key and a detailed ``message``."""
-        self.total[reason] = self.total.get(reason, 0) + 1
-        now = self._clock()
-        if self._window is None or now - self._window >= self._interval:
-            self.flush(now)
-            self._window, self._shown = now, {}
-        if self._shown.get(reason, 0) < self._burst:
-            self._shown[reason] = self._shown.get(reason, 0) + 1
-            self.lines += 1
-            self._log.warning("%s", message)
-            return
-        self._counts[reason] = self._counts.get(reason, 0) + 1
-        self._latest = message
-
-    def flush(self, now: Optional[float] = None) -> None:
-        """Write the summary of the events not shown yet (if any)."""
-        if not self._counts:
-            return
-        now = self._clock() if now is None else now
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self._counts.items()))
-        self._log.warning("%d more %s in %.0f s (%s); latest: %s", sum(self._counts.values()),
-                          self._what, now - (self._window or now), reasons, self._latest)
-        self.lines += 1
-        self._counts = {}
 
 
 class Ticket:

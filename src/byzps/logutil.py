@@ -65,3 +65,11 @@ class RateLimitedLog:
             w[2] = 0
         self.logger.log(level, msg, *args)
         return True
+
+    def flush(self, level: int = logging.WARNING) -> None:
+        """Log, once for each key that has some, how many lines were left out since that key's
+        last line (e.g. at shutdown, when no later line of the key would say it)."""
+        for key, w in self._windows.items():
+            if w[2]:
+                self.logger.log(level, "%s: %d similar lines left out", key, w[2])
+                w[2] = 0

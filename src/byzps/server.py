@@ -29,10 +29,11 @@ from typing import Optional
 import torch
 
 from byzps import auth, checkpoint
-from byzps.admission import Admission, RateLimitedLog, Ticket, descriptor_budget, \
+from byzps.admission import Admission, Ticket, descriptor_budget, \
     raise_nofile_limit, reset_socket
 from byzps.config import Config
 from byzps.data import load_mnist, to_tensors
+from byzps.logutil import RateLimitedLog
 from byzps.metrics import JsonlWriter, round_record
 from byzps.protocol import Action, Broadcast, Drop, RoundClosed, RoundFailed, Send, \
     ServerRounds
@@ -196,7 +197,7 @@ class ParameterServer:
         #: connection caps and descriptor budget (byzps.admission); run() sets it up
         self.admission: Optional[Admission] = None
         #: rate-limited log of refused connections and of strangers' failed handshakes
-        self.refusals = RateLimitedLog(log, "connections refused or closed before registering")
+        self.refusals = RateLimitedLog(log, interval=10.0, burst=5)
         self._all_connected = asyncio.Event()
         self._handlers: set[asyncio.Task] = set()
         self._closing = False
@@ -265,17 +266,16 @@ class ParameterServer:
             try:
                 conn, addr = await loop.sock_accept(sock)
             except OSError as e:   # EMFILE/ENFILE/ENOBUFS: back off instead of spinning
-                self.refusals.note("accept error", f"accept() failed: {e.strerror or e}; "
-                                   f"pausing 0.1 s")
+                self._stranger(None, "accept error", f"accept() failed: {e.strerror or e}; "
+                               f"pausing 0.1 s")
                 await asyncio.sleep(0.1)
                 continue
             host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
             ticket, reason = self.admission.admit(host)
             if ticket is None:
                 reset_socket(conn)
-                self.refusals.note(reason, f"connection from {host} refused ({reason}: "
-                                   f"{self.admission.pending} pending, "
-                                   f"{self.admission.open} open)")
+                self._stranger(None, reason, f"connection from {host} refused ({reason}: "
+                               f"{self.admission.pending} pending, {self.admission.open} open)")
                 continue
             task = loop.create_task(self._serve(conn, addr, ticket, tls_kw))
             self._handlers.add(task)
@@ -289,8 +289,8 @@ class ParameterServer:
                     lambda: stream, conn, **tls_kw)
             except (OSError, asyncio.TimeoutError, TimeoutError) as e:
                 conn.close()
-                self.refusals.note("TLS handshake", f"peer {addr}: TLS handshake failed or "
-                                   f"timed out: {e}")
+                self._stranger(None, "TLS handshake", f"peer {addr}: TLS handshake failed or "
+                               f"timed out: {e}")
                 return
             await self._handle(stream, ticket)
         except asyncio.CancelledError:
@@ -371,7 +371,7 @@ class ParameterServer:
         """Log a problem of a connection: rate-limited while it has not registered as a
         worker (strangers can make many), in full for a registered worker."""
         if peer is None:
-            self.refusals.note(reason, message)
+            self.refusals.log(logging.WARNING, reason, "%s", message)
         else:
             log.warning("%s", message)
 
