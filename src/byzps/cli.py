@@ -4,7 +4,8 @@
     byzps run CONFIG [--rounds R] [--data-root DIR] [--run-dir DIR] [--min-accuracy ACC]
                                                                        PS + workers, local TCP
     byzps simulate CONFIG [--rounds R] [--data-root DIR] [--metrics F] one process, no sockets
-    byzps grid GRID.yaml [--jobs J] [--out DIR] [--rounds R]           sweep in simulation
+    byzps grid GRID.yaml [--jobs J] [--out DIR] [--rounds R] [--ray [ADDRESS]]
+                                                                       sweep in simulation
     byzps keygen CONFIG --out DIR                                      worker key files
     byzps list                                          rules, attacks, models, tasks, optimizers
     byzps plot METRICS.jsonl [...] -o out.png                          accuracy/loss curves
@@ -220,7 +221,12 @@ def build_byzps_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("grid", help="sweep rules x attacks x f x ... in simulation")
     g.add_argument("grid")
-    g.add_argument("--jobs", "-j", type=int, default=1, help="parallel processes (default 1)")
+    g.add_argument("--jobs", "-j", type=int, help="cells at a time: local processes (default "
+                   "1); with --ray and no address, the local Ray instance's CPUs (default: all)")
+    g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run every cell as a Ray task (needs byzps[ray]): without ADDRESS on a "
+                        "local Ray instance bound to 127.0.0.1; with HOST:PORT, auto or "
+                        "ray://HOST:PORT on that cluster")
     g.add_argument("--out", help="output folder (default runs/grid-<grid file stem>)")
     g.add_argument("--data-root", default="./data", help="MNIST folder (default ./data)")
     g.add_argument("--rounds", type=int, help="override the grid's rounds")
@@ -322,7 +328,9 @@ def _cmd_grid(args) -> int:
 
     from byzps.grid import GridError, load_grid, run_grid
 
-    if args.jobs < 1:
+    from byzps.raycluster import RayLoopbackError, RayUnavailable
+
+    if args.jobs is not None and args.jobs < 1:
         print(f"usage error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
     try:
@@ -335,8 +343,11 @@ def _cmd_grid(args) -> int:
     out = args.out or str(Path("runs") / f"grid-{Path(args.grid).stem}")
     try:
         run_grid(grid, out, data_root=args.data_root, jobs=args.jobs,
-                 plots=not args.no_plots)
-    except RuntimeError as e:
+                 plots=not args.no_plots, ray=args.ray)
+    except (RayUnavailable, GridError) as e:
+        print(f"grid error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, ConnectionError, RayLoopbackError) as e:
         print(f"grid error: {e}", file=sys.stderr)
         return 1
     print((Path(out) / "table.md").read_text(), end="")

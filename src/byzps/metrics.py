@@ -214,6 +214,13 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """``[#####...............]``: ``done`` of ``total`` (> 0) as ``width`` characters, clamped
+    to [0, width]."""
+    filled = min(width, max(0, round(width * done / max(total, 1))))
+    return f"[{'#' * filled}{'.' * (width - filled)}]"
+
+
 def progress_line(record: Mapping[str, Any], rounds: int, seconds_per_round: Optional[float],
                   accuracy: Optional[float] = None, width: int = 20) -> str:
     """One status line: ``[#####.....] round 12/300  acc 0.9712  loss 0.215  rejected 1
@@ -227,10 +234,9 @@ def progress_line(record: Mapping[str, Any], rounds: int, seconds_per_round: Opt
         width: characters of the bar.
     """
     done = int(record.get("round", -1)) + 1
-    filled = min(width, max(0, round(width * done / max(rounds, 1))))
     acc = record.get("test_accuracy", accuracy)
     loss = record.get("reported_loss")
-    parts = [f"[{'#' * filled}{'.' * (width - filled)}] round {done}/{rounds}"]
+    parts = [f"{progress_bar(done, rounds, width)} round {done}/{rounds}"]
     parts.append(f"acc {acc:.4f}" if acc is not None else "acc -")
     parts.append(f"loss {loss:.3f}" if loss is not None else "loss -")
     parts.append(f"rejected {len(record.get('rejected') or {})}")
