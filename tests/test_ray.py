@@ -1,0 +1,327 @@
+"""byzps on Ray: a real two-node Ray cluster, inside a network namespace this module makes.
+
+Harness (:func:`ray_cluster`, once per module): ``unshare -n`` makes a network namespace that
+holds only the loopback interface (``ip link set lo up``), kept alive by a holder process; in it
+``ray start --head --node-ip-address 127.0.0.1`` and ``ray start --address 127.0.0.1:PORT``
+bring up two Ray nodes (1 CPU each, custom resources ``bz_head`` / ``bz_worker``), with Ray's
+token authentication on (``RAY_AUTH_MODE=token``, as README's recipe says). Commands that use
+the cluster run in the namespace through ``nsenter --net=/proc/<holder>/ns/net``. Ray 2.60
+binds the machine's primary address outside such a namespace; in it, loopback is all there is.
+At the end every process in the namespace (all started here) is ended by its pid.
+
+Tests: the same grid gives the same ``results.csv`` numbers as local processes and on the
+cluster, and resumes there; the local Ray instance that ``byzps grid --ray`` starts listens on
+loopback only; cell resources and the cell progress lines (pure logic).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, node_env
+
+from byzps.grid import CellProgress, cell_resources, load_grid, run_grid
+from byzps.metrics import progress_bar
+
+RAY_PORT = 6379          # free by construction: the namespace is new
+RAY = Path(sys.executable).with_name("ray")
+
+
+def _namespace_problem() -> str | None:
+    """Why this machine cannot make the test's namespace, or None."""
+    for tool in ("unshare", "nsenter", "ip"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed (util-linux / iproute2)"
+    r = subprocess.run(["unshare", "-n", "--", "ip", "link", "set", "lo", "up"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"`unshare -n` + `ip link set lo up` failed: {r.stderr.strip()}"
+    return None
+
+
+def _net_ns(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/net")
+
+
+def _pids_in_namespace(ns: str, exclude: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != exclude:
+            try:
+                if _net_ns(int(entry)) == ns:
+                    out.append(int(entry))
+            except OSError:   # gone, or not ours to read
+                pass
+    return out
+
+
+class Cluster:
+    """A running two-node Ray cluster in a namespace; :meth:`inside` runs a command in it."""
+
+    def __init__(self, holder: subprocess.Popen, env: dict, temp_dir: str) -> None:
+        self.holder = holder
+        self.env = env
+        self.temp_dir = temp_dir
+        self.ns = _net_ns(holder.pid)
+        self.address = f"127.0.0.1:{RAY_PORT}"
+
+    def inside(self, cmd: list[str], timeout: float = 300, check: bool = True,
+               **kw) -> subprocess.CompletedProcess:
+        """Run ``cmd`` in the namespace with the cluster's environment; fail with its output."""
+        r = subprocess.run(["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", "--", *cmd],
+                           capture_output=True, text=True, env=self.env, cwd=ROOT,
+                           timeout=timeout, **kw)
+        if check:
+            assert r.returncode == 0, f"{cmd} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+        return r
+
+    def stop(self) -> None:
+        """End every process in the namespace by pid (TERM, then KILL), then the holder."""
+        pids = _pids_in_namespace(self.ns, self.holder.pid)
+        for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + grace
+            while time.time() < deadline:
+                pids = _pids_in_namespace(self.ns, self.holder.pid)
+                if not pids:
+                    break
+                time.sleep(0.2)
+            if not pids:
+                break
+        self.holder.stdin.close()          # the holder's `cat` ends; the namespace goes with it
+        self.holder.wait(10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A two-node Ray cluster on 127.0.0.1 inside a fresh network namespace (see the module
+    docstring); skipped only where the namespace cannot be made."""
+    problem = _namespace_problem()
+    if problem is not None:
+        pytest.skip(f"cannot make the Ray test namespace: {problem}")
+    env = node_env()
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               RAY_USAGE_STATS_ENABLED="0")
+    # a short folder: Ray's unix socket paths must stay under 108 bytes
+    temp_dir = tempfile.mkdtemp(prefix="bzray", dir="/tmp")
+    holder = subprocess.Popen(["unshare", "-n", "--", "sh", "-c",
+                               "ip link set lo up && echo up && exec cat"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "up"
+    cluster = Cluster(holder, env, temp_dir)
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats",
+              "--object-store-memory", str(80 * 1024 * 1024)]
+    try:
+        cluster.inside([str(RAY), "start", "--head", "--port", str(RAY_PORT),
+                        "--include-dashboard", "false", "--temp-dir", temp_dir,
+                        "--resources", '{"bz_head": 1}', *common], timeout=120)
+        cluster.inside([str(RAY), "start", "--address", cluster.address,
+                        "--resources", '{"bz_worker": 1}', *common], timeout=120)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_cluster_has_two_nodes_and_places_tasks_by_resource(ray_cluster):
+    r = ray_cluster.inside(_python(f"""
+        import json, os, ray
+        ray.init(address="{ray_cluster.address}", logging_level="error")
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        @ray.remote(num_cpus=1)
+        def node():
+            return ray.get_runtime_context().get_node_id()
+        on = {{name: ray.get(node.options(resources={{name: 1}}).remote())
+              for name in ("bz_head", "bz_worker")}}
+        print(json.dumps({{"nodes": len(nodes), "cpus": ray.cluster_resources()["CPU"],
+                          "ips": sorted({{n["NodeManagerAddress"] for n in nodes}}),
+                          "distinct": on["bz_head"] != on["bz_worker"]}}))
+        """), timeout=120)
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info == {"nodes": 2, "cpus": 2.0, "ips": ["127.0.0.1"], "distinct": True}
+
+
+def _grid_file(tmp_path: Path) -> Path:
+    """Two tiny seeded cells (median x 2 attacks, logreg, 3 rounds, 1,000 examples): one per
+    node of the cluster at a time."""
+    grid = {"base": {"training": {"rounds": 3, "batch_size": 16, "learning_rate": 0.05,
+                                  "momentum": 0.9, "seed": 1, "model": "logreg",
+                                  "eval_every": 1, "train_limit": 1000, "test_limit": 200},
+                     "server": {"host": "127.0.0.1", "port": 9000}},
+            "honest": 3,
+            "sweep": {"aggregator": [{"method": "coordinate_wise_median", "label": "median"}],
+                      "attack": ["sign_flip", {"name": "gaussian", "params": {"sigma": 5.0}}],
+                      "f": [1]}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+TIMING = ("seconds", "seconds_per_round")
+
+
+def _numbers(out: Path) -> list[dict]:
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _digests(out: Path) -> dict[str, str]:
+    return {d.name: json.loads((d / "result.json").read_text())["digest"]
+            for d in (out / "cells").iterdir()}
+
+
+def _grid_on_cluster(cluster: Cluster, path: Path, out: Path) -> subprocess.CompletedProcess:
+    return cluster.inside(_python(f"""
+        import sys
+        from byzps.cli import byzps_main
+        sys.exit(byzps_main(["grid", "{path}", "--out", "{out}", "--no-plots",
+                             "--ray", "{cluster.address}"]))
+        """), timeout=400)
+
+
+def test_grid_on_the_cluster_gives_the_local_numbers_and_resumes(ray_cluster, tmp_path):
+    path = _grid_file(tmp_path)
+    local = tmp_path / "local"
+    run_grid(load_grid(path), local, jobs=2, plots=False, stream=io.StringIO())
+    on_ray = tmp_path / "ray"
+    r = _grid_on_cluster(ray_cluster, path, on_ray)
+    assert "2 to run on the Ray cluster at 127.0.0.1:6379" in r.stderr, r.stderr
+    assert "Ray: 2 node(s), 2 CPU(s), 0 GPU(s)" in r.stderr
+    expected = _numbers(local)
+    assert len(expected) == 2 and all(row["status"] == "ok" for row in expected)
+    assert _numbers(on_ray) == expected
+    assert _digests(on_ray) == _digests(local)
+    for cell in (on_ray / "cells").iterdir():    # the driver wrote each cell's curve too
+        assert len((cell / "metrics.jsonl").read_text().splitlines()) == 3
+
+    # resumable: a lost cell is the only one that runs again; the others stay untouched
+    cells = sorted((on_ray / "cells").iterdir())
+    (cells[0] / "result.json").unlink()
+    stamps = {c.name: (c / "result.json").stat().st_mtime_ns for c in cells[1:]}
+    r = _grid_on_cluster(ray_cluster, path, on_ray)
+    assert "1 already done, 1 to run" in r.stderr, r.stderr
+    assert {c.name: (c / "result.json").stat().st_mtime_ns for c in cells[1:]} == stamps
+    assert _numbers(on_ray) == expected
+
+
+LISTENERS = """
+    import json, os
+    from byzps.raycluster import ray_session
+
+    def sockets_of(pids):
+        inodes = {}
+        for pid in pids:
+            try:
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inodes[link[8:-1]] = pid
+            except OSError:
+                pass
+        out = []
+        for table, width in (("tcp", 8), ("tcp6", 32)):
+            for line in open(f"/proc/net/{table}").read().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "0A" and f[9] in inodes:          # LISTEN
+                    out.append(f[1].split(":")[0])
+        return out
+
+    def descendants(root):
+        kids = {}
+        for e in os.listdir("/proc"):
+            if e.isdigit():
+                try:
+                    ppid = int(open(f"/proc/{e}/stat").read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError):
+                    continue
+                kids.setdefault(ppid, []).append(int(e))
+        todo, seen = [root], []
+        while todo:
+            p = todo.pop()
+            seen.append(p)
+            todo += kids.get(p, [])
+        return seen
+
+    with ray_session(num_cpus=1) as ray:
+        @ray.remote
+        def one():
+            return 1
+        assert ray.get(one.remote()) == 1
+        print(json.dumps(sockets_of(descendants(os.getpid()))))
+"""
+
+LOOPBACK_HEX = ("0100007F", "00000000000000000000000001000000",      # 127.0.0.1, ::1
+                "0000000000000000FFFF00000100007F")                  # ::ffff:127.0.0.1
+
+
+def test_local_ray_instance_listens_on_loopback_only():
+    r = subprocess.run(_python(LISTENERS), capture_output=True, text=True, env=node_env(),
+                       cwd=ROOT, timeout=180)
+    assert r.returncode == 0, r.stderr
+    addrs = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(addrs) >= 3, addrs       # GCS, raylet, worker at least
+    assert all(a in LOOPBACK_HEX for a in addrs), addrs
+
+
+# -- pure logic --------------------------------------------------------------------------------
+
+def test_cell_resources():
+    cpu = {"training": {"rounds": 1}, "workers": [{"id": 0}]}
+    assert cell_resources(cpu) == {"num_cpus": 1, "num_gpus": 0}
+    assert cell_resources({"training": {"device": "cuda:0"}}, threads=2) == {"num_cpus": 2,
+                                                                             "num_gpus": 1}
+    assert cell_resources({"training": {"device": "cpu"},
+                           "workers": [{"id": 0, "device": "cuda"}]})["num_gpus"] == 1
+
+
+def test_progress_bar_and_cell_lines():
+    assert progress_bar(0, 4, width=8) == "[........]"
+    assert progress_bar(3, 4, width=8) == "[######..]"
+    assert progress_bar(9, 4, width=8) == "[########]"
+    s = io.StringIO()
+    p = CellProgress(2, s)
+    p.finished("a", {"status": "ok", "final_accuracy": 0.5, "seconds": 3.0,
+                     "seconds_per_round": 0.25})
+    p.crashed("b")
+    p.close()
+    lines = s.getvalue().splitlines()
+    assert lines[0].startswith("[1/2] a: acc 0.5000 (3 s, 0.250 s/round); elapsed ")
+    assert lines[1] == "[2/2] b: CRASHED"
+    assert len(lines) == 2                      # not a terminal: no bar
+
+
+def test_progress_bar_redrawn_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    s = Tty()
+    p = CellProgress(2, s)
+    p.finished("a", {"status": "failed", "final_accuracy": None, "seconds": 1.0,
+                     "seconds_per_round": 0.5})
+    p.close()
+    text = s.getvalue()
+    assert text.startswith("\r\x1b[K[1/2] a: failed (1 s, 0.500 s/round); elapsed ")
+    assert "\n[##########..........] 1/2 cells  elapsed " in text and text.endswith("\n")
