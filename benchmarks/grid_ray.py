@@ -5,9 +5,11 @@ Runs ``byzps grid GRID --jobs J --no-plots`` (a fresh process per cell, J at a t
 ``byzps grid GRID --ray --jobs J --no-plots`` (a local Ray instance on 127.0.0.1 with J CPUs;
 every cell a Ray task in a fresh Ray worker) alternately, ``--repeats`` times each, each into a
 new out folder, so the machine's load falls on both alike. Reported per mode: the wall seconds
-of the whole command (start-up of Python and Ray included), their median, and the Ray overhead
-per cell = (median Ray - median local) / cells. Also the load averages before and after, and
-a check that both modes wrote the same numbers (``results.csv`` without the timing columns).
+of the whole command (start-up of Python and Ray included), their median, the mean simulation
+seconds inside a cell (``results.csv``'s ``seconds``: the part that is the same work in both
+modes), and the Ray overhead per cell = (median Ray - median local) / cells. Also the load
+averages before and after, and a check that both modes wrote the same numbers (``results.csv``
+without the timing columns).
 
     python benchmarks/grid_ray.py [--grid benchmarks/grid_ray.yaml] [--jobs 2] [--repeats 2]
                                   [--out benchmarks/results/grid_ray]
@@ -30,6 +32,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = ("seconds", "seconds_per_round")
+
+
+def cell_seconds(out: Path) -> float:
+    """Mean simulation seconds of the cells of a grid folder."""
+    with open(out / "results.csv", newline="") as fh:
+        secs = [float(r["seconds"]) for r in csv.DictReader(fh)]
+    return sum(secs) / len(secs)
 
 
 def numbers(out: Path) -> list[dict]:
@@ -65,6 +74,7 @@ def main() -> None:
     cells = len(load_grid(a.grid).cells)
     load_before = os.getloadavg()
     walls: dict[str, list[float]] = {"local": [], "ray": []}
+    inside: dict[str, list[float]] = {"local": [], "ray": []}
     with tempfile.TemporaryDirectory(prefix="bz-gridray-") as tmp:
         ref = None
         for i in range(a.repeats):
@@ -72,6 +82,7 @@ def main() -> None:
                 out = Path(tmp) / f"{mode}-{i}"
                 walls[mode].append(run(Path(a.grid), out, a.jobs, mode == "ray"))
                 print(f"{mode} #{i}: {walls[mode][-1]:.1f} s", file=sys.stderr, flush=True)
+                inside[mode].append(cell_seconds(out))
                 got = numbers(out)
                 if ref is None:
                     ref = got
@@ -81,6 +92,7 @@ def main() -> None:
     med = {m: statistics.median(w) for m, w in walls.items()}
     result = {"grid": os.path.relpath(a.grid, ROOT), "cells": cells, "jobs": a.jobs,
               "repeats": a.repeats, "walls": walls, "median": med,
+              "mean_cell_simulation_seconds": inside,
               "ray_overhead_per_cell": (med["ray"] - med["local"]) / cells,
               "same_numbers": True, "cpus": os.cpu_count(),
               "loadavg_before": load_before, "loadavg_after": load_after,
@@ -91,10 +103,11 @@ def main() -> None:
     md = [f"Grid wall time, `{result['grid']}` ({cells} cells), --jobs {a.jobs}, "
           f"{os.cpu_count()} CPUs, load average before {load_before[0]:.1f} / after "
           f"{load_after[0]:.1f} (1 min)", "",
-          "| mode | runs (s) | median (s) | s per cell |", "|---|---|---|---|"]
+          "| mode | runs (s) | median (s) | wall s per cell | simulation s in a cell (mean per run) |",
+          "|---|---|---|---|---|"]
     for m in ("local", "ray"):
         md.append(f"| {m} | {', '.join(f'{w:.1f}' for w in walls[m])} | {med[m]:.1f} | "
-                  f"{med[m] / cells:.2f} |")
+                  f"{med[m] / cells:.2f} | {', '.join(f'{x:.1f}' for x in inside[m])} |")
     md += ["", f"Ray overhead: {result['ray_overhead_per_cell']:+.2f} s per cell "
                f"(median Ray - median local, over {cells} cells); both modes wrote the same "
                f"numbers. Command: `{result['command']}`"]

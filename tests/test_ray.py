@@ -325,3 +325,13 @@ def test_progress_bar_redrawn_on_a_terminal():
     text = s.getvalue()
     assert text.startswith("\r\x1b[K[1/2] a: failed (1 s, 0.500 s/round); elapsed ")
     assert "\n[##########..........] 1/2 cells  elapsed " in text and text.endswith("\n")
+
+
+def test_grid_ray_without_ray_installed_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    from byzps.cli import byzps_main
+    monkeypatch.setitem(sys.modules, "ray", None)       # `import ray` raises ImportError
+    path = _grid_file(tmp_path)
+    assert byzps_main(["grid", str(path), "--out", str(tmp_path / "o"), "--ray"]) == 2
+    err = capsys.readouterr().err
+    assert 'grid error: --ray needs Ray' in err and 'pip install -e ".[ray]"' in err
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ   # restored

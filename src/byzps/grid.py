@@ -19,7 +19,9 @@ A grid file (YAML) holds a base config and the lists to sweep::
       seed: [0]                                            # optional, default [base seed]
 
 Each cell runs :func:`byzps.simulate.simulate` in its own process (``--jobs`` at a time, one
-torch thread each) and writes ``OUT/cells/<cell>/metrics.jsonl`` and ``result.json``. A cell
+torch thread each) and writes ``OUT/cells/<cell>/metrics.jsonl`` and ``result.json``; with
+``--ray`` each cell is a Ray task instead (:func:`ray_cell`, resources from
+:func:`cell_resources`) and the driver writes those two files as each task returns. A cell
 whose ``result.json`` exists for the same cell config (rounds included) is skipped, so an
 interrupted grid resumes where it stopped. At the end (also when every cell was already done)
 the grid writes ``OUT/results.csv``, ``OUT/table.md`` (worst-case accuracy over attacks, per
