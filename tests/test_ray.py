@@ -335,3 +335,18 @@ def test_grid_ray_without_ray_installed_says_how_to_get_it(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert 'grid error: --ray needs Ray' in err and 'pip install -e ".[ray]"' in err
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ   # restored
+
+
+def test_unreachable_cluster_fails_fast_naming_the_address():
+    from conftest import free_port
+    from byzps.raycluster import probe_head, ray_session
+    port = free_port()                       # nothing listens there
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match=rf"no Ray cluster answers at 127.0.0.1:{port}: "):
+        with ray_session(f"127.0.0.1:{port}"):
+            pass
+    assert time.time() - t0 < 10
+    with pytest.raises(ConnectionError, match="expected HOST:PORT"):
+        probe_head("head-without-port")
+    probe_head("auto")                       # Ray resolves these itself
+    probe_head("ray://10.0.0.1:10001")

@@ -414,7 +414,8 @@ def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: O
             todo.append(cell)
     total = len(grid.cells)
     how = (f"with {jobs or 1} process(es)" if ray is None
-           else "on a local Ray instance" if ray == "local" else f"on the Ray cluster at {ray}")
+           else "on a local Ray instance" if ray == "local" else f"on the Ray cluster at {ray}"
+           + (" (--jobs ignored: the nodes' CPUs decide)" if jobs else ""))
     print(f"byzps grid: {total} cells, {total - len(todo)} already done, {len(todo)} to run "
           f"{how}; output in {out}", file=stream, flush=True)
     t0 = time.perf_counter()

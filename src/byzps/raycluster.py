@@ -25,6 +25,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 from typing import Any, Iterator, Optional
 
 #: ``--ray`` without an address: start a local instance (Ray's own keyword for the same thing).
@@ -43,7 +44,7 @@ class RayUnavailable(RuntimeError):
 
 
 class RayLoopbackError(RuntimeError):
-    """A local Ray instance that byzps started is reachable on a non-loopback address."""
+    """A local Ray instance that byzps started came up on a non-loopback node address."""
 
 
 def import_ray() -> Any:
@@ -86,7 +87,9 @@ def ray_session(address: Optional[str] = LOCAL, num_cpus: Optional[int] = None,
         RayUnavailable: Ray is not installed.
         RayLoopbackError: the local instance's node address is not loopback (the instance is
             shut down first).
-        ConnectionError: from Ray, when no cluster answers at ``address``.
+        ConnectionError: nothing accepts a TCP connection at a ``HOST:PORT`` address within
+            :data:`PROBE_TIMEOUT` seconds (Ray itself would retry for minutes), or Ray's own
+            error for other addresses.
     """
     local = address in (None, "", LOCAL)
     saved = {k: os.environ.get(k) for k in _LOCAL_ENV}
@@ -111,6 +114,8 @@ def _connected(ray: Any, address: Optional[str], num_cpus: Optional[int],
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process; byzps starts or joins "
                            "Ray itself")
+    if not local:
+        probe_head(address)
     kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
     if local:
         kwargs.update(address=LOCAL, include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -130,8 +135,33 @@ def _connected(ray: Any, address: Optional[str], num_cpus: Optional[int],
         ray.shutdown()
 
 
+#: seconds to wait for a cluster's head to accept a TCP connection
+PROBE_TIMEOUT = 5.0
+
+
+def probe_head(address: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """Check that something accepts TCP at a ``HOST:PORT`` Ray address (others pass).
+
+    Raises:
+        ConnectionError: naming the address and the socket error.
+    """
+    if "://" in address or address == "auto":
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConnectionError(f"Ray address {address!r}: expected HOST:PORT (the head's GCS "
+                              f"port, 6379 by default), auto or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at {address}: "
+                              f"{e.strerror or e.__class__.__name__}; is `ray start --head` "
+                              f"running there?") from None
+
+
 def cluster_summary(ray: Any) -> str:
-    """``2 nodes, 4 CPUs, 0 GPUs`` for the connected cluster (alive nodes only)."""
+    """``2 node(s), 4 CPU(s), 0 GPU(s)``: the connected cluster's alive nodes and logical
+    resources (Ray's counts, as declared by ``ray start``/``ray.init``)."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     res = ray.cluster_resources()
     return (f"{len(nodes)} node(s), {res.get('CPU', 0):g} CPU(s), {res.get('GPU', 0):g} GPU(s)")
