@@ -295,6 +295,9 @@ def test_cell_resources():
                                                                              "num_gpus": 1}
     assert cell_resources({"training": {"device": "cpu"},
                            "workers": [{"id": 0, "device": "cuda"}]})["num_gpus"] == 1
+    auto = {"training": {"device": "auto"}}
+    assert cell_resources(auto)["num_gpus"] == 0                   # a cluster without GPUs
+    assert cell_resources(auto, cluster_gpus=2)["num_gpus"] == 1
 
 
 def test_progress_bar_and_cell_lines():

@@ -519,19 +519,21 @@ def _run_local(grid: Grid, todo: list[Cell], out: Path, data_root: str, jobs: in
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def cell_resources(config: dict, threads: int = 1) -> dict[str, float]:
+def cell_resources(config: dict, threads: int = 1, cluster_gpus: float = 0) -> dict[str, float]:
     """The Ray resources of one cell: ``{"num_cpus": threads, "num_gpus": 0 or 1}``.
 
     A cell is one simulation process with ``threads`` torch threads (1, as every grid cell).
-    It asks for one GPU when its config puts any computation on CUDA: ``training.device`` or
-    a worker's ``device`` that starts with ``cuda`` (the device fields come with issue 13; a
-    config without them runs on the CPU and asks for none).
+    It asks for one GPU when its config puts computation on CUDA: ``training.device`` or a
+    worker's ``device`` is ``cuda`` or ``cuda:N``, or is ``auto`` ("cuda if available") while
+    the cluster has ``cluster_gpus`` > 0 (Ray shows a task only the GPUs it asked for). Config
+    validation refuses a device other than cpu until devices are wired into runs (issue 13),
+    so today every cell asks for none.
     """
     devices = [str((config.get("training") or {}).get("device") or "cpu")]
     devices += [str(w.get("device") or "cpu") for w in config.get("workers") or []
                 if isinstance(w, dict)]
-    gpus = 1 if any(d.startswith("cuda") for d in devices) else 0
-    return {"num_cpus": threads, "num_gpus": gpus}
+    wants = any(d.startswith("cuda") or (d == "auto" and cluster_gpus > 0) for d in devices)
+    return {"num_cpus": threads, "num_gpus": 1 if wants else 0}
 
 
 def ray_cell(config: dict, data_root: str, spec: dict) -> dict[str, str]:
@@ -561,13 +563,13 @@ def _run_ray(grid: Grid, todo: list[Cell], out: Path, data_root: str, jobs: Opti
         # max_calls=1: a fresh worker process per cell, as with local processes
         task = ray.remote(max_calls=1)(ray_cell)
         configs = [grid.config(cell) for cell in todo]
-        for cell, cfg in zip(todo, configs):
-            need = cell_resources(cfg)["num_gpus"]
-            if need > have_gpus:
-                raise GridError(f"cell {cell.key} asks for {need} GPU(s); the Ray cluster has "
-                                f"{have_gpus:g}")
-        pending = {task.options(**cell_resources(cfg)).remote(
-            cfg, str(root), cell.spec()): cell for cell, cfg in zip(todo, configs)}
+        needs = [cell_resources(cfg, cluster_gpus=have_gpus) for cfg in configs]
+        for cell, need in zip(todo, needs):
+            if need["num_gpus"] > have_gpus:
+                raise GridError(f"cell {cell.key} asks for {need['num_gpus']} GPU(s); the Ray "
+                                f"cluster has {have_gpus:g}")
+        pending = {task.options(**need).remote(cfg, str(root), cell.spec()): cell
+                   for cell, cfg, need in zip(todo, configs, needs)}
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
