@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, strategies as st
 
 from conftest import ROOT, node_env
 
@@ -298,6 +299,18 @@ def test_cell_resources():
     auto = {"training": {"device": "auto"}}
     assert cell_resources(auto)["num_gpus"] == 0                   # a cluster without GPUs
     assert cell_resources(auto, cluster_gpus=2)["num_gpus"] == 1
+
+
+@given(st.integers(-5, 200), st.integers(1, 100), st.integers(1, 40))
+def test_progress_bar_has_a_fixed_width_and_fills_monotonically(done, total, width):
+    bar = progress_bar(done, total, width)
+    assert len(bar) == width + 2 and bar[0] == "[" and bar[-1] == "]"
+    assert set(bar[1:-1]) <= {"#", "."} and "." + "#" not in bar   # filled part comes first
+    assert bar.count("#") <= progress_bar(done + 1, total, width).count("#")
+    if done <= 0:
+        assert bar.count("#") == 0
+    if done >= total:
+        assert bar.count("#") == width
 
 
 def test_progress_bar_and_cell_lines():
