@@ -366,3 +366,19 @@ def test_unreachable_cluster_fails_fast_naming_the_address():
         probe_head("head-without-port")
     probe_head("auto")                       # Ray resolves these itself
     probe_head("ray://10.0.0.1:10001")
+
+
+def test_a_ray_result_must_be_the_cells_own(tmp_path):
+    from byzps.grid import _checked_result
+    grid = load_grid(_grid_file(tmp_path))
+    a, b = grid.cells
+    good = {"spec": a.spec(), "status": "ok", "final_accuracy": 0.5}
+    files = {"result.json": json.dumps(good), "metrics.jsonl": ""}
+    assert _checked_result(files, a) == good
+    for bad, msg in [(None, "did not return"), ({"result.json": "{"}, "did not return"),
+                     (dict(files, **{"result.json": "{"}), "not JSON"),
+                     (files, "not this cell's"),
+                     (dict(files, **{"result.json": json.dumps(dict(good, status="x"))}),
+                      "status 'x'")]:
+        with pytest.raises(ValueError, match=msg):
+            _checked_result(bad, b if bad is files else a)

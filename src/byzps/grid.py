@@ -552,6 +552,28 @@ def ray_cell(config: dict, data_root: str, spec: dict) -> dict[str, str]:
                 "metrics.jsonl": metrics.read_text() if metrics.exists() else ""}
 
 
+def _checked_result(files: Any, cell: Cell) -> dict:
+    """The result mapping in what :func:`ray_cell` returned for ``cell``.
+
+    Raises:
+        ValueError: not the two files as text, result.json not JSON, not this cell's result,
+            or a status other than ok/failed.
+    """
+    if not isinstance(files, dict) or not all(isinstance(files.get(k), str)
+                                              for k in ("result.json", "metrics.jsonl")):
+        raise ValueError("the Ray task did not return result.json and metrics.jsonl as text")
+    try:
+        res = json.loads(files["result.json"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"result.json from the Ray task is not JSON: {e}") from None
+    if not isinstance(res, dict) or res.get("spec") != cell.spec():
+        raise ValueError("result.json from the Ray task is not this cell's result")
+    if res.get("status") not in ("ok", "failed"):
+        raise ValueError(f"result.json from the Ray task has status {res.get('status')!r}, "
+                         f"expected 'ok' or 'failed'")
+    return res
+
+
 def _run_ray(grid: Grid, todo: list[Cell], out: Path, data_root: str, jobs: Optional[int],
              address: str, progress: CellProgress, results: dict, errors: list) -> None:
     from byzps.raycluster import LOCAL, cluster_summary, ray_session
@@ -577,7 +599,8 @@ def _run_ray(grid: Grid, todo: list[Cell], out: Path, data_root: str, jobs: Opti
                     cell = pending.pop(ref)
                     try:
                         files = ray.get(ref)
-                    except Exception as e:   # the task raised, or its node died
+                        res = _checked_result(files, cell)
+                    except Exception as e:   # the task raised, its node died, or bad files
                         errors.append(f"{cell.key}: {e}")
                         progress.crashed(cell.key)
                         continue
@@ -585,7 +608,6 @@ def _run_ray(grid: Grid, todo: list[Cell], out: Path, data_root: str, jobs: Opti
                     d.mkdir(parents=True, exist_ok=True)
                     _write_atomic(d / "metrics.jsonl", files["metrics.jsonl"])
                     _write_atomic(d / "result.json", files["result.json"])   # marks it done
-                    res = json.loads(files["result.json"])
                     results[cell.key] = res
                     progress.finished(cell.key, res)
         except KeyboardInterrupt:
