@@ -1,13 +1,16 @@
 """byzps on Ray: a real two-node Ray cluster, inside a network namespace this module makes.
 
 Harness (:func:`ray_cluster`, once per module): ``unshare -n`` makes a network namespace that
-holds only the loopback interface (``ip link set lo up``), kept alive by a holder process; in it
-``ray start --head --node-ip-address 127.0.0.1`` and ``ray start --address 127.0.0.1:PORT``
-bring up two Ray nodes (1 CPU each, custom resources ``bz_head`` / ``bz_worker``), with Ray's
-token authentication on (``RAY_AUTH_MODE=token``, as README's recipe says). Commands that use
-the cluster run in the namespace through ``nsenter --net=/proc/<holder>/ns/net``. Ray 2.60
-binds the machine's primary address outside such a namespace; in it, loopback is all there is.
-At the end every process in the namespace (all started here) is ended by its pid.
+holds only the loopback interface (``ip link set lo up``), together with a PID and a mount
+namespace (``-p -f -m --mount-proc``) whose first process, a ``cat`` reading a pipe from this
+test process, holds them; in it ``ray start --head --node-ip-address 127.0.0.1`` and
+``ray start --address 127.0.0.1:PORT`` bring up two Ray nodes (1 CPU each, custom resources
+``bz_head`` / ``bz_worker``), with Ray's token authentication on (``RAY_AUTH_MODE=token``, as
+README's recipe says). Commands that use the cluster run in the namespaces through ``nsenter``.
+Ray 2.60 binds the machine's primary address outside such a namespace; in it, loopback is all
+there is. At the end the pipe is closed: ``cat`` ends, and with the PID namespace's first
+process the kernel ends every Ray process in it; so does a test run that is killed outright
+(the pipe closes with it).
 
 Tests: the same grid gives the same ``results.csv`` numbers as local processes and on the
 cluster, and resumes there; the local Ray instance that ``byzps grid --ray`` starts listens on
@@ -22,7 +25,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,73 +45,51 @@ RAY_PORT = 6379          # free by construction: the namespace is new
 RAY = Path(sys.executable).with_name("ray")
 
 
+UNSHARE = ["unshare", "--net", "--pid", "--fork", "--mount", "--mount-proc", "--kill-child",
+           "--"]
+
+
 def _namespace_problem() -> str | None:
-    """Why this machine cannot make the test's namespace, or None."""
+    """Why this machine cannot make the test's namespaces, or None."""
     for tool in ("unshare", "nsenter", "ip"):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed (util-linux / iproute2)"
-    r = subprocess.run(["unshare", "-n", "--", "ip", "link", "set", "lo", "up"],
-                       capture_output=True, text=True)
+    r = subprocess.run([*UNSHARE, "ip", "link", "set", "lo", "up"], capture_output=True,
+                       text=True)
     if r.returncode != 0:
-        return f"`unshare -n` + `ip link set lo up` failed: {r.stderr.strip()}"
+        return f"`{' '.join(UNSHARE)} ip link set lo up` failed: {r.stderr.strip()}"
     return None
 
 
-def _net_ns(pid: int) -> str:
-    return os.readlink(f"/proc/{pid}/ns/net")
-
-
-def _pids_in_namespace(ns: str, exclude: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != exclude:
-            try:
-                if _net_ns(int(entry)) == ns:
-                    out.append(int(entry))
-            except OSError:   # gone, or not ours to read
-                pass
-    return out
-
-
 class Cluster:
-    """A running two-node Ray cluster in a namespace; :meth:`inside` runs a command in it."""
+    """A running two-node Ray cluster in the namespaces of ``holder``'s child (their first
+    process); :meth:`inside` runs a command there."""
 
     def __init__(self, holder: subprocess.Popen, env: dict, temp_dir: str) -> None:
         self.holder = holder
+        self.first = int(Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text()
+                         .split()[0])
         self.env = env
         self.temp_dir = temp_dir
-        self.ns = _net_ns(holder.pid)
         self.address = f"127.0.0.1:{RAY_PORT}"
 
     def inside(self, cmd: list[str], timeout: float = 300, check: bool = True,
                **kw) -> subprocess.CompletedProcess:
-        """Run ``cmd`` in the namespace with the cluster's environment; fail with its output."""
-        r = subprocess.run(["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", "--", *cmd],
-                           capture_output=True, text=True, env=self.env, cwd=ROOT,
+        """Run ``cmd`` in the namespaces with the cluster's environment; fail with its output."""
+        r = subprocess.run(["nsenter", "-t", str(self.first), "--net", "--pid", "--mount", "--",
+                            *cmd], capture_output=True, text=True, env=self.env, cwd=ROOT,
                            timeout=timeout, **kw)
         if check:
             assert r.returncode == 0, f"{cmd} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
         return r
 
     def stop(self) -> None:
-        """End every process in the namespace by pid (TERM, then KILL), then the holder."""
-        pids = _pids_in_namespace(self.ns, self.holder.pid)
-        for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.time() + grace
-            while time.time() < deadline:
-                pids = _pids_in_namespace(self.ns, self.holder.pid)
-                if not pids:
-                    break
-                time.sleep(0.2)
-            if not pids:
-                break
-        self.holder.stdin.close()          # the holder's `cat` ends; the namespace goes with it
-        self.holder.wait(10)
+        """Close the pipe: the namespaces' first process ends and the kernel ends the rest."""
+        self.holder.stdin.close()
+        self.holder.wait(30)
+        deadline = time.time() + 30
+        while Path(f"/proc/{self.first}").exists() and time.time() < deadline:
+            time.sleep(0.1)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -125,8 +105,7 @@ def ray_cluster():
                RAY_USAGE_STATS_ENABLED="0")
     # a short folder: Ray's unix socket paths must stay under 108 bytes
     temp_dir = tempfile.mkdtemp(prefix="bzray", dir="/tmp")
-    holder = subprocess.Popen(["unshare", "-n", "--", "sh", "-c",
-                               "ip link set lo up && echo up && exec cat"],
+    holder = subprocess.Popen([*UNSHARE, "sh", "-c", "ip link set lo up && echo up && exec cat"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "up"
     cluster = Cluster(holder, env, temp_dir)
