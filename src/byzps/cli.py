@@ -226,7 +226,7 @@ def build_byzps_parser() -> argparse.ArgumentParser:
     g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run every cell as a Ray task (needs byzps[ray]): without ADDRESS on a "
                         "local Ray instance bound to 127.0.0.1; with HOST:PORT (the head's "
-                        "GCS port) or auto on that cluster, from one of its nodes")
+                        "GCS port) on that cluster, from one of its nodes")
     g.add_argument("--out", help="output folder (default runs/grid-<grid file stem>)")
     g.add_argument("--data-root", default="./data", help="MNIST folder (default ./data)")
     g.add_argument("--rounds", type=int, help="override the grid's rounds")

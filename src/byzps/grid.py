@@ -387,7 +387,7 @@ def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: O
         stream: where progress goes (default stderr; a bar is redrawn when it is a terminal).
         plots: also write the PNGs (needs matplotlib; skipped with a note when missing).
         ray: None for local processes; ``"local"`` for a local Ray instance on loopback; else a
-            Ray address (``HOST:PORT``, ``auto``; see :func:`byzps.raycluster.ray_session`):
+            Ray address (``HOST:PORT``; see :func:`byzps.raycluster.ray_session`):
             every cell becomes a Ray
             task with the CPUs (and GPUs) of :func:`cell_resources`. The driver writes each
             cell's files into ``out_dir`` as the cell finishes, so the out folder need only

@@ -14,7 +14,7 @@ its security choices:
   (``include_dashboard=False``) and without usage statistics. Ray 2.59+ also protects a local
   instance with a generated token. After start-up the node's address is checked; anything but
   loopback stops the session with :class:`RayLoopbackError`.
-* **Existing cluster** (``HOST:PORT`` or ``auto``): byzps joins it as a
+* **Existing cluster** (``HOST:PORT`` of its head): byzps joins it as a
   driver and changes nothing; keeping that cluster private (network, ``RAY_AUTH_MODE=token``)
   is the operator's job, see README "Many machines with Ray".
 """
@@ -76,9 +76,9 @@ def ray_session(address: Optional[str] = LOCAL, num_cpus: Optional[int] = None,
     Args:
         address: ``"local"`` (or None) for a new single-machine instance bound to 127.0.0.1;
             otherwise anything ``ray.init(address=...)`` accepts: ``HOST:PORT`` of a cluster's
-            head (this machine must be one of its nodes), ``"auto"``, or ``ray://HOST:PORT``
-            (Ray Client; needs Ray's client extra on the head, which ``byzps[ray]`` does not
-            install, and is untested here).
+            head (this machine must be one of its nodes; the form the tests use), or another
+            form Ray accepts (``"auto"``, ``ray://HOST:PORT`` for Ray Client, which needs Ray's
+            client extra on the head), passed on untried.
         num_cpus, num_gpus: the local instance's logical CPUs/GPUs (default: what Ray detects);
             ignored when joining a cluster, whose nodes declared their own.
 
