@@ -179,15 +179,23 @@ def test_an_unrelated_os_error_does_not_blame_the_port(tmp_path, base_config, ca
     assert "port" not in err, err
 
 
-def test_port_in_use_is_named_as_such(tmp_path, base_config, capsys):
+@pytest.mark.parametrize("case", ["port in use", "address not here"])
+def test_listen_errors_name_their_own_cause(tmp_path, base_config, capsys, case):
+    """The port is blamed only when the OS says it is in use (EADDRINUSE)."""
     from byzps.cli import main
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        base_config["server"]["port"] = s.getsockname()[1]
-        cfg = write_config(tmp_path / "c.yaml", base_config)
-        assert main(["--config", str(cfg), "--role", "server"]) == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        srv = base_config["server"]
+        if case == "port in use":
+            srv["port"] = taken.getsockname()[1]
+        else:
+            srv["bind_host"] = "10.255.255.1"   # not an address of this machine
+        assert main(["--config", str(write_config(tmp_path / "c.yaml", base_config)),
+                     "--role", "server"]) == 1
     err = capsys.readouterr().err
-    assert f"cannot listen on 127.0.0.1:{base_config['server']['port']}" in err
-    assert "the port is in use; change server.port" in err
+    assert f"cannot listen on {srv['bind_host']}:{srv['port']}" in err, err
+    hint = "the port is in use; change server.port" if case == "port in use" else \
+        "check server.bind_host and server.port"
+    assert hint in err and ("in use" in err) == (case == "port in use"), err
