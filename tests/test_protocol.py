@@ -442,3 +442,43 @@ def test_close_at_is_not_part_of_a_checkpoints_fingerprint(base_config):
     b = fingerprint(parse_config(dict(base_config, training=dict(base_config["training"],
                                                                  close_at="quorum"))))
     assert a == b and not any("close_at" in k for k in a)
+
+
+def test_worker_without_digest_check_answers_a_round_whatever_its_digest():
+    """The simulator turns the per-ROUND digest check off (it checks replicas at evaluation
+    rounds instead): such a worker computes its gradient even for a foreign digest, while the
+    default (TCP) worker asks for a resync."""
+    checked = WorkerRounds(0, replica(), lambda r: (torch.ones(7850), 0.5))
+    unchecked = WorkerRounds(0, replica(), lambda r: (torch.ones(7850), 0.5),
+                             verify_digest=False)
+    for w in (checked, unchecked):
+        w.on_message(State(0, replica().state()))
+    assert checked.on_message(RoundStart(0, "f" * 32)) == [Resync(0)]
+    (g,) = unchecked.on_message(RoundStart(0, "f" * 32))
+    assert isinstance(g, Gradient) and g.round == 0 and g.loss == 0.5
+    assert torch.equal(g.tensor, torch.ones(7850))
+
+
+def test_replica_digest_hashes_the_momentum_buffer_only_when_momentum_is_on():
+    """Digest = BLAKE2b-128(theta bytes [+ momentum buffer bytes when momentum != 0]): with
+    momentum 0 the buffer is zeros by definition and is not hashed; with momentum on the
+    digest is unchanged from before (theta then buffer)."""
+    import hashlib
+
+    def blake(*tensors):
+        h = hashlib.blake2b(digest_size=16)
+        for t in tensors:
+            h.update(t.detach().numpy().tobytes())
+        return h.hexdigest()
+
+    plain, heavy = replica(momentum=0.0), replica(momentum=0.9)
+    agg = torch.linspace(-1.0, 1.0, plain.d)
+    for r in (plain, heavy):
+        r.apply(agg)
+    assert plain.digest() == blake(plain.theta)
+    assert plain.digest() != blake(plain.theta, torch.zeros(plain.d))
+    assert heavy.digest() == blake(heavy.theta, heavy.momentum_buffer())
+    # the buffer is really part of it: same theta, different buffer, different digest
+    other = replica(momentum=0.9)
+    other.load_state(torch.stack([heavy.theta.detach(), heavy.momentum_buffer() * 2]))
+    assert other.digest() != heavy.digest()

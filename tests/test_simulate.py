@@ -43,7 +43,9 @@ def test_simulate_equals_tcp_run_bit_for_bit(tmp_path, base_config):
     tcp_records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["round"] for r in tcp_records] == [0, 1, 2]
 
-    result = simulate(parse_config(cfg_dict), "./data", metrics_file=str(tmp_path / "sim.jsonl"))
+    # one thread per worker: the threaded path must equal the TCP run too
+    result = simulate(parse_config(cfg_dict), "./data", metrics_file=str(tmp_path / "sim.jsonl"),
+                      threads=3)
     assert result.digest == tcp_digest
     assert result.rounds == 3
     sim_records = read_jsonl(tmp_path / "sim.jsonl")
@@ -114,3 +116,49 @@ def test_tcp_worker_refuses_an_omniscient_attack(base_config):
     w = Worker(parse_config(base_config), 3, None, "./data")
     with pytest.raises(WorkerFailed, match="omniscient: true.*byzps simulate"):
         asyncio.run(w.run())
+
+
+def test_worker_threads_do_not_change_the_result(base_config):
+    """The workers handled on 1 or 3 threads give the same final digest and the same per-round
+    losses and distances, with server and worker momentum and an omniscient attacker (which
+    must see every honest vector of the round before it answers)."""
+    base_config["workers"] = [{"id": i, "type": "honest"} for i in range(4)] + [
+        {"id": 4, "type": "byzantine", "attack": "alie", "attack_params": {"omniscient": True}}]
+    base_config["aggregation"] = {"method": "coordinate_wise_median", "f": 1}
+    base_config["training"]["worker_momentum"] = 0.5
+    cfg = parse_config(base_config)
+    one, three = simulate(cfg, "./data", threads=1), simulate(cfg, "./data", threads=3)
+    assert one.digest == three.digest and one.rounds == three.rounds == 3
+    for a, b in zip(one.records, three.records):
+        assert (a["workers"], a["reported_loss"], a["test_accuracy"]) == \
+            (b["workers"], b["reported_loss"], b["test_accuracy"])
+    assert all("distance" in w for w in one.records[-1]["workers"].values())
+
+
+def test_simulation_fails_when_a_worker_replica_diverges(base_config):
+    """The workers skip the per-ROUND digest check in simulation; the evaluation rounds check
+    every worker's replica against the PS's and name the one that differs."""
+    sim = Simulation(parse_config(base_config), "./data", threads=2)
+
+    def tamper(record):
+        if record["round"] == 0:
+            with torch.no_grad():
+                sim.workers[1].replica.theta[0] += 1.0
+
+    with pytest.raises(SimulationFailed, match=r"after round 1: the replicas of workers \[1\] "
+                                               r"differ from the PS's"):
+        sim.run(on_record=tamper)
+
+
+def test_summary_seconds_leave_out_the_evaluations(base_config):
+    """SimResult.seconds (and so s/round) excludes the test-set evaluations, which the
+    records' seconds_round include (every round is evaluated here)."""
+    res = simulate(parse_config(base_config), "./data")
+    assert res.seconds_eval > 0
+    assert res.seconds < sum(r["seconds_round"] for r in res.records)
+    assert res.seconds_per_round == res.seconds / res.rounds
+
+
+def test_threads_must_be_positive(base_config):
+    with pytest.raises(ValueError, match="threads must be at least 1, got 0"):
+        Simulation(parse_config(base_config), "./data", threads=0)

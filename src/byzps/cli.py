@@ -215,9 +215,10 @@ def build_byzps_parser() -> argparse.ArgumentParser:
                        "logic, without sockets")
     _add_job_args(s)
     s.add_argument("--metrics", help="JSON Lines metrics file (default training.metrics_file)")
-    s.add_argument("--threads", type=positive_int, default=1,
-                   help="torch threads (default 1, as every TCP node uses under `byzps run`; "
-                        "bit-identity with a TCP run needs the same count)")
+    s.add_argument("--threads", type=positive_int, default=None,
+                   help="threads computing the workers' gradients at once, one torch thread "
+                        "each (default: the CPUs available, at most n); the result is the "
+                        "same for every count and bit-identical to `byzps run`")
 
     g = sub.add_parser("grid", help="sweep rules x attacks x f x ... in simulation")
     g.add_argument("grid")
@@ -297,7 +298,7 @@ def _cmd_simulate(args) -> int:
     def show(rec: dict) -> None:
         if rec.get("test_accuracy") is not None:
             state["acc"] = rec["test_accuracy"]
-        # the mean over the rounds so far, as the final summary reports it
+        # the mean over the rounds so far (evaluations included; the summary leaves them out)
         state["seconds"] += rec.get("seconds_round") or 0.0
         line = progress_line(rec, total, state["seconds"] / (rec["round"] + 1), state["acc"])
         if tty:

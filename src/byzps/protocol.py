@@ -526,6 +526,11 @@ class WorkerRounds:
         worker_id: this worker's id.
         replica: this worker's replica (overwritten by the first STATE).
         compute: ``round -> ((d,) float32 gradient, loss)``; honest or Byzantine.
+        verify_digest: compare the replica's digest with the one each ROUND carries and ask
+            for a RESYNC when they differ (True over TCP). The simulator passes False: its
+            workers receive the very aggregate objects the PS applied, so it hashes their
+            replicas only at its evaluation rounds instead of n times per round
+            (:class:`byzps.simulate.Simulation`).
 
     Attributes:
         stopped: the Stop message once received, else None.
@@ -533,10 +538,12 @@ class WorkerRounds:
     """
 
     def __init__(self, worker_id: int, replica: Replica,
-                 compute: Callable[[int], tuple[torch.Tensor, float]]):
+                 compute: Callable[[int], tuple[torch.Tensor, float]],
+                 verify_digest: bool = True):
         self.worker_id = worker_id
         self.replica = replica
         self.compute = compute
+        self.verify_digest = verify_digest
         self.synced = False
         self.round: Optional[int] = None
         self.stopped: Optional[Stop] = None
@@ -569,7 +576,7 @@ class WorkerRounds:
             raise ValueError(f"{type(msg).__name__} before the initial STATE")
         if isinstance(msg, RoundStart):
             self.round = msg.round
-            if msg.digest != self.replica.digest():
+            if self.verify_digest and msg.digest != self.replica.digest():
                 log.warning("worker %d: replica differs from the PS before round %d; resync",
                             self.worker_id, msg.round)
                 self.synced = False

@@ -6,18 +6,29 @@ The simulator runs the same round logic as a TCP run: the server side is a
 (:func:`byzps.robust.build_robust`) and quorum; each worker is a real
 :class:`byzps.worker.Worker` (its constructor does no I/O), whose
 :class:`byzps.protocol.WorkerRounds` computes exactly what the worker process would send.
-Messages are handed over in memory (tensors copied, as the wire would): STATE to every worker
-as it "connects", then per round ROUND -> GRADIENT -> UPDATE. Every worker always answers, so
-no deadline ever passes and every round closes with every answer (``training.close_at:
-all``, whatever the config says: without arrival times there are no "fastest n - f"); for the
-same config and seed the final PS replica is bit-identical to a TCP run with ``close_at: all``
-and without timeouts or disconnections (with the same number of torch threads per process: the
-node launcher and :func:`simulate` both use one).
+Messages are handed over in memory: STATE to every worker as it "connects", then per round
+ROUND -> GRADIENT -> UPDATE. Tensors are shared, not copied: every receiver only reads them
+(a worker loads STATE by copying it, applies UPDATE without writing to it; the PS copies each
+GRADIENT into its round buffer), and a non-finite reported loss arrives as None, as the wire
+format sends it. Every worker always answers, so no deadline ever passes and every round
+closes with every answer (``training.close_at: all``, whatever the config says: without
+arrival times there are no "fastest n - f"); for the same config and seed the final PS replica
+is bit-identical to a TCP run with ``close_at: all`` and without timeouts or disconnections.
+
+Speed (issue 14): a broadcast (ROUND, UPDATE, STOP) is handled by the workers on ``threads``
+Python threads at once, each worker's computation on one torch thread (the intra-op count is
+set to 1 for the whole run, as every TCP node uses); the replies are then handed to the PS in
+ascending worker id. Each worker's gradient depends only on its own replica, sampler, momentum
+and attack (all randomness comes from explicit per-worker generators), so the result is
+bit-identical for every ``threads``. The workers do not hash their replicas at each ROUND
+(``WorkerRounds.verify_digest`` off); instead, at every evaluated round, the simulation checks
+that every worker's replica digest equals the PS's and fails if one differs.
 
 Omniscient attacks (``attack_params: {omniscient: true}`` for ALIE and IPM) exist only here:
 when a config has one, each ROUND goes first to the other workers, and the vectors the honest
 workers sent are stacked ``(h, d)`` into :attr:`byzps.worker.Worker.omniscient_view` of the
-omniscient Byzantine workers before they answer. The aggregate does not depend on the order in
+omniscient Byzantine workers before they answer (with threads: the others' replies are all
+computed first, then the omniscient workers'). The aggregate does not depend on the order in
 which gradients arrive (rows are stacked by worker id).
 
     result = simulate(cfg, data_root="./data", rounds=20, metrics_file="m.jsonl")
@@ -26,10 +37,12 @@ which gradients arrive (rows are stacked by worker id).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -58,9 +71,12 @@ class SimResult:
         rounds: rounds completed.
         test_accuracy: final accuracy in [0, 1] on the (limited) test set.
         test_loss: final mean cross-entropy.
-        seconds: wall seconds of the round loop (set-up excluded).
+        seconds: wall seconds of the round loop, set-up and the test-set evaluations excluded.
         digest: the PS replica's digest (:meth:`byzps.training.Replica.digest`), 32 hex chars.
-        records: the per-round metrics records (:func:`byzps.metrics.round_record`).
+        records: the per-round metrics records (:func:`byzps.metrics.round_record`); their
+            ``seconds_round`` includes an evaluation in the rounds that had one, as the PS's do.
+        seconds_eval: wall seconds of the test-set evaluations (and the replica checks done
+            with them).
     """
 
     rounds: int
@@ -69,10 +85,11 @@ class SimResult:
     seconds: float
     digest: str
     records: list[dict[str, Any]] = field(repr=False, default_factory=list)
+    seconds_eval: float = 0.0
 
     @property
     def seconds_per_round(self) -> float:
-        """Mean wall seconds per simulated round."""
+        """Mean wall seconds per simulated round, evaluations excluded."""
         return self.seconds / max(self.rounds, 1)
 
 
@@ -90,16 +107,22 @@ def torch_threads(n: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _copy(msg: Any) -> Any:
-    """The message as the receiver would decode it: its tensor copied (and a non-finite
-    reported loss sent as None, as the wire format does)."""
-    tensor = getattr(msg, "tensor", None)
-    if tensor is None:
-        return msg
-    changes: dict[str, Any] = {"tensor": tensor.detach().clone().contiguous()}
-    if isinstance(msg, Gradient) and msg.loss is not None and not math.isfinite(msg.loss):
-        changes["loss"] = None
-    return dataclasses.replace(msg, **changes)
+def default_threads(n: int) -> int:
+    """Threads for n workers: the CPUs this process may run on (its affinity), at most n, at
+    least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(n, cpus))
+
+
+def _as_received(reply: Any) -> Any:
+    """A worker's reply as the PS would decode it: a GRADIENT's non-finite reported loss
+    becomes None, as the wire format sends it (the tensor is shared: the PS only copies it)."""
+    if isinstance(reply, Gradient) and reply.loss is not None and not math.isfinite(reply.loss):
+        return dataclasses.replace(reply, loss=None)
+    return reply
 
 
 class Simulation:
@@ -111,18 +134,25 @@ class Simulation:
         rounds: total rounds R (default ``cfg.training.rounds``).
         metrics_file: JSON Lines path for one record per round (default
             ``cfg.training.metrics_file``; None = no file).
+        threads: Python threads that handle a broadcast's workers at once (1 = one after the
+            other, in the caller's thread). The result does not depend on it; each thread
+            uses the process's torch intra-op thread count (:func:`simulate` sets 1).
 
     Raises:
         byzps.data.DatasetNotFound: no MNIST copy.
-        ValueError: a data shard smaller than one batch (the message says which and why).
+        ValueError: a data shard smaller than one batch (the message says which and why), or
+            threads < 1.
     """
 
     def __init__(self, cfg: Config, data_root: str, rounds: Optional[int] = None,
-                 metrics_file: Optional[str] = None):
+                 metrics_file: Optional[str] = None, threads: int = 1):
         from byzps.server import build_ps_core   # late: keeps `import byzps.simulate` light
         from byzps.worker import Worker
 
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
         self.cfg = cfg
+        self.threads = threads
         t = cfg.training
         self.rounds = rounds if rounds is not None else t.rounds
         mnist = load_mnist(data_root, parts=("train",))
@@ -136,21 +166,32 @@ class Simulation:
         config_shards(cfg, mnist.train_labels)   # fail early if a shard is < one batch
         self.workers: dict[int, Worker] = {w.id: Worker(cfg, w.id, None, data_root, mnist)
                                            for w in cfg.workers}
+        for w in self.workers.values():   # checked at the evaluation rounds instead
+            w.machine.verify_digest = False
         self._omniscient = {wid for wid, w in self.workers.items()
                             if w.attack is not None and w.attack.omniscient}
         self._honest = {wid for wid, w in self.workers.items() if w.attack is None}
         self.metrics_file = metrics_file if metrics_file is not None else t.metrics_file
         self._rows: dict[int, torch.Tensor] = {}
         self._aggregate: Optional[torch.Tensor] = None
+        self._pool: Optional[cf.ThreadPoolExecutor] = None
 
     # -- message passing ----------------------------------------------------------------------
 
-    def _to_worker(self, wid: int, msg: Any, queue: deque) -> None:
-        for reply in self.workers[wid].machine.on_message(_copy(msg)):
-            reply = _copy(reply)
-            if isinstance(reply, Gradient):
-                self._rows[wid] = reply.tensor
-            queue.extend(self.machine.on_message(wid, reply))
+    def _to_workers(self, wids: list[int], msg: Any, queue: deque) -> None:
+        """Hand ``msg`` to each worker of ``wids`` (on the pool's threads when there is one),
+        then their replies to the PS in the order of ``wids``."""
+        if self._pool is not None and len(wids) > 1:
+            answers = list(self._pool.map(lambda w: self.workers[w].machine.on_message(msg),
+                                          wids))
+        else:
+            answers = [self.workers[w].machine.on_message(msg) for w in wids]
+        for wid, replies in zip(wids, answers):
+            for reply in replies:
+                reply = _as_received(reply)
+                if isinstance(reply, Gradient):
+                    self._rows[wid] = reply.tensor
+                queue.extend(self.machine.on_message(wid, reply))
 
     def _execute(self, actions: list) -> list:
         """Deliver every Send/Broadcast (and what the replies cause); return the other
@@ -160,22 +201,22 @@ class Simulation:
             action = queue.popleft()
             if isinstance(action, Send):
                 if action.worker_id in self.machine.live:
-                    self._to_worker(action.worker_id, action.message, queue)
+                    self._to_workers([action.worker_id], action.message, queue)
             elif isinstance(action, Broadcast):
                 if isinstance(action.message, Update):
                     self._aggregate = action.message.tensor
                 live = sorted(self.machine.live)
                 if isinstance(action.message, RoundStart) and self._omniscient:
                     # omniscient attackers answer last, having seen the honest vectors
-                    live = sorted(set(live) - self._omniscient) + sorted(
-                        set(live) & self._omniscient)
-                view = None
-                for wid in live:
-                    if wid in self._omniscient:
-                        if view is None:   # the honest rows are all in by now: stack once
-                            view = self._honest_view()
+                    self._to_workers([w for w in live if w not in self._omniscient],
+                                     action.message, queue)
+                    last = [w for w in live if w in self._omniscient]
+                    view = self._honest_view() if last else None   # every honest row is in
+                    for wid in last:
                         self.workers[wid].omniscient_view = view
-                    self._to_worker(wid, action.message, queue)
+                    self._to_workers(last, action.message, queue)
+                else:
+                    self._to_workers(live, action.message, queue)
             else:
                 events.append(action)
         return events
@@ -196,11 +237,15 @@ class Simulation:
 
         Raises:
             SimulationFailed: a round could not close (e.g. too few usable gradients, or the
-                aggregator refused them).
+                aggregator refused them), or at an evaluated round a worker's replica differs
+                from the PS's.
         """
         t = self.cfg.training
         writer = JsonlWriter(self.metrics_file)
         records: list[dict[str, Any]] = []
+        seconds_eval = 0.0
+        if self.threads > 1:   # made here, so its threads start with torch's current count
+            self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="byzps-worker")
         try:
             for wid in sorted(self.workers):
                 self._raise_on_failure(self._execute(self.machine.connect(wid)))
@@ -219,7 +264,10 @@ class Simulation:
                     raise SimulationFailed(f"round {r} did not close: {events}")
                 evaluated = (r + 1) % t.eval_every == 0 or self.machine.finished
                 if evaluated:
+                    eval_start = time.perf_counter()
+                    self._check_replicas(r)
                     test_loss, test_acc = self.replica.evaluate(self.test_x, self.test_y)
+                    seconds_eval += time.perf_counter() - eval_start
                     log.info("round %d/%d: test accuracy %.4f, test loss %.4f", r + 1,
                              self.rounds, test_acc, test_loss)
                 record = round_record(
@@ -232,13 +280,31 @@ class Simulation:
                 records.append(record)
                 if on_record is not None:
                     on_record(record)
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start - seconds_eval
         finally:
             writer.close()
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
         digest = self.replica.digest()
         log.info("training finished; PS replica digest %s", digest)
         done = len(records)
-        return SimResult(done, test_acc, test_loss, seconds, digest, records)
+        return SimResult(done, test_acc, test_loss, seconds, digest, records, seconds_eval)
+
+    def _check_replicas(self, r: int) -> None:
+        """Every live worker's replica digest equals the PS's after round r (what the workers'
+        per-ROUND check would have found over TCP, where such a worker would resync).
+
+        Raises:
+            SimulationFailed: naming the workers whose replica differs.
+        """
+        want = self.replica.digest()
+        differ = [w for w in sorted(self.machine.live)
+                  if self.workers[w].replica.digest() != want]
+        if differ:
+            raise SimulationFailed(
+                f"after round {r}: the replicas of workers {differ} differ from the PS's "
+                f"(digest {want}); the simulation no longer equals a TCP run")
 
     @staticmethod
     def _raise_on_failure(events: list) -> None:
@@ -248,7 +314,7 @@ class Simulation:
 
 
 def simulate(cfg: Config, data_root: str = "./data", rounds: Optional[int] = None,
-             metrics_file: Optional[str] = None, threads: Optional[int] = 1,
+             metrics_file: Optional[str] = None, threads: Optional[int] = None,
              on_record: Optional[Callable[[dict[str, Any]], None]] = None) -> SimResult:
     """Build a :class:`Simulation` and run it.
 
@@ -257,15 +323,19 @@ def simulate(cfg: Config, data_root: str = "./data", rounds: Optional[int] = Non
         data_root: MNIST folder.
         rounds: override of ``training.rounds``.
         metrics_file: JSON Lines output (default ``training.metrics_file``).
-        threads: torch intra-op threads while it runs (1 = what each TCP node uses under the
-            launcher and the tests; bit-identity with a TCP run needs the same count); None
-            leaves torch's setting alone.
+        threads: threads that compute the workers' messages at once (see
+            :class:`Simulation`); None = :func:`default_threads` (the CPUs available, at most
+            n). Whatever the count, torch runs with one intra-op thread per computing thread
+            while the simulation runs (restored after), as every TCP node does under the
+            launcher, so the result is bit-identical to a TCP run for every ``threads``.
         on_record: called with each round's metrics record.
 
     Raises:
         SimulationFailed: a round could not close.
         byzps.data.DatasetNotFound: no MNIST copy.
-        ValueError: a shard smaller than one batch.
+        ValueError: a shard smaller than one batch, or threads < 1.
     """
-    with torch_threads(threads):
-        return Simulation(cfg, data_root, rounds, metrics_file).run(on_record)
+    if threads is None:
+        threads = default_threads(len(cfg.workers))
+    with torch_threads(1):
+        return Simulation(cfg, data_root, rounds, metrics_file, threads).run(on_record)

@@ -118,10 +118,17 @@ class Replica:
             self.optimizer.state[self.theta]["momentum_buffer"] = state[1].clone()
 
     def digest(self) -> str:
-        """Hex digest (16 bytes of BLAKE2b) of theta and the momentum buffer's raw bytes."""
+        """Hex digest (16 bytes of BLAKE2b, 32 hex chars) of the replica's state: theta's raw
+        float32 bytes, then the momentum buffer's when SGD momentum is not 0.
+
+        With momentum 0 the optimizer keeps no buffer (it is zeros by definition and cannot
+        differ between replicas), so only theta is hashed: half the bytes. With momentum != 0
+        the digest is that of [theta, momentum buffer] exactly as before issue 14.
+        """
         h = hashlib.blake2b(digest_size=DIGEST_BYTES)
-        for t in (self.theta.detach(), self.momentum_buffer()):
-            h.update(memoryview(t.contiguous().numpy()).cast("B"))   # no copy of the bytes
+        h.update(memoryview(self.theta.detach().contiguous().numpy()).cast("B"))  # no copy
+        if self.optimizer.defaults["momentum"] != 0:
+            h.update(memoryview(self.momentum_buffer().contiguous().numpy()).cast("B"))
         return h.hexdigest()
 
     @torch.no_grad()

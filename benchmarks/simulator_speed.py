@@ -1,0 +1,175 @@
+"""Seconds per round of ``byzps simulate`` on one grid cell (a benchmark, not a test) -- issue 14.
+
+The cell: ``benchmarks/robustness_f3.yaml``'s 13 workers (10 honest + f = 3 Byzantine),
+cnn_mnist, worker momentum 0.9, server momentum 0, pre-aggregators clipping + NNM, then trimmed
+mean, one attack (default ``sign_flip(-4)``), built by :meth:`byzps.grid.Grid.config` exactly as
+``byzps grid`` builds it.
+
+What it reports per run (one child process each, so a run never inherits another's threads):
+
+* ``s/round``: the mean of the metrics records' ``seconds_round`` over the rounds that were not
+  evaluated (with ``eval_every`` 50 and fewer rounds, every round but the last), so the final
+  evaluation is left out the same way for every version of the code;
+* ``theta+buf``: BLAKE2b-128 of the PS replica's theta followed by its momentum buffer (zeros
+  when the optimizer has none yet), i.e. the replica digest as it was defined before issue 14,
+  computed here from the replica so that versions whose own digest differs can be compared
+  bit for bit;
+* ``digest``: the version's own ``SimResult.digest``; ``accuracy``: the final test accuracy.
+
+``--compare SRC`` interleaves runs of another copy of the package (a ``src`` folder, e.g. a
+detached worktree of the starting commit) with runs of this one, in the same time window, so
+that the load other users put on a shared machine hits both alike. Each child imports byzps from
+its ``src`` through ``PYTHONPATH``. ``--threads`` is passed to ``simulate`` only for the
+version under test (``this``); the compared version runs with its own default. The machine's
+load average (``/proc/loadavg``) is recorded before and after.
+
+Usage (from the repository root)::
+
+    git worktree add --detach /tmp/base <start-commit>
+    .venv/bin/python benchmarks/simulator_speed.py --rounds 30 --reps 3 \\
+        --compare /tmp/base/src --out benchmarks/results/simulator_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CELL_RULE = "clipping+nnm>trimmed_mean"
+
+
+def _load() -> str:
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
+def child(args: argparse.Namespace) -> dict:
+    """Run the cell once in this process; return the measurements (see the module docstring).
+
+    Raises:
+        SystemExit: the grid file has no cell with the requested rule and attack label.
+    """
+    import logging
+
+    import torch
+
+    import byzps
+    from byzps.config import parse_config
+    from byzps.grid import load_grid
+    from byzps.simulate import Simulation, simulate
+
+    logging.getLogger("byzps").setLevel(logging.ERROR)
+    grid = load_grid(args.grid)
+    cells = [c for c in grid.cells if c.rule == CELL_RULE and c.attack_display == args.attack]
+    if not cells:
+        raise SystemExit(f"no cell {CELL_RULE} x {args.attack} in {args.grid}; attacks: "
+                         f"{sorted({c.attack_display for c in grid.cells})}")
+    cfg = parse_config(grid.config(cells[0]))
+    captured = {}
+    original_run = Simulation.run
+
+    def run_and_keep(self, *a, **k):     # keeps the Simulation to read its replica afterwards
+        captured["sim"] = self
+        return original_run(self, *a, **k)
+
+    Simulation.run = run_and_keep
+    kwargs = {} if args.threads is None else {"threads": args.threads}
+    t0 = time.perf_counter()
+    res = simulate(cfg, args.data_root, rounds=args.rounds, **kwargs)
+    wall = time.perf_counter() - t0
+    replica = captured["sim"].replica
+    h = hashlib.blake2b(digest_size=16)
+    h.update(replica.theta.detach().contiguous().numpy().tobytes())
+    h.update(replica.momentum_buffer().contiguous().numpy().tobytes())
+    steady = [r["seconds_round"] for r in res.records if r.get("test_accuracy") is None]
+    return {"package": str(Path(byzps.__file__).parent), "rounds": res.rounds,
+            "s_per_round": statistics.fmean(steady), "s_per_round_median": statistics.median(steady),
+            "summary_s_per_round": res.seconds_per_round, "wall_s": wall,
+            "theta_buf_hash": h.hexdigest(), "digest": res.digest,
+            "accuracy": res.test_accuracy, "torch_threads_after": torch.get_num_threads()}
+
+
+def parent(args: argparse.Namespace) -> int:
+    versions = [("this", str(REPO / "src"))]
+    if args.compare:
+        versions = [("base", str(Path(args.compare).resolve()))] + versions
+    runs = []
+    load_before = _load()
+    for rep in range(args.reps):
+        for label, src in versions:
+            cmd = [sys.executable, __file__, "--child", "--rounds", str(args.rounds),
+                   "--attack", args.attack, "--grid", args.grid, "--data-root", args.data_root]
+            if label == "this" and args.threads is not None:
+                cmd += ["--threads", str(args.threads)]
+            env = dict(os.environ, PYTHONPATH=src)
+            load = _load()
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                print(out.stderr, file=sys.stderr)
+                return 1
+            rec = json.loads(out.stdout.strip().splitlines()[-1])
+            rec.update(label=label, rep=rep, load_at_start=load)
+            runs.append(rec)
+            print(f"rep {rep} {label:5s} {rec['s_per_round']:.4f} s/round "
+                  f"(median {rec['s_per_round_median']:.4f}; summary "
+                  f"{rec['summary_s_per_round']:.4f}) theta+buf {rec['theta_buf_hash']} digest "
+                  f"{rec['digest']} acc {rec['accuracy']:.4f} load {load}", flush=True)
+    summary = {}
+    for label, _ in versions:
+        mine = [r for r in runs if r["label"] == label]
+        summary[label] = {"s_per_round_mean_of_runs": statistics.fmean(r["s_per_round"]
+                                                                      for r in mine),
+                          "s_per_round_best": min(r["s_per_round"] for r in mine),
+                          "theta_buf_hashes": sorted({r["theta_buf_hash"] for r in mine}),
+                          "digests": sorted({r["digest"] for r in mine})}
+    if args.compare:
+        summary["speedup_mean"] = (summary["base"]["s_per_round_mean_of_runs"]
+                                   / summary["this"]["s_per_round_mean_of_runs"])
+        summary["speedup_best"] = summary["base"]["s_per_round_best"] / summary["this"][
+            "s_per_round_best"]
+        summary["same_final_model"] = (summary["base"]["theta_buf_hashes"]
+                                       == summary["this"]["theta_buf_hashes"])
+    result = {"command": " ".join([Path(sys.executable).name] + sys.argv),
+              "cell": f"{CELL_RULE} x {args.attack}, 10 honest + 3 Byzantine, cnn_mnist",
+              "rounds": args.rounds, "threads_this": args.threads,
+              "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
+              "load_before": load_before, "load_after": _load(),
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary, "runs": runs}
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--grid", default=str(HERE / "robustness_f3.yaml"))
+    p.add_argument("--attack", default="sign_flip(-4)", help="attack label of the grid file")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="simulate(threads=...) for this version (default: its own default)")
+    p.add_argument("--compare", default=None, help="another package's src folder to interleave")
+    p.add_argument("--data-root", default="./data")
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    return parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
