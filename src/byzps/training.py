@@ -72,11 +72,26 @@ class Replica:
 
         Returns:
             ``(d,)`` float32 gradient with respect to theta (a new tensor) and the mean loss.
+
+        The gradient is taken with respect to each layer's view of theta (leaves of their own)
+        and concatenated, instead of back through theta: autograd would otherwise build one
+        ``(d,)`` zero tensor per layer and add them up (about 15% of a small CNN's
+        forward/backward). The result is bit-identical to the gradient through theta: there
+        every entry is its layer's value plus exact zeros, which is the value itself except
+        that -0.0 turns into +0.0, so the concatenation gets ``+ 0.0`` once to do the same.
         """
+        flat = self.theta.detach()
+        leaves, offset = {}, 0
+        for name, shape, numel in self._layout:
+            leaves[name] = flat[offset:offset + numel].view(shape).detach().requires_grad_()
+            offset += numel
         with torch.enable_grad():
-            loss = nn.functional.cross_entropy(self.forward(x), y)
-            (grad,) = torch.autograd.grad(loss, self.theta)
-        return grad.contiguous(), float(loss.detach())
+            loss = nn.functional.cross_entropy(functional_call(self.module, leaves, (x,)), y)
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+        grad = torch.cat([g.reshape(-1) for g in grads])
+        if len(grads) > 1:   # as the sum with the other layers' zeros: -0.0 -> +0.0
+            grad.add_(0.0)
+        return grad, float(loss.detach())
 
     def apply(self, aggregate: torch.Tensor) -> None:
         """Take the optimizer step with the aggregated gradient.
