@@ -14,14 +14,19 @@ What it reports per run (one child process each, so a run never inherits another
   when the optimizer has none yet), i.e. the replica digest as it was defined before issue 14,
   computed here from the replica so that versions whose own digest differs can be compared
   bit for bit;
+* ``cpu/round``: process CPU seconds (all threads) per round between the first record and the
+  last record before the final one: the work done, which a busy machine inflates less than the
+  wall time;
 * ``digest``: the version's own ``SimResult.digest``; ``accuracy``: the final test accuracy.
 
 ``--compare SRC`` interleaves runs of another copy of the package (a ``src`` folder, e.g. a
 detached worktree of the starting commit) with runs of this one, in the same time window, so
 that the load other users put on a shared machine hits both alike. Each child imports byzps from
-its ``src`` through ``PYTHONPATH``. ``--threads`` is passed to ``simulate`` only for the
-version under test (``this``); the compared version runs with its own default. The machine's
-load average (``/proc/loadavg``) is recorded before and after.
+its ``src`` through ``PYTHONPATH``. ``--threads 1,2`` runs the version under test once per
+count (labels ``this@1``, ``this@2``; ``simulate(threads=...)``); without it, ``this`` runs with
+its own default. The compared version (``base``) always runs with its own default (before issue
+14: one torch thread, workers one after the other). The machine's load average
+(``/proc/loadavg``) is recorded before each run and at the end.
 
 Usage (from the repository root)::
 
@@ -84,8 +89,10 @@ def child(args: argparse.Namespace) -> dict:
 
     Simulation.run = run_and_keep
     kwargs = {} if args.threads is None else {"threads": args.threads}
+    cpu_at: list[float] = []
     t0 = time.perf_counter()
-    res = simulate(cfg, args.data_root, rounds=args.rounds, **kwargs)
+    res = simulate(cfg, args.data_root, rounds=args.rounds,
+                   on_record=lambda rec: cpu_at.append(time.process_time()), **kwargs)
     wall = time.perf_counter() - t0
     replica = captured["sim"].replica
     h = hashlib.blake2b(digest_size=16)
@@ -95,22 +102,25 @@ def child(args: argparse.Namespace) -> dict:
     return {"package": str(Path(byzps.__file__).parent), "rounds": res.rounds,
             "s_per_round": statistics.fmean(steady), "s_per_round_median": statistics.median(steady),
             "summary_s_per_round": res.seconds_per_round, "wall_s": wall,
+            "cpu_s_per_round": (cpu_at[-2] - cpu_at[0]) / (len(cpu_at) - 2),
             "theta_buf_hash": h.hexdigest(), "digest": res.digest,
             "accuracy": res.test_accuracy, "torch_threads_after": torch.get_num_threads()}
 
 
 def parent(args: argparse.Namespace) -> int:
-    versions = [("this", str(REPO / "src"))]
+    here = str(REPO / "src")
+    counts = [None] if args.threads is None else [int(c) for c in args.threads.split(",")]
+    versions = [("this" if c is None else f"this@{c}", here, c) for c in counts]
     if args.compare:
-        versions = [("base", str(Path(args.compare).resolve()))] + versions
+        versions = [("base", str(Path(args.compare).resolve()), None)] + versions
     runs = []
     load_before = _load()
     for rep in range(args.reps):
-        for label, src in versions:
+        for label, src, threads in versions:
             cmd = [sys.executable, __file__, "--child", "--rounds", str(args.rounds),
                    "--attack", args.attack, "--grid", args.grid, "--data-root", args.data_root]
-            if label == "this" and args.threads is not None:
-                cmd += ["--threads", str(args.threads)]
+            if threads is not None:
+                cmd += ["--threads", str(threads)]
             env = dict(os.environ, PYTHONPATH=src)
             load = _load()
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -120,28 +130,32 @@ def parent(args: argparse.Namespace) -> int:
             rec = json.loads(out.stdout.strip().splitlines()[-1])
             rec.update(label=label, rep=rep, load_at_start=load)
             runs.append(rec)
-            print(f"rep {rep} {label:5s} {rec['s_per_round']:.4f} s/round "
+            print(f"rep {rep} {label:7s} {rec['s_per_round']:.4f} s/round "
                   f"(median {rec['s_per_round_median']:.4f}; summary "
-                  f"{rec['summary_s_per_round']:.4f}) theta+buf {rec['theta_buf_hash']} digest "
+                  f"{rec['summary_s_per_round']:.4f}; cpu {rec['cpu_s_per_round']:.4f}) theta+buf {rec['theta_buf_hash']} digest "
                   f"{rec['digest']} acc {rec['accuracy']:.4f} load {load}", flush=True)
     summary = {}
-    for label, _ in versions:
+    for label, _, _ in versions:
         mine = [r for r in runs if r["label"] == label]
         summary[label] = {"s_per_round_mean_of_runs": statistics.fmean(r["s_per_round"]
                                                                       for r in mine),
                           "s_per_round_best": min(r["s_per_round"] for r in mine),
+                          "cpu_s_per_round_mean": statistics.fmean(r["cpu_s_per_round"]
+                                                                   for r in mine),
                           "theta_buf_hashes": sorted({r["theta_buf_hash"] for r in mine}),
                           "digests": sorted({r["digest"] for r in mine})}
     if args.compare:
-        summary["speedup_mean"] = (summary["base"]["s_per_round_mean_of_runs"]
-                                   / summary["this"]["s_per_round_mean_of_runs"])
-        summary["speedup_best"] = summary["base"]["s_per_round_best"] / summary["this"][
-            "s_per_round_best"]
-        summary["same_final_model"] = (summary["base"]["theta_buf_hashes"]
-                                       == summary["this"]["theta_buf_hashes"])
+        base = summary["base"]
+        for label, _, _ in versions[1:]:
+            mine = summary[label]
+            mine["speedup_mean"] = base["s_per_round_mean_of_runs"] / mine[
+                "s_per_round_mean_of_runs"]
+            mine["speedup_best"] = base["s_per_round_best"] / mine["s_per_round_best"]
+            mine["same_final_model_as_base"] = base["theta_buf_hashes"] == mine[
+                "theta_buf_hashes"]
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv),
               "cell": f"{CELL_RULE} x {args.attack}, 10 honest + 3 Byzantine, cnn_mnist",
-              "rounds": args.rounds, "threads_this": args.threads,
+              "rounds": args.rounds, "threads_this": counts,
               "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
               "load_before": load_before, "load_after": _load(),
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary, "runs": runs}
@@ -158,14 +172,16 @@ def main() -> int:
     p.add_argument("--attack", default="sign_flip(-4)", help="attack label of the grid file")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None,
-                   help="simulate(threads=...) for this version (default: its own default)")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated simulate(threads=...) values for this version, one "
+                        "run each per rep (default: one run with its own default)")
     p.add_argument("--compare", default=None, help="another package's src folder to interleave")
     p.add_argument("--data-root", default="./data")
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
+        args.threads = None if args.threads is None else int(args.threads)
         print(json.dumps(child(args)))
         return 0
     return parent(args)

@@ -179,19 +179,22 @@ class Simulation:
     # -- message passing ----------------------------------------------------------------------
 
     def _to_workers(self, wids: list[int], msg: Any, queue: deque) -> None:
-        """Hand ``msg`` to each worker of ``wids`` (on the pool's threads when there is one),
-        then their replies to the PS in the order of ``wids``."""
-        if self._pool is not None and len(wids) > 1:
-            answers = list(self._pool.map(lambda w: self.workers[w].machine.on_message(msg),
-                                          wids))
-        else:
-            answers = [self.workers[w].machine.on_message(msg) for w in wids]
+        """Hand ``msg`` to each worker of ``wids`` (on the pool's threads when there is one)
+        and their replies to the PS in the order of ``wids``, each as soon as it and those
+        before it are ready (the PS checks one while the pool computes the next)."""
+        answers: Iterator[list] = (self._pool.map(self._deliver(msg), wids)
+                                   if self._pool is not None and len(wids) > 1
+                                   else map(self._deliver(msg), wids))
         for wid, replies in zip(wids, answers):
             for reply in replies:
                 reply = _as_received(reply)
                 if isinstance(reply, Gradient):
                     self._rows[wid] = reply.tensor
                 queue.extend(self.machine.on_message(wid, reply))
+
+    def _deliver(self, msg: Any) -> Callable[[int], list]:
+        """``wid -> replies of worker wid to msg`` (called on a pool thread)."""
+        return lambda wid: self.workers[wid].machine.on_message(msg)
 
     def _execute(self, actions: list) -> list:
         """Deliver every Send/Broadcast (and what the replies cause); return the other
