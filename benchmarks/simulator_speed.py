@@ -8,8 +8,8 @@ mean, one attack (default ``sign_flip(-4)``), built by :meth:`byzps.grid.Grid.co
 What it reports per run (one child process each, so a run never inherits another's threads):
 
 * ``s/round``: the mean of the metrics records' ``seconds_round`` over the rounds that were not
-  evaluated (with ``eval_every`` 50 and fewer rounds, every round but the last), so the final
-  evaluation is left out the same way for every version of the code;
+  evaluated (with ``eval_every`` 50 and fewer rounds, every round but the last), round 0 (warm-up)
+  left out too, so the evaluations are left out the same way for every version of the code;
 * ``theta+buf``: BLAKE2b-128 of the PS replica's theta followed by its momentum buffer (zeros
   when the optimizer has none yet), i.e. the replica digest as it was defined before issue 14,
   computed here from the replica so that versions whose own digest differs can be compared
@@ -17,11 +17,18 @@ What it reports per run (one child process each, so a run never inherits another
 * ``cpu/round``: process CPU seconds (all threads) per round between the first record and the
   last record before the final one: the work done, which a busy machine inflates less than the
   wall time;
-* ``digest``: the version's own ``SimResult.digest``; ``accuracy``: the final test accuracy.
+* ``digest``: the version's own ``SimResult.digest``; ``accuracy``: the final test accuracy;
+* ``summary``: the version's own ``SimResult.seconds_per_round`` (with turns it includes the
+  time spent waiting for them, so it is only meaningful with ``--block 0``).
 
-``--compare SRC`` interleaves runs of another copy of the package (a ``src`` folder, e.g. a
-detached worktree of the starting commit) with runs of this one, in the same time window, so
-that the load other users put on a shared machine hits both alike. Each child imports byzps from
+``--compare SRC`` runs another copy of the package (a ``src`` folder, e.g. a detached worktree
+of the starting commit) in lockstep with this one, so that the load other users put on a shared
+machine hits both alike: every version runs in its own process, all started together, and they
+take turns, ``--block`` rounds at a time (each child waits in its per-round callback, outside the
+timed part of the round, until the parent lets it go on; the parent lets one child run at a
+time). On a machine whose scheduler shares the CPUs between sessions (Linux autogroups), the
+load of the others changes from second to second; runs one after the other were found to differ
+by 3x for the same code, which the turns of a few rounds even out. Each child imports byzps from
 its ``src`` through ``PYTHONPATH``. ``--threads 1,2`` runs the version under test once per
 count (labels ``this@1``, ``this@2``; ``simulate(threads=...)``); without it, ``this`` runs with
 its own default. The compared version (``base``) always runs with its own default (before issue
@@ -31,7 +38,7 @@ its own default. The compared version (``base``) always runs with its own defaul
 Usage (from the repository root)::
 
     git worktree add --detach /tmp/base <start-commit>
-    .venv/bin/python benchmarks/simulator_speed.py --rounds 30 --reps 3 \\
+    .venv/bin/python benchmarks/simulator_speed.py --rounds 40 --reps 2 --threads 1,2 \\
         --compare /tmp/base/src --out benchmarks/results/simulator_speed.json
 """
 
@@ -45,6 +52,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,21 +98,75 @@ def child(args: argparse.Namespace) -> dict:
     Simulation.run = run_and_keep
     kwargs = {} if args.threads is None else {"threads": args.threads}
     cpu_at: list[float] = []
+
+    def on_record(rec: dict) -> None:
+        cpu_at.append(time.process_time())
+        done = rec["round"] + 1
+        if args.block and done % args.block == 0 and done < args.rounds:
+            sys.stdout.write("tick\n")          # my turn is over: wait for the next one
+            sys.stdout.flush()
+            if sys.stdin.readline().strip() != "go":
+                raise SystemExit("benchmark parent went away")
+
     t0 = time.perf_counter()
-    res = simulate(cfg, args.data_root, rounds=args.rounds,
-                   on_record=lambda rec: cpu_at.append(time.process_time()), **kwargs)
+    res = simulate(cfg, args.data_root, rounds=args.rounds, on_record=on_record, **kwargs)
     wall = time.perf_counter() - t0
     replica = captured["sim"].replica
     h = hashlib.blake2b(digest_size=16)
     h.update(replica.theta.detach().contiguous().numpy().tobytes())
     h.update(replica.momentum_buffer().contiguous().numpy().tobytes())
-    steady = [r["seconds_round"] for r in res.records if r.get("test_accuracy") is None]
+    steady = [r["seconds_round"] for r in res.records
+              if r.get("test_accuracy") is None and r["round"] > 0]
     return {"package": str(Path(byzps.__file__).parent), "rounds": res.rounds,
             "s_per_round": statistics.fmean(steady), "s_per_round_median": statistics.median(steady),
             "summary_s_per_round": res.seconds_per_round, "wall_s": wall,
             "cpu_s_per_round": (cpu_at[-2] - cpu_at[0]) / (len(cpu_at) - 2),
+            "per_round": [r["seconds_round"] for r in res.records],
             "theta_buf_hash": h.hexdigest(), "digest": res.digest,
             "accuracy": res.test_accuracy, "torch_threads_after": torch.get_num_threads()}
+
+
+def _lockstep(args: argparse.Namespace, versions: list) -> list[tuple[str, dict]]:
+    """Run one child per version, taking turns ``args.block`` rounds at a time; returns
+    ``(label, measurements)`` per version.
+
+    Raises:
+        RuntimeError: a child failed (its stderr is in the message).
+    """
+    children = []
+    for label, src, threads in versions:
+        cmd = [sys.executable, __file__, "--child", "--rounds", str(args.rounds), "--block",
+               str(args.block), "--attack", args.attack, "--grid", args.grid, "--data-root",
+               args.data_root]
+        if threads is not None:
+            cmd += ["--threads", str(threads)]
+        err = tempfile.TemporaryFile(mode="w+")
+        proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=src), text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        children.append([label, proc, err, None])
+        _turn(children[-1], first=True)          # set-up and the first block, alone
+    while any(c[3] is None for c in children):
+        for c in children:
+            if c[3] is None:
+                _turn(c, first=False)
+    return [(c[0], c[3]) for c in children]
+
+
+def _turn(child_: list, first: bool) -> None:
+    """Let one child run until its next ``tick`` (or its final JSON line, kept in child_[3])."""
+    label, proc, err, _ = child_
+    if not first:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    line = proc.stdout.readline()
+    if line.strip() == "tick":
+        return
+    if not line:
+        proc.wait()
+        err.seek(0)
+        raise RuntimeError(f"{label} failed (exit {proc.returncode}):\n{err.read()}")
+    child_[3] = json.loads(line)
+    proc.wait()
 
 
 def parent(args: argparse.Namespace) -> int:
@@ -116,18 +178,8 @@ def parent(args: argparse.Namespace) -> int:
     runs = []
     load_before = _load()
     for rep in range(args.reps):
-        for label, src, threads in versions:
-            cmd = [sys.executable, __file__, "--child", "--rounds", str(args.rounds),
-                   "--attack", args.attack, "--grid", args.grid, "--data-root", args.data_root]
-            if threads is not None:
-                cmd += ["--threads", str(threads)]
-            env = dict(os.environ, PYTHONPATH=src)
-            load = _load()
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            if out.returncode != 0:
-                print(out.stderr, file=sys.stderr)
-                return 1
-            rec = json.loads(out.stdout.strip().splitlines()[-1])
+        load = _load()
+        for label, rec in _lockstep(args, versions):
             rec.update(label=label, rep=rep, load_at_start=load)
             runs.append(rec)
             print(f"rep {rep} {label:7s} {rec['s_per_round']:.4f} s/round "
@@ -154,6 +206,7 @@ def parent(args: argparse.Namespace) -> int:
             mine["same_final_model_as_base"] = base["theta_buf_hashes"] == mine[
                 "theta_buf_hashes"]
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv),
+              "block": args.block,
               "cell": f"{CELL_RULE} x {args.attack}, 10 honest + 3 Byzantine, cnn_mnist",
               "rounds": args.rounds, "threads_this": counts,
               "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
@@ -172,6 +225,8 @@ def main() -> int:
     p.add_argument("--attack", default="sign_flip(-4)", help="attack label of the grid file")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--block", type=int, default=2,
+                   help="rounds per turn when versions take turns (0 = no turns, child only)")
     p.add_argument("--threads", default=None,
                    help="comma-separated simulate(threads=...) values for this version, one "
                         "run each per rep (default: one run with its own default)")
