@@ -366,6 +366,24 @@ def test_a_worker_whose_gradients_are_always_rejected_is_dropped(close_at):
     assert [a.worker_id for a in acts if isinstance(a, Drop)] == [3]
 
 
+def test_the_last_close_stops_a_worker_it_would_drop_instead_of_dropping_it():
+    """A worker that reaches max_missed at the final round gets the STOP like everyone (it was
+    dropped before STOP was broadcast, never heard it and retried the finished PS)."""
+    m = machine(n=4, rounds=2, quorum=3, max_missed=2)
+    for w in range(4):
+        m.connect(w)
+    nan = torch.full((m.replica.d,), float("nan"))
+    acts = []
+    for r in range(2):
+        m.begin_round()
+        acts = m.on_message(3, Gradient(r, 3, nan))
+        for w in range(3):
+            acts += m.on_message(w, grad(m, w, 1.0))
+    assert not [a for a in acts if isinstance(a, Drop)]
+    assert 3 in m.live and m.finished
+    assert any(isinstance(a, Broadcast) and isinstance(a.message, Stop) for a in acts)
+
+
 def test_one_state_per_worker_and_model_version_under_a_resync_flood():
     m = machine(n=3, rounds=3, quorum=2)
     for w in range(3):

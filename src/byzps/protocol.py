@@ -463,7 +463,10 @@ class ServerRounds:
                 self.missed[w] = 0
             elif w in self.live and (w in cur.rejected or deadline):
                 self.missed[w] += 1
-            if w in self.live and self.missed[w] >= self.max_missed:
+            # the last round's close sends STOP to every live worker instead: a worker
+            # dropped now would never hear it and would retry the finished PS
+            if w in self.live and self.missed[w] >= self.max_missed \
+                    and self.round < self.rounds:
                 self.live.discard(w)
                 self.awaiting_state.discard(w)
                 actions.append(Drop(w, f"missed {self.missed[w]} round deadlines in a row "
