@@ -43,11 +43,11 @@ __all__ = [
     "mean_and_distances",
     "mean_rows",
     "median_and_distances",
-    "median_of_sorted",
     "pairwise_sq_dists",
     "row_norms",
     "sorted_column_chunks",
     "sum_rows64",
+    "sums_less",
     "window_mean_around_median",
     "window_sum_sorted",
 ]
@@ -496,15 +496,6 @@ def _row_norm64(row: torch.Tensor) -> float:
     return float(m * torch.linalg.vector_norm(row / m))
 
 
-def median_of_sorted(s: torch.Tensor) -> torch.Tensor:
-    """Median of each column of a column-sorted (n, c) tensor, as float64 (c,); for even n
-    the mean of the two middle values (computed as 0.5*a + 0.5*b so it cannot overflow)."""
-    n = s.shape[0]
-    if n % 2:
-        return s[n // 2].to(torch.float64)
-    return _half_sum(s[n // 2 - 1], s[n // 2])
-
-
 def _half_sum(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """0.5 * lo + 0.5 * hi in float64 (exact halves for float32 data; cannot overflow)."""
     out = lo.to(torch.float64) * 0.5  # out of place: lo may be float64 already
@@ -602,6 +593,40 @@ def median_and_distances(
     return z, dist
 
 
+def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error-free sum (Knuth's TwoSum): ``(s, e)`` with ``s = fl(a + b)`` and ``a + b = s + e``
+    exactly, elementwise (float64 tensors of one shape, or broadcastable; exact as long as
+    no sum overflows)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)).add_(b - bb)
+
+
+def sums_less(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
+              t: torch.Tensor) -> torch.Tensor:
+    """Boolean tensor of ``p + q < r + t`` decided in exact arithmetic (float64 arguments,
+    broadcast together; float32 values converted to float64 first are fine).
+
+    Rounding to nearest is monotone, so ``fl(p + q) < fl(r + t)`` implies the exact inequality;
+    only where the two rounded sums are equal is the answer decided by the rounding errors,
+    which TwoSum gives exactly (``_two_sum``). Rounded arithmetic alone gets this wrong as soon
+    as the values span more than 2**53 (e.g. ``-2 + 1e17 < 0 + 1e17`` rounds to equality).
+    When a sum overflows (float64 values beyond about 8.9e307) every value is halved first,
+    which is exact except for subnormal values. Cost: a few elementwise passes.
+    """
+    s1, s2 = p + q, r + t
+    if not (all_finite(s1) and all_finite(s2)):
+        p, q, r, t = p * 0.5, q * 0.5, r * 0.5, t * 0.5
+        s1, s2 = p + q, r + t
+    less = s1 < s2
+    tie = s1 == s2
+    if bool(tie.any()):
+        e1 = _two_sum(p, q)[1]
+        e2 = _two_sum(r, t)[1]
+        less |= tie & (e1 < e2)
+    return less
+
+
 def window_sum_sorted(
     s: torch.Tensor, k: int, buf: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -611,21 +636,21 @@ def window_sum_sorted(
     Ties (a value below and one above the median at the same distance) go to the lower value,
     i.e. the chosen values are the k smallest of the key ``(|v - med|, v)``. They form a window
     ``s[a:a+k]`` of the sorted column: sliding the window from a to a + 1 swaps ``s[a]`` for
-    ``s[a+k]``, which brings a strictly closer value exactly when ``s[a] + s[a+k] < 2 med``;
-    that test is monotone in a, so the window start is the number of a in [0, n - k) passing
-    it. When 2k >= n the rows [n-k, k) are in every window and, for r in [0, n-k), exactly one
-    of s[r] (when r >= a) and s[k+r] (when r < a) is; otherwise a mask selects the window.
-    O(n c) after the sort, no gather. ``buf``: optional float64 scratch space of k * c entries,
-    reused across calls.
+    ``s[a+k]``, which brings a strictly closer value exactly when ``s[a] + s[a+k] < 2 med``
+    (``= m_lo + m_hi``, the middle pair); that test is monotone in a, so the window start is
+    the number of a in [0, n - k) passing it. The test is decided in exact arithmetic
+    (``sums_less``), so values spanning more than 2**53 (a Byzantine 1e17 next to honest
+    values of order 1) cannot flip it. When 2k >= n the rows [n-k, k) are in every window and,
+    for r in [0, n-k), exactly one of s[r] (when r >= a) and s[k+r] (when r < a) is; otherwise a
+    mask selects the window. O(n c) after the sort, no gather. ``buf``: optional float64
+    scratch space of k * c entries, reused across calls.
     """
     n, c = s.shape
     if k == n:
         return s.to(torch.float64).sum(dim=0)
-    med = median_of_sorted(s)
-    # halves cannot overflow; exact for float32 data, correctly rounded for float64 data
-    mid = s[: n - k].to(torch.float64) * 0.5  # out of place: s may be float64 already
-    mid.add_(s[k:].to(torch.float64), alpha=0.5)
-    a = (mid < med).sum(dim=0)
+    f64 = torch.float64  # conversions of float32 are exact; no copy for float64 input
+    a = sums_less(s[: n - k].to(f64), s[k:].to(f64), s[(n - 1) // 2].to(f64),
+                  s[n // 2].to(f64)).sum(dim=0)
     r = torch.arange(n - k, device=s.device)[:, None]
     if 2 * k >= n:
         # the k window values of each column, gathered into k rows: the rows [n-k, k) that
@@ -662,21 +687,37 @@ def sum_rows64(s: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor
 # --------------------------------------------------------------------------- distances
 
 
-def _centred_gram(x: torch.Tensor, centre: int) -> torch.Tensor:
-    """Gram matrix (n, n) float64 of the rows of ``x - x[centre]``."""
-    n, d = x.shape
-    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    for _, _, c in chunks64(x, x[centre]):
-        gram.addmm_(c, c.T)
-    return gram
+def _centred_gram(
+    x: torch.Tensor, centre: int, rows: torch.Tensor | None = None, check: bool = False
+) -> torch.Tensor:
+    """Gram matrix (m, m) float64 of the rows ``x[rows] - x[centre]`` (all n rows when
+    ``rows`` is None), symmetrised so that ``G_ij == G_ji`` bit for bit (a BLAS product sums
+    G_ij and G_ji in different orders). One pass over float64 column chunks. With ``check``,
+    a non-finite result raises ``NonFiniteInput``."""
+    if rows is None:
+        m = x.shape[0]
+        gram = torch.zeros(m, m, dtype=torch.float64, device=x.device)
+        for _, _, c in chunks64(x, x[centre]):
+            gram.addmm_(c, c.T)
+    else:
+        m, d = int(rows.numel()), x.shape[1]
+        gram = torch.zeros(m, m, dtype=torch.float64, device=x.device)
+        centre64 = x[centre].to(torch.float64)
+        step = chunk_columns(m, d)
+        buf = torch.empty(m * step, dtype=torch.float64, device=x.device)
+        for start in range(0, d, step):
+            stop = min(d, start + step)
+            c = buf[: m * (stop - start)].view(m, stop - start)
+            c.copy_(x[rows, start:stop]).sub_(centre64[start:stop])
+            gram.addmm_(c, c.T)
+    if check and not all_finite(gram):
+        raise NonFiniteInput
+    return (gram + gram.T).mul_(0.5)
 
 
 def _dist_from_gram(gram: torch.Tensor) -> torch.Tensor:
-    # a BLAS product need not be exactly symmetric (G_ij and G_ji are summed in different
-    # orders); symmetrise so that D_ij == D_ji bit for bit: then equal scores that are equal in
-    # exact arithmetic (e.g. two mutual nearest neighbours scored with one neighbour) are equal
-    # in floating point too, and their tie-break does not depend on rounding
-    gram = (gram + gram.T).mul_(0.5)
+    """Squared distances ``D_ij = G_ii + G_jj - 2 G_ij`` (float64, clamped at 0, exact zero
+    diagonal) from a symmetric Gram matrix of centred rows."""
     sq = gram.diagonal().clone()
     dist = sq[:, None] + sq[None, :] - 2.0 * gram
     dist.clamp_(min=0.0)
@@ -697,47 +738,97 @@ def _direct_dists(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(dist, nan=math.inf)
 
 
-def _gram_dists(x: torch.Tensor, centre: int, check: bool = False) -> torch.Tensor:
-    gram = _centred_gram(x, centre)
+#: an entry D_ij is accepted once its rounding-error bound is at most this fraction of it
+#: (float64 keeps about 16 digits; the bound below is a worst case, the typical error of a
+#: d-term dot product is about sqrt(d) times smaller)
+_DIST_REL_ERROR = 2.0**-20
+
+
+def _rounding_bound(gram: torch.Tensor, d: int) -> torch.Tensor:
+    """Bound (m, m) on the rounding error of the squared distances computed from ``gram`` (the
+    Gram matrix of m rows centred on a data row, d coordinates): ``tau (G_ii + G_jj)`` with
+    ``tau = 4 (d + 8) u``, u = 2**-53: the centring subtraction (relative u per entry), the
+    d-term float64 dot products (at most d u |a_i| |a_j|, Higham, "Accuracy and Stability of
+    Numerical Algorithms", 2002, section 3.1) and the few operations forming D, with a factor 2
+    to spare. Zero for a pair of rows both equal to the centre: their distance 0 is exact."""
+    tau = 4.0 * (d + 8) * 2.0**-53
+    sq = gram.diagonal()
+    return (sq[:, None] + sq[None, :]).mul_(tau)
+
+
+def pairwise_sq_dists(x: torch.Tensor, check: bool = False) -> torch.Tensor:
+    """Squared Euclidean distances (n, n) float64 between the rows of ``x`` (n, d), each to a
+    relative accuracy of about 1e-6 or better whatever the rows' magnitudes, bit-identical
+    rows for identical inputs.
+
+    Method. ``D_ij = |a_i|^2 + |a_j|^2 - 2 a_i.a_j`` in float64 (one matrix product over
+    column chunks) on rows centred on a data row, ``a_i = x_i - x_c`` (centre: row 0 first), so
+    a common translation of the rows changes nothing (exactly so when the arithmetic is exact,
+    e.g. small integers). The rounding error of an entry is bounded by ``tau (|a_i|^2 +
+    |a_j|^2)`` (``_rounding_bound``): small next to D_ij unless rows i and j are close to each
+    other compared with their distance to the centre, e.g. honest rows when the centre is a
+    Byzantine row at 1e30, or identical far rows (whose computed distance is then noise, not
+    0). Every entry whose bound exceeds 2**-20 of its value is recomputed: take the row i with
+    the most such entries, recompute the distances among i and the rows j of its unresolved
+    entries centred on x_i (one pass over those rows; the pair (i, j) is then
+    ``|x_j - x_i|^2`` itself, accurate to the bound ``tau D_ij``), keep every entry whose bound
+    improved, and repeat. Each round resolves every entry of row i, so at most n rounds run;
+    inputs without clusters of close rows need none, one far cluster needs one.
+
+    Identical rows. After the rounds, D_ij == 0 exactly iff rows i and j are identical (a pair
+    at distance 0 is resolved only by centring on one of them, where the other's difference is
+    exactly 0). Every row then takes the distances of the first row identical to it, so that
+    identical rows have bit-identical distance rows: choices that are ties in exact arithmetic
+    (Krum scores, MDA diameters) are ties in floating point too, and their documented tie rules
+    decide them, not a last-bit difference of the matrix product.
+
+    Float64 keeps float32 inputs up to 3.4e38 free of overflow; for float64 inputs so large
+    that squares overflow, the distances are summed from explicit row differences instead
+    (accurate, O(n^2 d)), and an entry whose square overflows is +inf (every caller only
+    compares distances, and +inf compares correctly). With ``check``, a non-finite Gram matrix
+    raises ``NonFiniteInput`` (so does any row holding NaN/Inf).
+
+    Cost: O(n^2 d) flops in one pass for inputs without clusters of close rows; each
+    recomputation round costs one pass over the rows involved. Memory: O(n^2) plus one chunk.
+    """
+    n, d = x.shape
+    gram = _centred_gram(x, 0)
     if not all_finite(gram):
         if check:  # NaN/Inf in a row (or float64 overflow): the careful path decides
             raise NonFiniteInput
         # float64 rows beyond ~1e150: a common rescaling would flush the small distances to
         # zero (and tie them with the huge ones), so sum explicit differences instead
-        return _direct_dists(x)
-    return _dist_from_gram(gram)
+        return _identical_rows_alike(_direct_dists(x))
+    dist = _dist_from_gram(gram)
+    bound = _rounding_bound(gram, d)
+    bound.fill_diagonal_(0.0)
+    for _ in range(n):  # each round resolves one row for good: at most n rounds
+        unresolved = (dist <= bound / _DIST_REL_ERROR) & (bound > 0)
+        counts = unresolved.sum(dim=1)
+        i = int(torch.argmax(counts))
+        if int(counts[i]) == 0:
+            break
+        rows = torch.nonzero(unresolved[i] | (torch.arange(n, device=x.device) == i))
+        rows = rows.flatten()
+        sub = _centred_gram(x, i, rows)
+        if all_finite(sub):
+            sub_dist, sub_bound = _dist_from_gram(sub), _rounding_bound(sub, d)
+        else:  # float64 rows near the overflow threshold: explicit differences, accurate
+            sub_dist = _direct_dists(x[rows])
+            sub_bound = sub_dist * (4.0 * (d + 8) * 2.0**-53)
+        sub_bound.fill_diagonal_(0.0)
+        block = (rows[:, None], rows[None, :])
+        better = sub_bound < bound[block]
+        dist[block] = torch.where(better, sub_dist, dist[block])
+        bound[block] = torch.where(better, sub_bound, bound[block])
+    return _identical_rows_alike(dist)
 
 
-#: a centre row whose median squared distance to the rows exceeds this many times the
-#: smallest such median is re-chosen (float64 keeps ~16 digits; 1e4 costs at most 4 of them)
-_CENTRE_SLACK = 1e4
-
-
-def pairwise_sq_dists(x: torch.Tensor, check: bool = False) -> torch.Tensor:
-    """Squared Euclidean distances (n, n) float64 between the rows of ``x`` (n, d).
-
-    Computed as ``D_ij = |a_i|^2 + |a_j|^2 - 2 a_i.a_j`` in float64 (one matrix product over
-    column chunks) on rows centred on one of the rows, ``a_i = x_i - x_c``, clamped at 0 with an
-    exact zero diagonal. Subtracting a data row makes the result independent of a common
-    translation of the rows (exactly so when the arithmetic is exact, e.g. small integers), and
-    the rounding error of an entry is about 1e-16 (|a_i|^2 + |a_j|^2), small next to the
-    distances among the bulk of the rows as long as the centre row lies in that bulk. The
-    first pass centres on row 0; if row 0 turns out to be far away (its median squared
-    distance to the rows exceeds 1e4 times the smallest such median: an outlier, e.g. a
-    Byzantine row of size 1e30), the distances are recomputed centred on the most central row
-    (smallest median distance). Float64 keeps float32 inputs up to 3.4e38 free of overflow;
-    for float64 inputs so large that squares overflow, the distances are summed from explicit
-    row differences instead, and an entry whose square overflows is +inf (every caller only
-    compares distances, and +inf compares correctly). With ``check``, a non-finite Gram
-    matrix raises ``NonFiniteInput`` (so does any row holding NaN/Inf).
-
-    Cost: O(n^2 d) flops in one (rarely two) passes, O(n^2) plus one chunk of extra memory.
-    """
-    n, _ = x.shape
-    dist = _gram_dists(x, 0, check)
-    if n > 2:
-        typical = torch.median(dist, dim=1).values  # lower median, self distance included
-        best = int(torch.argmin(typical))
-        if best != 0 and float(typical[0]) > _CENTRE_SLACK * float(typical[best]):
-            dist = _gram_dists(x, best)
-    return dist
+def _identical_rows_alike(dist: torch.Tensor) -> torch.Tensor:
+    """``dist`` with every row and column replaced by those of the first row at distance
+    exactly 0 from it (its identical twin of lowest index), so identical rows get bit-identical
+    distances (see ``pairwise_sq_dists``)."""
+    first = torch.argmax((dist == 0).to(torch.uint8), dim=0)  # the diagonal is 0: always found
+    if bool((first == torch.arange(dist.shape[0], device=dist.device)).all()):
+        return dist
+    return dist[first][:, first]

@@ -23,6 +23,10 @@ class MDA(Aggregator):
     subset keeping that pair and leaving out rows elsewhere shares it. Ties are therefore broken
     by the smaller sum of squared pairwise distances within the subset (the tighter subset),
     which does not depend on the order of the rows, and only then by the enumeration order.
+    Both keys are exact functions of the distance matrix: identical rows have bit-identical
+    distances (``_common.pairwise_sq_dists``), so diameters equal through duplicated rows are
+    equal, and the spreads of the candidate subsets are compared as correctly rounded sums
+    (``math.fsum``), which do not depend on the order of summation.
 
     Parameters: ``f`` (int >= 0, default 0), ``limit`` (int >= 1, default 100000): the largest
     number of subsets C(n, f) the rule may enumerate.
@@ -75,13 +79,18 @@ class MDA(Aggregator):
         n = x.shape[0]
         if f == 0:
             return torch.ones(n, dtype=torch.bool, device=x.device)
-        dist = pairwise_sq_dists(x, check)  # squared: same minimiser as the diameter itself
+        # squared: same minimiser as the diameter itself; identical rows have bit-identical
+        # distances, so diameters equal in exact arithmetic through duplicates are equal here
+        dist = pairwise_sq_dists(x, check)
         batch = max(1, _BATCH_ENTRIES // (n * n))
         combos = itertools.combinations(range(n), f)
-        best = (math.inf, math.inf)
-        best_keep = None
+        best_diam = math.inf
+        # subsets of the smallest diameter so far whose exact spread may be the smallest:
+        # (enumeration index, keep mask, spread as summed by torch, within _spread_slack)
+        cands: list[tuple[int, torch.Tensor, float]] = []
+        slack = _spread_slack(n - f)
         zero = torch.zeros((), dtype=dist.dtype, device=dist.device)
-        inf = torch.full((), math.inf, dtype=dist.dtype, device=dist.device)
+        offset = 0
         while True:
             left_out = list(itertools.islice(combos, batch))
             if not left_out:
@@ -92,16 +101,19 @@ class MDA(Aggregator):
             pair = keep[:, :, None] & keep[:, None, :]
             within = torch.where(pair, dist, zero)
             diam = within.amax(dim=(1, 2))
-            spread = within.sum(dim=(1, 2))
-            lowest = diam.min()
-            # among the subsets of smallest diameter, the first of smallest spread
-            i = int(torch.argmin(torch.where(diam == lowest, spread, inf)))
-            key = (float(diam[i]), float(spread[i]))
-            if key < best:
-                best = key
-                best_keep = keep[i].clone()
-        assert best_keep is not None
-        return best_keep
+            lowest = float(diam.min())
+            if lowest <= best_diam:
+                if lowest < best_diam:
+                    best_diam, cands = lowest, []
+                at = torch.nonzero(diam == lowest).flatten()
+                spread = within[at].sum(dim=(1, 2))
+                least = min(float(spread.min()), min((c[2] for c in cands), default=math.inf))
+                for j, s in zip(at.tolist(), spread.tolist()):
+                    if s <= least * slack:
+                        cands.append((offset + j, keep[j].clone(), s))
+                cands = [c for c in cands if c[2] <= least * slack]
+            offset += len(left_out)
+        return _tightest(cands, dist)
 
     _fast_path = True
 
@@ -114,3 +126,27 @@ class MDA(Aggregator):
         if f == 0:  # no distances computed: the float64 sum reveals NaN/Inf
             return mean_rows(x, check=True)
         return mean_rows(x, torch.nonzero(keep).flatten())
+
+
+def _spread_slack(m: int) -> float:
+    """Factor (1 + g) / (1 - g), g = (m^2 - 1) u: a float64 sum of the m^2 non-negative
+    entries of a subset's distance matrix, in any order, lies within a factor 1 +- g of the
+    exact sum (Higham 2002, section 4.2), so every subset whose exact spread is the smallest
+    has a computed spread within this factor of the smallest computed one."""
+    g = (m * m - 1) * 2.0**-53
+    return (1.0 + g) / (1.0 - g)
+
+
+def _tightest(cands: list[tuple[int, torch.Tensor, float]], dist: torch.Tensor) -> torch.Tensor:
+    """The keep mask of the candidate with the smallest spread, summed exactly (``math.fsum``
+    of its pairwise squared distances: correctly rounded, so equal multisets of distances give
+    equal spreads whatever their order), then the earliest in enumeration order."""
+    if len(cands) == 1:
+        return cands[0][1]
+    if min(c[2] for c in cands) == 0.0:  # non-negative terms: a zero sum is exactly zero
+        return min((c for c in cands if c[2] == 0.0), key=lambda c: c[0])[1]
+    best = min(
+        cands,
+        key=lambda c: (math.fsum(dist[c[1]][:, c[1]].flatten().tolist()), c[0]),
+    )
+    return best[1]
