@@ -52,8 +52,8 @@ def ctx_for(shard: Shard, honest: torch.Tensor, batch=None, **kw) -> AttackConte
 
 
 def test_names_and_params():
-    assert attacks.names() == ["alie", "gaussian", "inf", "ipm", "label_flip", "mimic", "nan",
-                               "sign_flip", "zero"]
+    assert attacks.names() == ["alie", "gaussian", "inf", "ipm", "label_flip", "large", "mimic",
+                               "nan", "sign_flip", "zero"]
     assert attacks.params("sign_flip") == {"scale": -1.0}
     assert attacks.params("gaussian") == {"mu": 0.0, "sigma": 200.0, "collude_seed": None}
     assert attacks.params("alie") == {"z": None, "estimate_batches": 5, "collude_seed": None,
@@ -63,6 +63,7 @@ def test_names_and_params():
     assert attacks.params("label_flip") == {"num_classes": 10}
     assert attacks.params("mimic") == {"target_class": None, "num_classes": 10,
                                        "estimate_batches": 5, "collude_seed": None}
+    assert attacks.params("large") == {"value": 1e30, "along_gradient": False}
     for name in ("nan", "inf", "zero"):
         assert attacks.params(name) == {}
     for name in attacks.names():  # every attack builds with its defaults
@@ -71,8 +72,8 @@ def test_names_and_params():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: attacks.build("signflip"), "unknown attack 'signflip'; valid choices: alie, "
-                                        "gaussian, inf, ipm, label_flip, mimic, nan, sign_flip, "
-                                        "zero"),
+                                        "gaussian, inf, ipm, label_flip, large, mimic, nan, "
+                                        "sign_flip, zero"),
     (lambda: attacks.build(None), "unknown attack None"),
     (lambda: attacks.params("foo"), "valid choices: alie"),
     (lambda: attacks.build("gaussian", sgima=1.0),
@@ -127,6 +128,40 @@ def test_nan_inf_zero():
     assert torch.isnan(nan).all()
     assert torch.isposinf(inf).all()
     assert torch.equal(zero, torch.zeros(5))
+
+
+# -- large ------------------------------------------------------------------------------------
+
+
+def test_large_constant_and_along_gradient():
+    g = vec(1, -4, 2, 0, 0.5)
+    out = attacks.build("large")(AttackContext(0, g))
+    assert out.dtype == torch.float32 and torch.equal(out, torch.full((5,), 1e30))
+    out = attacks.build("large", value=-8.0)(AttackContext(3, g))
+    assert out.tolist() == [-8.0] * 5
+    # along the own gradient: largest |entry| (-4) becomes |value|, signs follow g
+    out = attacks.build("large", value=8.0, along_gradient=True)(AttackContext(0, g))
+    assert out.tolist() == [2.0, -8.0, 4.0, 0.0, 1.0]
+    out = attacks.build("large", along_gradient=True)(AttackContext(0, g))
+    torch.testing.assert_close(out, (g.double() * 2.5e29).float(), rtol=0, atol=0)
+    # the float32 maximum is reachable without overflow, in either direction
+    top = float(torch.finfo(torch.float32).max)
+    out = attacks.build("large", value=-top, along_gradient=True)(AttackContext(0, g))
+    assert torch.isfinite(out).all() and out[1].item() == top
+    # a zero gradient has no direction: the constant vector
+    out = attacks.build("large", value=3.0, along_gradient=True)(AttackContext(0, g * 0))
+    assert out.tolist() == [3.0] * 5
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"value": math.inf}, "value must be finite"),
+    ({"value": 1e39}, r"at most 3\.40282e\+38 in absolute value"),
+    ({"value": "1e30"}, "value must be a number"),
+    ({"along_gradient": 1}, "along_gradient must be true or false"),
+])
+def test_large_rejects_bad_parameters(params, message):
+    with pytest.raises(ValueError, match=message):
+        attacks.build("large", **params)
 
 
 # -- gaussian ---------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ Public API::
     atk.needs                  # frozenset of AttackContext fields the attack reads
 
 Attacks: ``sign_flip``, ``gaussian``, ``alie``, ``ipm``, ``label_flip``, ``mimic``, ``inf``,
-``nan``, ``zero`` (one module each, the three constant faults share ``constant``; each with
-definition, parameters and source).
+``nan``, ``zero``, ``large`` (one module each, the three constant faults share ``constant``;
+each with definition, parameters and source).
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from byzps.attacks.base import CONTEXT_FIELDS, Attack, AttackContext
 from byzps.attacks.gaussian import Gaussian
 from byzps.attacks.ipm import Ipm
 from byzps.attacks.label_flip import LabelFlip
+from byzps.attacks.large import Large
 from byzps.attacks.mimic import Mimic
 from byzps.attacks.constant import Inf, Nan, Zero
 from byzps.attacks.sign_flip import SignFlip
 
 _REGISTRY: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (SignFlip, Gaussian, Alie, Ipm, LabelFlip, Mimic, Inf, Nan, Zero)
+    cls.name: cls
+    for cls in (SignFlip, Gaussian, Alie, Ipm, LabelFlip, Mimic, Inf, Nan, Zero, Large)
 }
 
 
