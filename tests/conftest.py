@@ -12,6 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import settings
+
+# Hypothesis profiles: ``HYPOTHESIS_PROFILE=full`` runs 1,000 examples per property test that
+# does not fix its own count (tests/test_breakdown.py: per rule); the default profile (100)
+# keeps the suite fast.
+settings.register_profile("full", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 ROOT = Path(__file__).resolve().parent.parent
 

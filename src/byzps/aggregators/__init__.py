@@ -10,6 +10,7 @@ Usage::
     pre = aggregators.build_pre("nnm", f=1)            # (n, d) -> (m, d), m = pre.output_rows(n)
     aggregators.names(), aggregators.pre_names()       # sorted config names
     aggregators.params("multi_krum")                   # {"f": 0, "q": None}
+    agg.BREAKDOWN                                      # the bound kept with f Byzantine rows
 
 Every rule is a small object with attributes ``name`` and ``f`` (and its other parameters),
 ``check(n)``, ``warning(n)``, ``state_dict()`` / ``load_state_dict()`` (empty for stateless
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._base import Aggregator, Param, PreAggregator
+from ._base import Aggregator, Breakdown, Param, PreAggregator
 from ._common import all_finite
 from .arc import ARC
 from .bucketing import Bucketing
@@ -43,6 +44,7 @@ from .trimmed_mean import TrimmedMean
 __all__ = [
     "ARC",
     "Aggregator",
+    "Breakdown",
     "Bucketing",
     "Bulyan",
     "CenteredClipping",

@@ -28,13 +28,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Union
 
 import torch
 
 from ._common import NonFiniteInput, all_finite, as_matrix, drop_nonfinite, nonfinite_rows
 
-__all__ = ["Param", "Rule", "Aggregator", "PreAggregator", "F_PARAM"]
+__all__ = ["Breakdown", "Param", "Rule", "Aggregator", "PreAggregator", "F_PARAM"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,54 @@ class Param:
         return value
 
 
+@dataclass(frozen=True)
+class Breakdown:
+    """The bound a rule keeps when up to f of its n rows are Byzantine and placed anywhere
+    (finite values up to the float32 maximum), declared next to the rule as its class
+    attribute ``BREAKDOWN`` and checked for every registered rule by tests/test_breakdown.py.
+
+    The bound holds whenever the rule runs within its paper's guarantee (``check(n)`` passes
+    and ``warning(n)`` is None); it is stated in terms of the honest rows H (the n - b rows that
+    are not Byzantine, b <= f) only, never in terms of the Byzantine values:
+
+    * ``region="box"``: every coordinate j of the output lies in
+      ``[lo_j - k w_j - margin, hi_j + k w_j + margin]``, where lo_j, hi_j are the smallest and
+      largest honest values of coordinate j and ``w_j = hi_j - lo_j``;
+    * ``region="ball"``: ``||out - c|| <= R + k Delta + margin``, where c is the mean of the
+      honest rows, R the largest distance of an honest row to c and Delta the honest diameter
+      (largest distance between two honest rows); e.g. "within k Delta of the honest rows'
+      convex hull" implies it.
+
+    k is ``spread`` (a number, or a function of (n, f) for bounds that depend on them) and
+    ``margin`` an absolute term in the gradients' units, a function of the rule object (e.g.
+    centered clipping's ``iterations * tau``; default none). With ``origin=True`` the zero
+    vector counts as one more honest row (rules that shrink rows towards 0, e.g. clipping).
+    For a pre-aggregator, which maps n rows to m, the bound applies to at least m - b output
+    rows (the others may carry a Byzantine row's influence; the aggregator after it tolerates
+    them as its f).
+
+    Example: ``BREAKDOWN = Breakdown("box")`` (coordinate-wise median: Yin et al. 2018);
+    ``Breakdown("ball", spread=lambda n, f: n / (n - 2 * f))`` (geometric median).
+    """
+
+    region: str
+    spread: Union[float, Callable[[int, int], float]] = 0.0
+    margin: Callable[[Any], float] | None = None
+    origin: bool = False
+
+    def __post_init__(self) -> None:
+        if self.region not in ("box", "ball"):
+            raise ValueError(f"Breakdown.region must be 'box' or 'ball', got {self.region!r}")
+
+    def k(self, n: int, f: int) -> float:
+        """The multiple k of the honest spread allowed with n rows and tolerance f."""
+        return float(self.spread(n, f) if callable(self.spread) else self.spread)
+
+    def extra(self, rule: Any) -> float:
+        """The absolute margin of ``rule`` (0 when none is declared)."""
+        return 0.0 if self.margin is None else float(self.margin(rule))
+
+
 #: The number of Byzantine rows a rule must tolerate; every rule accepts it.
 F_PARAM = Param("int", 0, "number of Byzantine workers to tolerate", minimum=0)
 
@@ -116,6 +164,9 @@ class Rule:
     name: ClassVar[str] = ""
     #: keyword parameters: name -> Param (always includes "f")
     PARAMS: ClassVar[Mapping[str, Param]] = {"f": F_PARAM}
+    #: the bound the rule keeps with up to f Byzantine rows (see ``Breakdown``); every
+    #: registered rule declares one (tests/test_breakdown.py fails for a rule without)
+    BREAKDOWN: ClassVar[Breakdown | None] = None
 
     f: int
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import F_PARAM, PreAggregator
+from ._base import Breakdown, F_PARAM, PreAggregator
 from ._common import empty_output, row_norms
 from .clipping import row_groups, write_scaled
 
@@ -43,6 +43,9 @@ class ARC(PreAggregator):
     Errors: TypeError for a non-tensor or a non-float32/64 dtype; ValueError for a bad shape or
     when every row holds NaN/Inf.
     """
+
+    #: an honest row is kept or scaled towards 0 (to the (k+1)-th largest norm)
+    BREAKDOWN = Breakdown("box", origin=True)
 
     name = "arc"
     PARAMS = {"f": F_PARAM}

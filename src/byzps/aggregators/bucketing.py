@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ._base import F_PARAM, Param, PreAggregator, _as_count
+from ._base import Breakdown, F_PARAM, Param, PreAggregator, _as_count
 from ._common import NonFiniteInput, as_matrix, chunk_columns, empty_output, nonfinite_rows
 
 _MASK64 = (1 << 64) - 1
@@ -51,6 +51,9 @@ class Bucketing(PreAggregator):
     Errors: TypeError for a non-tensor or a non-float32/64 dtype; ValueError for a bad shape or
     when every row holds NaN/Inf.
     """
+
+    #: a bucket without a Byzantine row is a mean of honest rows; at most b buckets hold one
+    BREAKDOWN = Breakdown("box")
 
     name = "bucketing"
     PARAMS = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Aggregator
+from ._base import Aggregator, Breakdown
 from ._common import pairwise_sq_dists, sorted_column_chunks, window_sum_sorted
 from .krum import krum_order
 
@@ -37,6 +37,10 @@ class Bulyan(Aggregator):
     n < 4f + 3, or when every row holds NaN/Inf (such rows are dropped, f lowered by their
     count).
     """
+
+    #: as meamed on the theta selected rows (at most f Byzantine among them): the beta values
+    #: averaged are within w_j of a median that lies in the honest range
+    BREAKDOWN = Breakdown("box", spread=1.0)
 
     name = "bulyan"
 

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ._base import Aggregator, F_PARAM, Param
+from ._base import Aggregator, Breakdown, F_PARAM, Param
 from ._common import all_finite, chunks64, median_and_distances, row_norms
 
 
@@ -46,6 +46,10 @@ class CenteredClipping(Aggregator):
     a stored centre of a different size d, or when every row holds NaN/Inf (such rows are
     dropped, f lowered by their count).
     """
+
+    #: a fresh object with init="median": the start lies in the honest box (f < n/2) and each
+    #: iteration moves the centre by at most tau (a mean of vectors clipped to norm tau)
+    BREAKDOWN = Breakdown("box", margin=lambda rule: rule.iterations * rule.tau)
 
     name = "centered_clipping"
     PARAMS = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import F_PARAM, Param, PreAggregator
+from ._base import Breakdown, F_PARAM, Param, PreAggregator
 from ._common import empty_output, row_norms
 
 
@@ -55,6 +55,9 @@ class Clipping(PreAggregator):
     Errors: TypeError for a non-tensor or a non-float32/64 dtype; ValueError for a bad shape or
     when every row holds NaN/Inf.
     """
+
+    #: row-wise: an honest row is only scaled towards 0, whatever the other rows hold
+    BREAKDOWN = Breakdown("box", origin=True)
 
     name = "clipping"
     PARAMS = {

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._base import Aggregator, F_PARAM, Param
+from ._base import Aggregator, Breakdown, F_PARAM, Param
 from ._common import (
     all_finite,
     chunks64,
@@ -49,10 +49,13 @@ class GeometricMedian(Aggregator):
     nothing: it is the first Weiszfeld step from the mean.
 
     Stopping. After ``max_iter`` iterations, or once a step moves z by at most
-    ``tol * r(z)``, with r(z) the median distance from z to the rows (the lower median of the
-    n distances): with f < n/2 it is set by the honest rows, not by the total distance that a
-    far row dominates, and the test depends neither on a translation nor on the scale of the
-    gradients. Finally, when the iterate lies within 100 max(eps, tol r(z)) of a row x_k and
+    ``tol * r(z)`` and so does the distance still to go as estimated from the last two steps
+    (``s_t rho / (1 - rho)`` with ``rho = s_t / s_{t-1}``: the iteration converges linearly),
+    with r(z) the median distance from z to the rows (the lower median of the n distances):
+    with f < n/2 it is set by the honest rows, not by the total distance that a far row
+    dominates, and the test depends neither on a translation nor on the scale of the
+    gradients. The result is then within about ``tol * r(z)`` of the optimum; at least two
+    steps run unless a step does not move z at all. Finally, when the iterate lies within 100 max(eps, tol r(z)) of a row x_k and
     x_k passes the optimality test of Vardi and Zhang
     (``|| sum_{x_i != x_k} (x_i - x_k) / ||x_i - x_k|| || <= #{i: x_i = x_k}``), x_k itself
     is returned exactly (Weiszfeld converges only slowly to an optimum at a data point).
@@ -89,6 +92,9 @@ class GeometricMedian(Aggregator):
     Errors: TypeError for a non-tensor or a non-float32/64 dtype; ValueError for a bad shape or
     when every row holds NaN/Inf (such rows are dropped, f lowered by their count).
     """
+
+    #: 2(n - f) R / (n - 2f) from the honest mean (see the class docstring) <= R + k Delta
+    BREAKDOWN = Breakdown("ball", spread=lambda n, f: n / (n - 2 * f))
 
     name = "geometric_median"
     PARAMS = {
@@ -127,12 +133,21 @@ class GeometricMedian(Aggregator):
                 step = None
         if step is None:
             z, dist = median_and_distances(x)
+        prev = 0.0  # the previous step's length (none yet)
         for it in range(self.max_iter):
             z_new, dist_new, moved, _ = step if it == 0 and step is not None else \
                 self._step(x, z, dist)
             z, dist = z_new, dist_new
-            if not moved > self.tol * _median_distance(dist):
+            if moved == 0.0:
                 break
+            # Weiszfeld converges linearly: with contraction rho (estimated from the last two
+            # steps) the optimum is about moved * rho / (1 - rho) away; stop once both the step
+            # and that estimate are within tol * r(z)
+            limit = self.tol * _median_distance(dist)
+            rho = moved / prev if prev > 0.0 else 1.0
+            if moved <= limit and rho < 1.0 and moved * rho <= limit * (1.0 - rho):
+                break
+            prev = moved
         # Weiszfeld only creeps towards an optimum that is a data row: when it ended next to a
         # row, test that row for optimality and return it exactly if it is the median
         k = int(torch.argmin(dist))

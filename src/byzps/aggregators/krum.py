@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._base import Aggregator, F_PARAM, Param
+from ._base import Aggregator, Breakdown, F_PARAM, Param
 from ._common import mean_rows, pairwise_sq_dists
 
 
@@ -66,6 +66,12 @@ class MultiKrum(Aggregator):
     n < f + 3, q > n - f, or when every row holds NaN/Inf (such rows are dropped, f lowered by
     their count).
     """
+
+    #: n >= 2f + 3: every chosen row scores at most an honest row's score, (n - f - 2) Delta^2,
+    #: and a Byzantine one has n - 2f - 1 or more honest rows among its scored neighbours, so it
+    #: lies within Delta sqrt((n - f - 2) / (n - 2f - 1)) of an honest row (Blanchard et al.
+    #: 2017); the average of the chosen rows is that close to the honest rows' convex hull
+    BREAKDOWN = Breakdown("ball", spread=lambda n, f: math.sqrt((n - f - 2) / (n - 2 * f - 1)))
 
     name = "multi_krum"
     PARAMS = {

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ._base import Aggregator, F_PARAM, Param
+from ._base import Aggregator, Breakdown, F_PARAM, Param
 from ._common import mean_rows, pairwise_sq_dists
 
 _BATCH_ENTRIES = 1 << 18
@@ -46,6 +46,11 @@ class MDA(Aggregator):
     n <= f, C(n, f) > limit, or when every row holds NaN/Inf (such rows are dropped, f lowered
     by their count).
     """
+
+    #: n > 2f: the chosen subset's diameter is at most Delta (some n - f honest rows have
+    #: diameter <= Delta) and it holds an honest row, so its mean is within Delta of the honest
+    #: rows' convex hull (El Mhamdi et al. 2020)
+    BREAKDOWN = Breakdown("ball", spread=1.0)
 
     name = "mda"
     PARAMS = {

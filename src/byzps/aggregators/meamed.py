@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Aggregator
+from ._base import Aggregator, Breakdown
 from ._common import sorted_column_chunks, window_sum_sorted
 
 
@@ -33,6 +33,11 @@ class MeaMed(Aggregator):
     Errors: TypeError for a non-tensor or a non-float32/64 dtype; ValueError for a bad shape,
     n <= f, or when every row holds NaN/Inf (such rows are dropped, f lowered by their count).
     """
+
+    #: the median lies in the honest range and the n - f values nearest to it are within the
+    #: farthest honest value's distance, at most w_j (a Byzantine value just outside the
+    #: range can be averaged in, so the box itself does not hold)
+    BREAKDOWN = Breakdown("box", spread=1.0)
 
     name = "meamed"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Aggregator
+from ._base import Aggregator, Breakdown
 from ._common import mean_rows
 
 
@@ -24,6 +24,9 @@ class Mean(Aggregator):
     Errors: TypeError for a non-tensor or a non-float32/64 dtype; ValueError for a bad shape or
     when every row holds NaN/Inf (such rows are dropped before averaging).
     """
+
+    #: f = 0 only (its guarantee): the mean of the rows lies in their bounding box
+    BREAKDOWN = Breakdown("box")
 
     name = "mean"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Aggregator
+from ._base import Aggregator, Breakdown
 from ._common import coordinate_median
 
 
@@ -29,6 +29,9 @@ class CoordinateWiseMedian(Aggregator):
     Errors: TypeError for a non-tensor or a non-float32/64 dtype; ValueError for a bad shape or
     when every row holds NaN/Inf (such rows are dropped, f is lowered by their count).
     """
+
+    #: with f < n/2 each coordinate's median lies between two honest values (Yin et al. 2018)
+    BREAKDOWN = Breakdown("box")
 
     name = "coordinate_wise_median"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import F_PARAM, PreAggregator
+from ._base import Breakdown, F_PARAM, PreAggregator
 from . import _common
 from ._common import chunk_columns, empty_output, mean_rows, pairwise_sq_dists
 
@@ -33,6 +33,10 @@ class NNM(PreAggregator):
     Errors: TypeError for a non-tensor or a non-float32/64 dtype; ValueError for a bad shape,
     n <= f, or when every row holds NaN/Inf.
     """
+
+    #: n > 2f: an honest row's n - f nearest rows are within Delta of it (it has n - f - 1 or
+    #: more honest neighbours that close), so its output row is within Delta of it
+    BREAKDOWN = Breakdown("ball", spread=1.0)
 
     name = "nnm"
     PARAMS = {"f": F_PARAM}

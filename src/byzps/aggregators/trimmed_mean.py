@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Aggregator
+from ._base import Aggregator, Breakdown
 from ._common import sorted_column_chunks, sum_rows64
 
 
@@ -29,6 +29,9 @@ class TrimmedMean(Aggregator):
     Errors: TypeError for a non-tensor or a non-float32/64 dtype; ValueError for a bad shape,
     n <= 2f, or when every row holds NaN/Inf (such rows are dropped, f lowered by their count).
     """
+
+    #: with n > 2f every value kept lies between two honest values (Yin et al. 2018)
+    BREAKDOWN = Breakdown("box")
 
     name = "trimmed_mean"
 
