@@ -5,6 +5,15 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/aggregators.py [--repeats 5] [--threads 1] [--timeout 300]
                                                [--no-byzfl] [--rules krum,multi_krum]
                                                [--workloads 64x65536,80x65536,32x1000000]
+                                               [--baseline /path/to/other/checkout]
+                                               [--pairs 2]
+
+Before/after comparisons: ``--baseline DIR`` also times the byzps of another checkout (e.g. a
+detached worktree of an older commit: ``git worktree add --detach ../old COMMIT``) on the same
+inputs, interleaved with this checkout: for each rule and workload the two run one after the
+other, ``--pairs`` times, and each reports the smallest of its medians, so that a load spike on
+a shared machine hits both alike and is filtered out. Columns "baseline s" and "byzps/baseline"
+(above 1: this checkout is slower).
 
 Threads: by default every measurement runs with ``torch.set_num_threads(1)``, which gives
 reproducible numbers on a shared or busy machine: when the cores are oversubscribed, each
@@ -40,8 +49,9 @@ Semantic differences with ByzFL worth knowing when comparing times: ByzFL's Krum
 score with n - f - 1 neighbours (byzps: n - f - 2, Blanchard et al.), its median is
 torch.quantile (no chunking; fails beyond 2**24 elements), its geometric median runs a fixed
 T = 3 Weiszfeld iterations from zero (byzps: from the mean, or the coordinate-wise median when
-an outlier pulls the mean away, until a step is below tol; the row
-"geometric_median[max_iter=3]" is the like-for-like comparison), its centered clipping starts
+the subgradient at the mean shows it was pulled away, until a step and the estimated distance
+still to go are below tol times the median distance; the row "geometric_median[max_iter=3]" is
+the like-for-like comparison), its centered clipping starts
 from zero, its clipping and ARC modify the input in place (the benchmark hands them a fresh
 copy each call, outside the timed region; byzps must not modify its input, so it writes an
 (n, d) output: clipping and ARC cannot be much faster than an in-place rewrite), and its
@@ -138,15 +148,16 @@ def load_byzfl():
     return importlib.import_module("byzfl.aggregators")
 
 
-def make_callable(impl: str, label: str, f: int):
-    """Return (fn, needs_fresh_copy) computing the rule on a tensor."""
+def make_callable(impl: str, label: str, f: int, src: str | None = None):
+    """Return (fn, needs_fresh_copy) computing the rule on a tensor; ``src``: the source folder
+    byzps is imported from (default: this checkout's src/)."""
     import torch
 
     if impl == "torch":
         return (lambda x: torch.mean(x, dim=0)), False
     name, kind, extra = RULE_INDEX[label]
     if impl == "byzps":
-        sys.path.insert(0, str(ROOT / "src"))
+        sys.path.insert(0, src or str(ROOT / "src"))
         from byzps import aggregators as A
 
         obj = (A.build if kind == "agg" else A.build_pre)(name, f=f, **extra)
@@ -173,7 +184,7 @@ def make_callable(impl: str, label: str, f: int):
 
 
 def child(impl: str, label: str, workload: str, repeats: int, budget: float,
-          threads: int) -> dict:
+          threads: int, src: str | None = None) -> dict:
     import torch
 
     if threads > 0:
@@ -182,7 +193,7 @@ def child(impl: str, label: str, workload: str, repeats: int, budget: float,
     if label != "torch.mean":
         f = rule_f(label, f)
     try:
-        fn, fresh = make_callable(impl, label, f)
+        fn, fresh = make_callable(impl, label, f, src)
     except (ImportError, LookupError, ValueError) as err:
         return {"error": f"{type(err).__name__}: {err}"}
     torch.manual_seed(0)
@@ -220,9 +231,11 @@ def child(impl: str, label: str, workload: str, repeats: int, budget: float,
 # ------------------------------------------------------------------------------------ parent
 
 
-def run_child(impl, label, workload, args) -> dict:
+def run_child(impl, label, workload, args, src: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, label, workload, "--repeats",
            str(args.repeats), "--budget", str(args.budget), "--threads", str(args.threads)]
+    if src:
+        cmd += ["--src", src]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -231,6 +244,23 @@ def run_child(impl, label, workload, args) -> dict:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": f"exit {proc.returncode}: {tail[:120]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def best_of_pairs(label: str, workload: str, args, baseline_src: str) -> tuple[dict, dict]:
+    """(this checkout, baseline): each the run with the smallest median time out of
+    ``args.pairs`` runs, the two alternating (baseline first in even pairs, second in odd
+    ones)."""
+    ours, old = [], []
+    for k in range(max(1, args.pairs)):
+        order = [(old, baseline_src), (ours, None)]
+        for sink, src in (order if k % 2 == 0 else order[::-1]):
+            sink.append(run_child("byzps", label, workload, args, src))
+
+    def best(results: list[dict]) -> dict:
+        good = [r for r in results if "error" not in r]
+        return min(good, key=lambda r: r["median_s"]) if good else results[0]
+
+    return best(ours), best(old)
 
 
 def fmt_time(res: dict | None) -> str:
@@ -259,13 +289,18 @@ def main() -> None:
     ap.add_argument("--no-byzfl", action="store_true")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--rules", default=",".join(label for label, *_ in RULES))
+    ap.add_argument("--baseline", default=None,
+                    help="root of another byzps checkout to time interleaved with this one")
+    ap.add_argument("--pairs", type=int, default=1,
+                    help="with --baseline: alternate the two this many times per measurement")
     ap.add_argument("--child", nargs=3, metavar=("IMPL", "RULE", "WORKLOAD"))
+    ap.add_argument("--src", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
         impl, label, workload = args.child
         print(json.dumps(child(impl, label, workload, args.repeats, args.budget,
-                                args.threads)))
+                                args.threads, args.src)))
         return
 
     byzfl_ok = False
@@ -283,6 +318,11 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f}; median of {args.repeats} calls after one warm-up")
     header = ["rule", "workload", "f", "byzps s", "torch.mean s", "ByzFL s", "byzps/mean",
               "ByzFL/byzps", "byzps peak extra", "ByzFL peak extra"]
+    baseline_src = None
+    if args.baseline:
+        baseline_src = str(Path(args.baseline).resolve() / "src")
+        header[4:4] = ["baseline s", "byzps/baseline"]
+        print(f"# baseline: {baseline_src}, {args.pairs} interleaved pair(s) per measurement")
     rows = []
     for workload in args.workloads.split(","):
         n, d, f = WORKLOADS[workload]
@@ -291,7 +331,10 @@ def main() -> None:
             name = RULE_INDEX[label][0]
             if workload == "80x65536" and name not in KRUM_FAMILY:
                 continue
-            ours = run_child("byzps", label, workload, args)
+            if baseline_src:
+                ours, old = best_of_pairs(label, workload, args, baseline_src)
+            else:
+                ours, old = run_child("byzps", label, workload, args), None
             theirs = run_child("byzfl", label, workload, args) if byzfl_ok else None
             ratio_mean = (f"{ours['median_s'] / base['median_s']:.1f}"
                           if "error" not in ours and "error" not in base else "-")
@@ -299,8 +342,14 @@ def main() -> None:
                            if theirs and "error" not in theirs and "error" not in ours else "-")
             row = [label, workload, str(rule_f(label, f)), fmt_time(ours), fmt_time(base),
                    fmt_time(theirs), ratio_mean, ratio_byzfl, fmt_mem(ours), fmt_mem(theirs)]
+            if baseline_src:
+                ratio_old = (f"{ours['median_s'] / old['median_s']:.2f}"
+                             if "error" not in ours and "error" not in old else "-")
+                row[4:4] = [fmt_time(old), ratio_old]
             rows.append(row)
             notes = [f"byzps: {ours['error']}"] if "error" in ours else []
+            if old and "error" in old:
+                notes.append(f"baseline: {old['error']}")
             if theirs and "error" in theirs:
                 notes.append(f"ByzFL: {theirs['error']}")
             print(" | ".join(row) + ("   # " + "; ".join(notes) if notes else ""),

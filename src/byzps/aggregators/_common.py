@@ -9,8 +9,11 @@ dtype float32 or float64, on any device. Two conventions hold throughout:
   pre-aggregator is of course as large as its input).
 * **Accurate, overflow-free reductions.** Means of float32 rows are accumulated in float64 (so
   the mean of identical float32 rows is that row exactly and 1e38-sized rows do not overflow);
-  pairwise distances are computed in float64 from rows centred on a central data row, so
-  adding the same vector to every row changes no selection.
+  pairwise distances are computed in float64 from rows centred on a data row, so adding the
+  same vector to every row changes no selection, and every entry whose rounding bound is not
+  small next to it is recomputed around a row of its own cluster (identical rows get exactly
+  0 and bit-identical distance rows); order tests on values spanning more than 2**53 are
+  decided exactly (``sums_less``).
 
 Rules may first run on the raw input and check for NaN/Inf as a by-product of their own
 passes (helpers below take ``check=True`` and then raise ``NonFiniteInput``); only when that
