@@ -10,10 +10,13 @@ Usage (from the repository root)::
 
 Before/after comparisons: ``--baseline DIR`` also times the byzps of another checkout (e.g. a
 detached worktree of an older commit: ``git worktree add --detach ../old COMMIT``) on the same
-inputs, interleaved with this checkout: for each rule and workload the two run one after the
-other, ``--pairs`` times, and each reports the smallest of its medians, so that a load spike on
-a shared machine hits both alike and is filtered out. Columns "baseline s" and "byzps/baseline"
-(above 1: this checkout is slower).
+inputs, interleaved with this checkout call by call: one process loads both versions'
+``byzps.aggregators`` packages (the package imports nothing else from byzps), warms both up,
+then alternates single calls of the two, ``--repeats`` of each (the order flips every pair),
+so that a load spike on a shared machine hits both alike; each reports its median call time.
+``--pairs K`` repeats that process K times and keeps each version's smallest median. Columns
+"baseline s" and "byzps/baseline" (above 1: this checkout is slower); the memory column then
+comes from a separate run of this checkout alone.
 
 Threads: by default every measurement runs with ``torch.set_num_threads(1)``, which gives
 reproducible numbers on a shared or busy machine: when the cores are oversubscribed, each
@@ -228,6 +231,49 @@ def child(impl: str, label: str, workload: str, repeats: int, budget: float,
             "input_bytes": x.numel() * x.element_size()}
 
 
+def load_aggregators(src: str, alias: str):
+    """Import ``<src>/byzps/aggregators`` as the top-level package ``alias`` (so two versions
+    can live in one process)."""
+    folder = Path(src) / "byzps" / "aggregators"
+    spec = importlib.util.spec_from_file_location(
+        alias, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def pair_child(label: str, workload: str, repeats: int, threads: int, baseline_src: str
+               ) -> dict:
+    """Median call times of this checkout's rule and the baseline's on one input, calls
+    alternating (see the module docstring)."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    n, d, f = WORKLOADS[workload]
+    f = rule_f(label, f)
+    name, kind, extra = RULE_INDEX[label]
+    fns = {}
+    for key, src in (("ours", str(ROOT / "src")), ("old", baseline_src)):
+        mod = load_aggregators(src, f"_aggregators_{key}")
+        fns[key] = (mod.build if kind == "agg" else mod.build_pre)(name, f=f, **extra)
+    torch.manual_seed(0)
+    x = torch.randn(n, d)
+    times: dict[str, list[float]] = {"ours": [], "old": []}
+    try:
+        for key in ("old", "ours"):
+            fns[key](x)  # warm-up
+        for r in range(repeats):
+            for key in (("old", "ours") if r % 2 == 0 else ("ours", "old")):
+                t0 = time.perf_counter()
+                fns[key](x)
+                times[key].append(time.perf_counter() - t0)
+    except Exception as err:  # noqa: BLE001 - report whatever the implementation raised
+        return {"error": f"{type(err).__name__}: {str(err)[:120]}"}
+    return {key: {"median_s": statistics.median(t), "runs": len(t)} for key, t in times.items()}
+
+
 # ------------------------------------------------------------------------------------ parent
 
 
@@ -247,20 +293,32 @@ def run_child(impl, label, workload, args, src: str | None = None) -> dict:
 
 
 def best_of_pairs(label: str, workload: str, args, baseline_src: str) -> tuple[dict, dict]:
-    """(this checkout, baseline): each the run with the smallest median time out of
-    ``args.pairs`` runs, the two alternating (baseline first in even pairs, second in odd
-    ones)."""
-    ours, old = [], []
-    for k in range(max(1, args.pairs)):
-        order = [(old, baseline_src), (ours, None)]
-        for sink, src in (order if k % 2 == 0 else order[::-1]):
-            sink.append(run_child("byzps", label, workload, args, src))
-
-    def best(results: list[dict]) -> dict:
-        good = [r for r in results if "error" not in r]
-        return min(good, key=lambda r: r["median_s"]) if good else results[0]
-
-    return best(ours), best(old)
+    """(this checkout, baseline): from ``args.pairs`` interleaved pair runs (``pair_child``),
+    each version's smallest median; this checkout's memory from one run of its own."""
+    runs = []
+    for _ in range(max(1, args.pairs)):
+        cmd = [sys.executable, __file__, "--child", "pair", label, workload, "--repeats",
+               str(args.repeats), "--threads", str(args.threads), "--src", baseline_src]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            runs.append({"error": f"timeout after {args.timeout} s"})
+            continue
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            runs.append({"error": f"exit {proc.returncode}: {tail[:120]}"})
+            continue
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[0], runs[0]
+    mem = run_child("byzps", label, workload, argparse.Namespace(
+        repeats=1, budget=args.budget, timeout=args.timeout, threads=args.threads))
+    ours = dict(min((r["ours"] for r in good), key=lambda r: r["median_s"]))
+    for key in ("peak_extra", "input_bytes"):
+        if key in mem:
+            ours[key] = mem[key]
+    return ours, min((r["old"] for r in good), key=lambda r: r["median_s"])
 
 
 def fmt_time(res: dict | None) -> str:
@@ -299,6 +357,9 @@ def main() -> None:
 
     if args.child:
         impl, label, workload = args.child
+        if impl == "pair":
+            print(json.dumps(pair_child(label, workload, args.repeats, args.threads, args.src)))
+            return
         print(json.dumps(child(impl, label, workload, args.repeats, args.budget,
                                 args.threads, args.src)))
         return
@@ -322,7 +383,8 @@ def main() -> None:
     if args.baseline:
         baseline_src = str(Path(args.baseline).resolve() / "src")
         header[4:4] = ["baseline s", "byzps/baseline"]
-        print(f"# baseline: {baseline_src}, {args.pairs} interleaved pair(s) per measurement")
+        print(f"# baseline: {baseline_src}; {args.pairs} process(es) per measurement, each "
+              f"alternating {args.repeats} calls of either version")
     rows = []
     for workload in args.workloads.split(","):
         n, d, f = WORKLOADS[workload]

@@ -55,17 +55,17 @@ class GeometricMedian(Aggregator):
     with f < n/2 it is set by the honest rows, not by the total distance that a far row
     dominates, and the test depends neither on a translation nor on the scale of the
     gradients. The result is then within about ``tol * r(z)`` of the optimum; at least two
-    steps run unless a step does not move z at all. Finally, when the iterate lies within 100 max(eps, tol r(z)) of a row x_k and
-    x_k passes the optimality test of Vardi and Zhang
+    steps run unless a step does not move z at all. Finally, when the iterate lies within
+    100 max(eps, tol r(z)) of a row x_k and x_k passes the optimality test of Vardi and Zhang
     (``|| sum_{x_i != x_k} (x_i - x_k) / ||x_i - x_k|| || <= #{i: x_i = x_k}``), x_k itself
     is returned exactly (Weiszfeld converges only slowly to an optimum at a data point).
     When all rows lie within eps of the start (e.g. all identical: the float64 mean of
     identical float32 rows is exact) the start is returned.
 
     Breakdown: with f < n/2 rows anywhere (``BREAKDOWN``), the optimum z* lies within
-    ``2 (n - f) r / (n - 2f)`` of any point c whose ball of radius r holds the n - f honest
+    ``2 (n - f) R / (n - 2f)`` of any point c whose ball of radius R holds the n - f honest
     rows: ``g(z*) <= g(c)`` and the triangle inequality give ``(n - 2f) ||z* - c|| <=
-    2 (n - f) r``.
+    2 (n - f) R``.
 
     Parameters: ``f`` (int >= 0, default 0; does not change the computation), ``tol`` (> 0,
     default 1e-6), ``max_iter`` (int >= 1, default 100), ``eps`` (> 0, default 1e-8: rows
