@@ -607,25 +607,29 @@ def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def sums_less(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
               t: torch.Tensor) -> torch.Tensor:
-    """Boolean tensor of ``p + q < r + t`` decided in exact arithmetic (float64 arguments,
-    broadcast together; float32 values converted to float64 first are fine).
+    """Boolean tensor of ``p + q < r + t`` decided in exact arithmetic (float32 or float64
+    arguments, broadcast together; the sums are formed in float64).
 
     Rounding to nearest is monotone, so ``fl(p + q) < fl(r + t)`` implies the exact inequality;
     only where the two rounded sums are equal is the answer decided by the rounding errors,
     which TwoSum gives exactly (``_two_sum``). Rounded arithmetic alone gets this wrong as soon
     as the values span more than 2**53 (e.g. ``-2 + 1e17 < 0 + 1e17`` rounds to equality).
-    When a sum overflows (float64 values beyond about 8.9e307) every value is halved first,
-    which is exact except for subnormal values. Cost: a few elementwise passes.
+    Float32 values cannot overflow a float64 sum; when a sum of float64 values does (beyond
+    about 8.9e307) every value is halved first, which is exact except for subnormal values.
+    Cost: about three elementwise passes over p and q (more only where rounded sums tie).
     """
-    s1, s2 = p + q, r + t
-    if not (all_finite(s1) and all_finite(s2)):
-        p, q, r, t = p * 0.5, q * 0.5, r * 0.5, t * 0.5
+    f64 = torch.float64
+    wide = any(v.dtype == f64 for v in (p, q, r, t))
+    p, r = p.to(f64), r.to(f64)  # exact; no copy for float64
+    s1, s2 = p + q, r + t  # float32 q, t are promoted exactly
+    if wide and not (all_finite(s1) and all_finite(s2)):
+        p, q, r, t = p * 0.5, q.to(f64) * 0.5, r * 0.5, t.to(f64) * 0.5
         s1, s2 = p + q, r + t
     less = s1 < s2
     tie = s1 == s2
     if bool(tie.any()):
-        e1 = _two_sum(p, q)[1]
-        e2 = _two_sum(r, t)[1]
+        e1 = _two_sum(p, q.to(f64))[1]
+        e2 = _two_sum(r, t.to(f64))[1]
         less |= tie & (e1 < e2)
     return less
 
@@ -651,9 +655,7 @@ def window_sum_sorted(
     n, c = s.shape
     if k == n:
         return s.to(torch.float64).sum(dim=0)
-    f64 = torch.float64  # conversions of float32 are exact; no copy for float64 input
-    a = sums_less(s[: n - k].to(f64), s[k:].to(f64), s[(n - 1) // 2].to(f64),
-                  s[n // 2].to(f64)).sum(dim=0)
+    a = sums_less(s[: n - k], s[k:], s[(n - 1) // 2], s[n // 2]).sum(dim=0)
     r = torch.arange(n - k, device=s.device)[:, None]
     if 2 * k >= n:
         # the k window values of each column, gathered into k rows: the rows [n-k, k) that
