@@ -251,7 +251,7 @@ def test_centered_clipping_state_errors():
 def test_stateless_state_dict():
     for name in ALL:
         agg = A.build(name)
-        if name == "centered_clipping":
+        if name in ("centered_clipping", "dnc"):  # state tested with the rule
             continue
         assert agg.state_dict() == {}
         agg.load_state_dict({})
@@ -446,7 +446,8 @@ def test_names_and_params():
     assert ALL == sorted(ALL)
     assert set(ALL) == {
         "mean", "coordinate_wise_median", "trimmed_mean", "geometric_median", "krum",
-        "multi_krum", "bulyan", "centered_clipping", "meamed", "mda",
+        "multi_krum", "bulyan", "centered_clipping", "meamed", "mda", "dnc", "caf", "smea",
+        "monna", "cge",
     }
     assert A.params("multi_krum") == {"f": 0, "q": None}
     assert A.params("krum") == {"f": 0}
@@ -454,6 +455,11 @@ def test_names_and_params():
     assert A.params("centered_clipping") == {"f": 0, "tau": 10.0, "iterations": 1,
                                              "init": "median"}
     assert A.params("mda") == {"f": 0, "limit": 100000}
+    assert A.params("smea") == {"f": 0, "limit": 100000}
+    assert A.params("dnc") == {"f": 0, "niters": 5, "b": 10000, "c": 1.0, "seed": 0}
+    assert A.params("caf") == {"f": 0}
+    assert A.params("monna") == {"f": 0, "pivot": 0}
+    assert A.params("cge") == {"f": 0, "reduce": "mean"}
     for name in ALL:
         agg = A.build(name)
         assert agg.name == name and agg.f == 0
@@ -468,7 +474,7 @@ def test_build_example_from_brief():
 
 
 def test_unknown_name():
-    with pytest.raises(ValueError, match="valid choices: bulyan, centered_clipping"):
+    with pytest.raises(ValueError, match="valid choices: bulyan, caf, centered_clipping"):
         A.build("krumm")
     with pytest.raises(ValueError, match="unknown aggregator"):
         A.params("nope")
@@ -523,6 +529,11 @@ def test_numpy_integers_accepted():
         ("coordinate_wise_median", 2, 1),
         ("geometric_median", 2, 1),
         ("centered_clipping", 2, 1),
+        ("dnc", 2, 3),  # n > ceil(c f)
+        ("caf", 2, 5),  # n > 2f
+        ("smea", 2, 3),  # n > f
+        ("monna", 2, 3),  # n > f
+        ("cge", 2, 3),  # n > f
     ],
 )
 def test_check_preconditions(name, f, smallest_n):
@@ -558,7 +569,7 @@ def test_warnings_of_other_rules():
     assert A.build("mean").warning(5) is None
     assert "not robust" in A.build("mean", f=1).warning(5)
     for name in ("coordinate_wise_median", "geometric_median", "centered_clipping", "meamed",
-                 "mda"):
+                 "mda", "dnc", "smea", "monna", "cge"):
         assert A.build(name, f=2).warning(4) is not None, name
         assert A.build(name, f=2).warning(5) is None, name
     assert A.build("bulyan", f=1).warning(7) is None

@@ -14,9 +14,9 @@ Usage::
 
 Every rule is a small object with attributes ``name`` and ``f`` (and its other parameters),
 ``check(n)``, ``warning(n)``, ``state_dict()`` / ``load_state_dict()`` (empty for stateless
-rules; centered clipping carries its centre, bucketing its call counter). Conventions common to
-all rules (NaN/Inf rows are dropped and f lowered by their count; results are finite; memory is
-bounded by chunking) are described in ``byzps.aggregators._base`` and ``._common``.
+rules; centered clipping carries its centre, bucketing and dnc their call counters).
+Conventions common to all rules (NaN/Inf rows are dropped and f lowered by their count; results
+are finite; memory is bounded by chunking) are described in ``byzps.aggregators._base`` and ``._common``.
 
 This package imports nothing else from byzps.
 """
@@ -30,15 +30,20 @@ from ._common import all_finite
 from .arc import ARC
 from .bucketing import Bucketing
 from .bulyan import Bulyan
+from .caf import CAF
 from .centered_clipping import CenteredClipping
+from .cge import CGE
 from .clipping import Clipping
+from .dnc import DnC
 from .geometric_median import GeometricMedian
 from .krum import Krum, MultiKrum
 from .mda import MDA
 from .meamed import MeaMed
 from .mean import Mean
 from .median import CoordinateWiseMedian
+from .monna import MoNNA
 from .nnm import NNM
+from .smea import SMEA
 from .trimmed_mean import TrimmedMean
 
 __all__ = [
@@ -47,18 +52,23 @@ __all__ = [
     "Breakdown",
     "Bucketing",
     "Bulyan",
+    "CAF",
+    "CGE",
     "CenteredClipping",
     "Clipping",
     "CoordinateWiseMedian",
+    "DnC",
     "GeometricMedian",
     "Krum",
     "MDA",
     "MeaMed",
     "Mean",
+    "MoNNA",
     "MultiKrum",
     "NNM",
     "Param",
     "PreAggregator",
+    "SMEA",
     "TrimmedMean",
     "all_finite",
     "build",
@@ -82,6 +92,11 @@ _AGGREGATORS: dict[str, type[Aggregator]] = {
         CenteredClipping,
         MeaMed,
         MDA,
+        DnC,
+        CAF,
+        SMEA,
+        MoNNA,
+        CGE,
     )
 }
 
