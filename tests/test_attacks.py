@@ -52,8 +52,9 @@ def ctx_for(shard: Shard, honest: torch.Tensor, batch=None, **kw) -> AttackConte
 
 
 def test_names_and_params():
-    assert attacks.names() == ["alie", "gaussian", "inf", "ipm", "label_flip", "large", "mimic",
-                               "nan", "sign_flip", "zero"]
+    assert attacks.names() == ["alie", "fang", "gaussian", "inf", "ipm", "label_flip", "large",
+                               "mimic", "minmax", "minsum", "nan", "opt_alie", "opt_ipm",
+                               "sign_flip", "zero"]
     assert attacks.params("sign_flip") == {"scale": -1.0}
     assert attacks.params("gaussian") == {"mu": 0.0, "sigma": 200.0, "collude_seed": None}
     assert attacks.params("alie") == {"z": None, "estimate_batches": 5, "collude_seed": None,
@@ -72,8 +73,8 @@ def test_names_and_params():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: attacks.build("signflip"), "unknown attack 'signflip'; valid choices: alie, "
-                                        "gaussian, inf, ipm, label_flip, large, mimic, nan, "
-                                        "sign_flip, zero"),
+                                        "fang, gaussian, inf, ipm, label_flip, large, mimic, "
+                                        "minmax, minsum, nan, opt_alie, opt_ipm, sign_flip, zero"),
     (lambda: attacks.build(None), "unknown attack None"),
     (lambda: attacks.params("foo"), "valid choices: alie"),
     (lambda: attacks.build("gaussian", sgima=1.0),
@@ -340,7 +341,8 @@ def test_attacks_do_not_modify_their_inputs():
     batch = one(1, 2)
     for name in attacks.names():
         shard = Shard(*[one(3, 4)] * 6)
-        ctx = ctx_for(shard, g, batch=batch, n=10, f=3)
+        # the optimised attacks run the rule (here the mean) on 7 stand-ins and 3 copies
+        ctx = ctx_for(shard, g, batch=batch, n=10, f=3, aggregate=lambda rows: rows.mean(0))
         out = attacks.build(name)(ctx)
         assert out.shape == (2,) and out.dtype == torch.float32, name
         assert torch.equal(g, vec(1, 2)) and torch.equal(batch[0], vec(1, 2).reshape(1, 2))

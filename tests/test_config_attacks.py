@@ -69,7 +69,7 @@ def test_an_honest_entry_may_carry_an_attack_for_the_override(base_config):
 
 @pytest.mark.parametrize("mutate, expected", [
     (lambda w: w.update(attack="nope"),
-     "workers.3.attack: unknown attack 'nope'; valid choices: alie, gaussian"),
+     "workers.3.attack: unknown attack 'nope'; valid choices: alie, fang, gaussian"),
     (lambda w: w.update(attack="gaussian", attack_params={"sgima": 1.0}),
      "workers.3.attack: attack 'gaussian': unknown parameter(s) sgima; expected mu, sigma, "
      "collude_seed"),

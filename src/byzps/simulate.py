@@ -24,12 +24,14 @@ bit-identical for every ``threads``. The workers do not hash their replicas at e
 (``WorkerRounds.verify_digest`` off); instead, at every evaluated round, the simulation checks
 that every worker's replica digest equals the PS's and fails if one differs.
 
-Omniscient attacks (``attack_params: {omniscient: true}`` for ALIE and IPM) exist only here:
-when a config has one, each ROUND goes first to the other workers, and the vectors the honest
-workers sent are stacked ``(h, d)`` into :attr:`byzps.worker.Worker.omniscient_view` of the
-omniscient Byzantine workers before they answer (with threads: the others' replies are all
-computed first, then the omniscient workers'). The aggregate does not depend on the order in
-which gradients arrive (rows are stacked by worker id).
+Omniscient attacks (``attack_params: {omniscient: true}``) exist only here: when a config has
+one, each ROUND goes first to the other workers, and the vectors the honest workers sent are
+stacked ``(h, d)`` into :attr:`byzps.worker.Worker.omniscient_view` of the omniscient Byzantine
+workers before they answer (with threads: the others' replies are all computed first, then the
+omniscient workers'), with the PS pipeline's state of the round in
+:attr:`byzps.worker.Worker.pipeline_state` (for attacks that run the rule themselves). The
+aggregate does not depend on the order in which gradients arrive (rows are stacked by worker
+id).
 
     result = simulate(cfg, data_root="./data", rounds=20, metrics_file="m.jsonl")
     result.digest, result.test_accuracy
@@ -215,8 +217,10 @@ class Simulation:
                                      action.message, queue)
                     last = [w for w in live if w in self._omniscient]
                     view = self._honest_view() if last else None   # every honest row is in
+                    state = self.robust.state_dict() if last else None
                     for wid in last:
                         self.workers[wid].omniscient_view = view
+                        self.workers[wid].pipeline_state = state
                     self._to_workers(last, action.message, queue)
                 else:
                     self._to_workers(live, action.message, queue)

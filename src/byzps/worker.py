@@ -29,6 +29,7 @@ from byzps.attacks.base import round_generator
 from byzps.config import Config
 from byzps.data import Mnist, config_shards, load_mnist, to_tensors
 from byzps.protocol import WorkerRounds
+from byzps.robust import RobustPipeline, build_robust
 from byzps.training import Replica
 from byzps.transport import FrameStream, PeerClosed, client_ssl_context, set_keepalive
 from byzps.wire import Auth, Challenge, FrameError, Hello, Limits, MsgType, Refuse
@@ -155,6 +156,9 @@ class Worker:
         omniscient_view: ``(h, d)`` float32 honest vectors of the current round, set by the
             simulator before a Byzantine worker with an omniscient attack answers; always None
             over TCP.
+        pipeline_state: the PS pipeline's ``state_dict()`` at the start of the current round,
+            set by the simulator next to ``omniscient_view``; None (always over TCP) means the
+            pipeline's initial state. :meth:`evaluate_pipeline` runs the rule from it.
 
     Raises:
         KeyError: unknown worker id.
@@ -178,6 +182,9 @@ class Worker:
         self.momentum = WorkerMomentum(t.worker_momentum)
         self.attack: Optional[attacks.Attack] = None
         self.omniscient_view: Optional[torch.Tensor] = None
+        self.pipeline_state: Optional[dict] = None
+        self._pipeline: Optional[RobustPipeline] = None
+        self._pipeline_initial: Optional[dict] = None
         if self.type == "byzantine":
             self.attack = wcfg.build_attack()
             log.info("worker %d is Byzantine: attack %s %s", worker_id, *wcfg.attack_spec())
@@ -219,6 +226,23 @@ class Worker:
         idx = torch.randperm(len(y), generator=gen)[:self.sampler.batch_size]
         return x[idx], y[idx]
 
+    def evaluate_pipeline(self, rows: torch.Tensor) -> torch.Tensor:
+        """The config's robust pipeline on ``rows`` ``(m, d)`` -> ``(d,)``, as the PS would run
+        it this round, without changing any state: every call starts from
+        :attr:`pipeline_state` (or the initial state). What attacks get as
+        :attr:`byzps.attacks.AttackContext.aggregate`.
+
+        Raises:
+            ValueError: the pipeline cannot run on m rows (its precondition).
+        """
+        if self._pipeline is None:
+            self._pipeline = build_robust(self.cfg)
+            self._pipeline_initial = self._pipeline.state_dict()
+        state = self.pipeline_state if self.pipeline_state is not None \
+            else self._pipeline_initial
+        self._pipeline.load_state_dict(state)
+        return self._pipeline(rows)
+
     def context(self, round_: int, honest: torch.Tensor,
                 batch: tuple[torch.Tensor, torch.Tensor]) -> attacks.AttackContext:
         """The :class:`byzps.attacks.AttackContext` of this worker for ``round_``.
@@ -232,7 +256,7 @@ class Worker:
             round_, honest, batch=batch, gradient=self._gradient,
             sample_batch=self.sample_batch, n=self.cfg.n, f=self.cfg.f, seed=self.seed,
             worker_momentum=self.cfg.training.worker_momentum,
-            honest_gradients=self.omniscient_view)
+            honest_gradients=self.omniscient_view, aggregate=self.evaluate_pipeline)
 
     def _compute(self, round_: int) -> tuple[torch.Tensor, float]:
         """``round -> ((d,) float32 vector to send, honest minibatch loss)``.

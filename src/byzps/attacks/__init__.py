@@ -14,8 +14,9 @@ Public API::
     atk.needs                  # frozenset of AttackContext fields the attack reads
 
 Attacks: ``sign_flip``, ``gaussian``, ``alie``, ``ipm``, ``label_flip``, ``mimic``, ``inf``,
-``nan``, ``zero``, ``large`` (one module each, the three constant faults share ``constant``;
-each with definition, parameters and source).
+``nan``, ``zero``, ``large``, ``minmax``, ``minsum``, ``fang``, ``opt_alie``, ``opt_ipm``
+(one module each, the three constant faults share ``constant``; each with definition,
+parameters and source).
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ from byzps.attacks.label_flip import LabelFlip
 from byzps.attacks.large import Large
 from byzps.attacks.mimic import Mimic
 from byzps.attacks.constant import Inf, Nan, Zero
+from byzps.attacks.fang import Fang
+from byzps.attacks.minmax import MinMax
+from byzps.attacks.minsum import MinSum
+from byzps.attacks.opt_alie import OptAlie
+from byzps.attacks.opt_ipm import OptIpm
 from byzps.attacks.sign_flip import SignFlip
 
 _REGISTRY: dict[str, type[Attack]] = {
-    cls.name: cls
-    for cls in (SignFlip, Gaussian, Alie, Ipm, LabelFlip, Mimic, Inf, Nan, Zero, Large)
+    cls.name: cls for cls in (SignFlip, Gaussian, Alie, Ipm, LabelFlip, Mimic, Inf, Nan, Zero,
+                              Large, MinMax, MinSum, Fang, OptAlie, OptIpm)
 }
 
 

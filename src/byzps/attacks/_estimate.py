@@ -18,6 +18,11 @@ k = ``estimate_batches`` minibatches of its own shard at the current model:
 The omniscient variants (``omniscient: true``, simulation only) skip the estimate:
 :func:`true_rows` returns the honest workers' own vectors of the round (momenta when worker
 momentum is on), and mu / sigma are their plain mean and Bessel-corrected standard deviation.
+
+Attacks that need the honest vectors themselves, not just mu and sigma (Min-Max, Min-Sum, Fang,
+the optimised ALIE/IPM), get them from :func:`honest_rows`: the true rows when omniscient, else
+k stand-in rows from the worker's own shard (:func:`standin_rows`) with the estimated centre and
+spread.
 """
 
 from __future__ import annotations
@@ -97,3 +102,40 @@ def true_rows(ctx: AttackContext, min_rows: int) -> torch.Tensor:
         raise ValueError(f"an omniscient attack needs at least {min_rows} honest vectors "
                          f"(h, d) in round {ctx.round}, got {got}")
     return rows.to(torch.float32)
+
+
+def standin_rows(ctx: AttackContext, grads: torch.Tensor) -> torch.Tensor:
+    """``(k, d)`` float32 stand-ins for the honest vectors, built from ``grads`` ``(k, d)`` raw
+    gradients of the worker's own shard: ``centre + s (g_i - mean_i g_i)`` with the centre of
+    :func:`centre` and s = sqrt((1 - beta) / (1 + beta)) (1 without worker momentum, when the
+    rows are the gradients themselves). Their mean is :func:`centre` and their coordinate-wise
+    standard deviation is :func:`spread`."""
+    beta = ctx.worker_momentum
+    if beta == 0:
+        return grads
+    dev = grads - grads.mean(dim=0)
+    return centre(ctx, grads) + dev * math.sqrt((1 - beta) / (1 + beta))
+
+
+def honest_rows(ctx: AttackContext, omniscient: bool, k: int, seed: Optional[int], salt: str,
+                min_rows: int = 1) -> torch.Tensor:
+    """The honest vectors an attack works on: ``(h, d)`` float32.
+
+    Args:
+        ctx: the attack context (``honest_gradients`` when omniscient, else what
+            :func:`raw_gradients` needs).
+        omniscient: the true rows of the round (:func:`true_rows`) instead of stand-ins.
+        k: number of stand-in rows (minibatches of the own shard) when not omniscient.
+        seed: collusion seed for the stand-ins' sampling, or None for the worker's own.
+        salt: the attack name.
+        min_rows: the fewest rows the attack needs.
+
+    Raises:
+        ValueError: too few rows, or a needed context field is None.
+    """
+    if omniscient:
+        return true_rows(ctx, min_rows)
+    if k < min_rows:
+        raise ValueError(f"{salt}: needs at least {min_rows} stand-in honest vectors, got "
+                         f"estimate_batches = {k}")
+    return standin_rows(ctx, raw_gradients(ctx, k, seed, salt))

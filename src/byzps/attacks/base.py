@@ -16,12 +16,18 @@ within their own shards (which hold different examples, so their estimates still
 Deterministic choices coincide whenever the config parameters coincide: ALIE's z (from n and
 f), IPM's epsilon, mimic's target class (given, or derived from the shared ``collude_seed``).
 
-Omniscient variants (simulation only). ALIE and IPM take ``omniscient: true``: they then use
-the true statistics of the vectors the honest workers send in the same round
-(:attr:`AttackContext.honest_gradients`), as the papers and ByzFL define them. Only
+Omniscient variants (simulation only). ALIE, IPM, Min-Max, Min-Sum, Fang and the optimised
+ALIE/IPM take ``omniscient: true``: they then use the vectors the honest workers send in the
+same round (:attr:`AttackContext.honest_gradients`), as the papers and ByzFL define them. Only
 ``byzps simulate`` / ``byzps grid`` can provide that field (the simulator hands the honest
 workers' vectors of the round to the Byzantine workers before they answer); a worker process
 over TCP refuses to start with an omniscient attack.
+
+Knowledge of the rule. The config is public, so every Byzantine worker can run the configured
+robust pipeline itself (:attr:`AttackContext.aggregate`): the optimised ALIE/IPM search their
+scale against it. Over TCP it starts from the pipeline's initial state each time (a worker does
+not see the PS's rule state); in simulation an omniscient attacker gets the PS's state of the
+round (e.g. centered clipping's centre, the bucketing call counter).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import torch
 
 #: Names an attack may list in ``needs``: the :class:`AttackContext` fields it reads.
 CONTEXT_FIELDS = frozenset({"honest_gradient", "batch", "gradient", "sample_batch", "n", "f",
-                            "honest_gradients"})
+                            "honest_gradients", "aggregate"})
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -67,6 +73,11 @@ class AttackContext:
         worker_momentum: beta of ``training.worker_momentum`` in [0, 1) (0 = off).
         honest_gradients: ``(h, d)`` float32, the vectors the h honest workers send in this
             round (omniscient attacks only; set by the simulator, never over TCP).
+        aggregate: callable ``(m, d) float32 -> (d,) float32``, the config's robust pipeline
+            (pre-aggregators, then the aggregator) as the PS would run it on m rows this round,
+            without changing any state: from the PS's state of the round for omniscient
+            attackers in simulation, from the pipeline's initial state otherwise. Raises
+            ValueError when the pipeline cannot run on m rows.
     """
 
     round: int
@@ -79,6 +90,7 @@ class AttackContext:
     seed: int = 0
     worker_momentum: float = 0.0
     honest_gradients: Optional[torch.Tensor] = None
+    aggregate: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     @property
     def d(self) -> int:
