@@ -112,6 +112,10 @@ def test_list_shows_real_defaults_and_says_where_f_comes_from():
     assert rows["alie"].startswith("z=<derived from n and f>, estimate_batches=5, "
                                    "collude_seed=<own seed>")
     assert rows["sign_flip"] == "scale=-1.0"
+    assert rows["dnc"] == "niters=5, b=10000, c=1.0, seed=0"
+    for name in ("caf", "smea", "monna", "cge", "minmax", "minsum", "fang"):
+        assert name in rows, name
+    assert "estimate_batches=<n - f>" in rows["opt_alie"] and "evals=20" in rows["opt_ipm"]
     assert "=None" not in text                     # every None default says what it means
 
 

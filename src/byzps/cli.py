@@ -389,6 +389,7 @@ _DERIVED_DEFAULTS = {
     ("alie", "z"): "derived from n and f",
     ("mimic", "target_class"): "collude_seed, else own seed, mod num_classes",
     (None, "collude_seed"): "own seed",
+    (None, "estimate_batches"): "n - f",
 }
 
 
