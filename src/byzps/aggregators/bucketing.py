@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
 
 import torch
 
 from ._base import Breakdown, F_PARAM, Param, PreAggregator, _as_count
+from ._calls import CallCounter, call_generator
 from ._common import NonFiniteInput, as_matrix, chunk_columns, empty_output, nonfinite_rows
 
-_MASK64 = (1 << 64) - 1
 
-
-def _mix_seed(seed: int, call: int) -> int:
-    """SplitMix64 of (seed, call): a well-spread 64-bit seed for call number ``call``."""
-    z = (seed * 0x9E3779B97F4A7C15 + call * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-class Bucketing(PreAggregator):
+class Bucketing(CallCounter, PreAggregator):
     """``bucketing``: shuffle the rows, split them into buckets of s, output the bucket means.
 
     Definition: for call number t (0, 1, 2, ... counted by the object), draw a permutation
@@ -66,32 +56,12 @@ class Bucketing(PreAggregator):
     seed: int
     calls: int
 
-    def _post_init(self) -> None:
-        self.calls = 0
-
     def output_rows(self, n: int) -> int:
         return math.ceil(_as_count(n, self.name) / self.s)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if set(state) != {"calls"}:
-            raise ValueError(
-                f"{self.name}: state must have exactly the key 'calls', got {sorted(state)}"
-            )
-        calls = state["calls"]
-        if isinstance(calls, torch.Tensor) and calls.numel() == 1:
-            calls = calls.item()
-        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
-            raise ValueError(f"{self.name}: state 'calls' must be an integer >= 0, got {calls!r}")
-        self.calls = calls
-
     def permutation(self, call: int, n: int) -> torch.Tensor:
         """The permutation (CPU, int64) used at call number ``call`` for n rows."""
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(_mix_seed(self.seed, call))
-        return torch.randperm(n, generator=gen)
+        return torch.randperm(n, generator=call_generator(self.seed, call))
 
     def __call__(self, grads: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -63,7 +63,7 @@ class CGE(Aggregator):
 
     def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
         keep = self.kept(x, f)
-        out = mean_rows(x, keep if keep.numel() < x.shape[0] else None)
+        out = mean_rows(x, keep)
         if self.reduce == "sum":
             out = (out.to(torch.float64) * keep.numel()).to(x.dtype)
         return out

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
 
 import torch
 
 from ._base import Aggregator, F_PARAM, Param
+from ._calls import CallCounter, call_generator
 from ._common import mean_rows, pairwise_sq_dists
 from ._spectral import centred_gram, top_eigen
-from .bucketing import _mix_seed
 
 
-class DnC(Aggregator):
+class DnC(CallCounter, Aggregator):
     """``dnc``: drop the rows that stick out most along the top singular direction of random
     coordinate subsamples; average the rest.
 
@@ -71,9 +70,6 @@ class DnC(Aggregator):
     seed: int
     calls: int
 
-    def _post_init(self) -> None:
-        self.calls = 0
-
     def removed(self, f: int) -> int:
         """Rows removed per subsample: ceil(c f)."""
         return math.ceil(self.c * f)
@@ -89,28 +85,12 @@ class DnC(Aggregator):
             return "Divide-and-Conquer assumes fewer than half Byzantine gradients"
         return None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if set(state) != {"calls"}:
-            raise ValueError(
-                f"{self.name}: state must have exactly the key 'calls', got {sorted(state)}"
-            )
-        calls = state["calls"]
-        if isinstance(calls, torch.Tensor) and calls.numel() == 1:
-            calls = calls.item()
-        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
-            raise ValueError(f"{self.name}: state 'calls' must be an integer >= 0, got {calls!r}")
-        self.calls = calls
-
     def coordinates(self, call: int, d: int) -> list[torch.Tensor | None]:
         """The coordinate sets (CPU int64, ascending) of the niters subsamples of call number
         ``call`` for d coordinates; None stands for all d (when b >= d)."""
         if self.b >= d:
             return [None] * self.niters
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(_mix_seed(self.seed, call))
+        gen = call_generator(self.seed, call)
         return [torch.sort(torch.randperm(d, generator=gen)[: self.b]).values
                 for _ in range(self.niters)]
 
@@ -132,6 +112,6 @@ class DnC(Aggregator):
 
     def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
         good = self.good_rows(x, f, self.calls)
-        out = mean_rows(x, good if good.numel() < x.shape[0] else None)
+        out = mean_rows(x, good)
         self.calls += 1
         return out

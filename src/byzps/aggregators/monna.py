@@ -67,4 +67,4 @@ class MoNNA(Aggregator):
 
     def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
         near = self.neighbours(x, f)
-        return mean_rows(x, near if near.numel() < x.shape[0] else None)
+        return mean_rows(x, near)

@@ -100,4 +100,4 @@ class SMEA(Aggregator):
 
     def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
         chosen = self.best_subset(x, f)
-        return mean_rows(x, chosen if chosen.numel() < x.shape[0] else None)
+        return mean_rows(x, chosen)
