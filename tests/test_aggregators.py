@@ -569,10 +569,14 @@ def test_warnings_of_other_rules():
     assert A.build("mean").warning(5) is None
     assert "not robust" in A.build("mean", f=1).warning(5)
     for name in ("coordinate_wise_median", "geometric_median", "centered_clipping", "meamed",
-                 "mda", "dnc", "smea", "monna", "cge"):
+                 "mda", "smea", "cge"):
         assert A.build(name, f=2).warning(4) is not None, name
         assert A.build(name, f=2).warning(5) is None, name
     assert A.build("bulyan", f=1).warning(7) is None
+    # no worst-case guarantee at all (dnc) / one the PS cannot check (monna's honest pivot)
+    assert "no worst-case guarantee" in A.build("dnc", f=1).warning(9)
+    assert "pivot row (position 0)" in A.build("monna", f=1).warning(9)
+    assert A.build("dnc").warning(3) is None and A.build("monna").warning(3) is None
     assert A.build("trimmed_mean", f=1).warning(3) is None
 
 

@@ -242,3 +242,21 @@ def test_tcp_attackers_estimate_from_their_shards_bit_identical_to_simulation(tm
     assert "attack fang" in (tmp_path / "run" / "worker-3.log").read_text()
     result = simulate(parse_config(base_config), "./data")
     assert result.digest == final_digest(tmp_path / "run")
+
+
+def test_omniscient_search_runs_once_per_round_for_all_attackers():
+    calls = []
+
+    def mean(rows):
+        calls.append(1)
+        return rows.mean(dim=0)
+
+    honest = rows([1.0], [2.0], [3.0])
+    atk1, atk2 = (attacks.build("opt_ipm", omniscient=True, evals=4) for _ in range(2))
+    out1 = atk1(omni(honest, n=5, f=2, aggregate=mean))
+    out2 = atk2(omni(honest, n=5, f=2, aggregate=mean))
+    assert torch.equal(out1, out2) and len(calls) == 4
+    # another round, or another tensor of the same values, searches again
+    atk2(AttackContext(1, honest[0], honest_gradients=honest, n=5, f=2, aggregate=mean))
+    atk2(omni(honest.clone(), n=5, f=2, aggregate=mean))
+    assert len(calls) == 12

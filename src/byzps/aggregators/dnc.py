@@ -38,8 +38,10 @@ class DnC(CallCounter, Aggregator):
     default 10000: coordinates per subsample), ``c`` (float > 0, default 1.0: filtering
     fraction, ceil(c f) rows removed per iteration), ``seed`` (int, default 0).
 
-    Precondition: n > ceil(c f) (each iteration keeps at least one row), else ValueError; the
-    paper assumes a minority of Byzantine rows: ``warning(n)`` reports n <= 2f.
+    Precondition: n > ceil(c f) (each iteration keeps at least one row), else ValueError. The
+    rule has no worst-case guarantee (the paper evaluates it empirically; a far Byzantine row
+    whose projection on the top direction is small survives), so ``warning(n)`` says so
+    whenever f > 0.
 
     Complexity: per iteration O(n b) to gather the subsample plus O(n^2 b + n^3) for its
     distances and eigendecomposition; O(n b) extra memory (the subsample), then one O(n d)
@@ -83,6 +85,10 @@ class DnC(CallCounter, Aggregator):
     def _guarantee(self, n: int, f: int) -> str | None:
         if n <= 2 * f:
             return "Divide-and-Conquer assumes fewer than half Byzantine gradients"
+        if f > 0:
+            return ("Divide-and-Conquer has no worst-case guarantee (the paper evaluates it "
+                    "empirically): a Byzantine gradient with a small projection on the top "
+                    "singular direction of a subsample survives the filter however far it is")
         return None
 
     def coordinates(self, call: int, d: int) -> list[torch.Tensor | None]:

@@ -23,8 +23,8 @@ class MoNNA(Aggregator):
 
     Parameters: ``f`` (int >= 0, default 0), ``pivot`` (int >= 0, default 0).
 
-    Precondition: n > f and pivot < n, else ValueError; the paper's analysis assumes n > 2f,
-    otherwise ``warning(n)`` says so.
+    Precondition: n > f and pivot < n, else ValueError. The paper's analysis assumes n > 2f and
+    an honest pivot, which the PS cannot check, so ``warning(n)`` says so whenever f > 0.
 
     Complexity: O(n d) time (distances to one row, then one averaging pass), one float64 chunk
     of extra memory.
@@ -56,6 +56,9 @@ class MoNNA(Aggregator):
     def _guarantee(self, n: int, f: int) -> str | None:
         if n <= 2 * f:
             return "MoNNA's analysis assumes n > 2f"
+        if f > 0:
+            return (f"MoNNA's guarantee needs its pivot row (position {self.pivot}) to be "
+                    f"honest, which the PS cannot check")
         return None
 
     def neighbours(self, x: torch.Tensor, f: int) -> torch.Tensor:

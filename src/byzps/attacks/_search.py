@@ -96,9 +96,20 @@ def deviation(aggregate: Callable[[torch.Tensor], torch.Tensor], honest: torch.T
     return float(torch.linalg.vector_norm(out - honest.to(torch.float64).mean(dim=0)))
 
 
+#: the last omniscient search: (key, the honest tensor it ran on, tau); see LineSearchAttack
+_LAST_SEARCH: list = []
+
+
 class LineSearchAttack(HonestVectorsAttack):
     """Base of the optimised attacks: every Byzantine worker sends ``vector(honest, tau)`` with
     tau from :func:`line_maximize` of :func:`deviation` against ``ctx.aggregate``.
+
+    Omniscient attackers of one simulated round all see the same honest tensor object and the
+    same rule state, so they would all run the same search (``evals`` runs of the pipeline
+    each); the first one's tau is kept and reused by the others: a one-entry cache keyed by
+    the attack's class and parameters, the round, n and f, and the identity of
+    ``ctx.honest_gradients`` (a reference to that tensor is held, so its identity cannot be
+    reused while cached).
 
     Args:
         evals, start, delta, ratio: the search (defaults: ByzFL's 20, 0.0, 10.0, 0.8).
@@ -131,4 +142,12 @@ class LineSearchAttack(HonestVectorsAttack):
     def __call__(self, ctx: AttackContext) -> torch.Tensor:
         """``(d,)`` float32: ``vector(honest, tau)`` with the searched tau."""
         honest = self.honest(ctx)
-        return self.vector(honest, self.factor(ctx, honest))
+        if not self.is_omniscient:
+            return self.vector(honest, self.factor(ctx, honest))
+        key = (type(self), self.evals, self.start, self.delta, self.ratio, ctx.round, ctx.n,
+               ctx.f)
+        if _LAST_SEARCH and _LAST_SEARCH[0] == key and _LAST_SEARCH[1] is ctx.honest_gradients:
+            return self.vector(honest, _LAST_SEARCH[2])
+        tau = self.factor(ctx, honest)
+        _LAST_SEARCH[:] = [key, ctx.honest_gradients, tau]
+        return self.vector(honest, tau)
