@@ -256,9 +256,9 @@ def test_up_to_f_byzantine_rows(name, dtype, data):
     if name in ("coordinate_wise_median", "trimmed_mean"):
         assert inside, (name, x, out)
     # far-away Byzantine rows (NaN, Inf, +-1e30, float max) are never selected by the
-    # Krum family, Bulyan, MDA or the filters (dnc, caf, smea, cge), so their output is an
-    # average of honest values
-    if name in ("krum", "multi_krum", "bulyan", "mda", "dnc", "caf", "smea",
+    # Krum family, Bulyan, MDA or the filters caf, smea, cge, so their output is an average of
+    # honest values (dnc has no such guarantee: test_filter_rules shows a far row it keeps)
+    if name in ("krum", "multi_krum", "bulyan", "mda", "caf", "smea",
                 "cge") and "any" not in kinds:
         eps = 1e-5 * (hi - lo).abs().max().item() if dtype == torch.float32 else 1e-12
         assert bool(((out >= lo - eps) & (out <= hi + eps)).all()), (name, x, out)

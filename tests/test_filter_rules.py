@@ -194,6 +194,15 @@ def test_dnc_hand():
     assert A.build("dnc", f=1, c=2.0)(x).tolist() == [2.0]
 
 
+def test_dnc_keeps_a_far_row_with_a_small_projection():
+    # why dnc warns that it has no worst-case guarantee: the mean (about 6.8e37) sits between
+    # the Byzantine rows 1e30 and 3.4e38, so the row 1e30 is nearer to it than the honest rows
+    # are; the two largest scores are 3.4e38 and the honest -5.4, and 1e30 is averaged
+    x = col([1e30, 3.4e38, 6.4, 1.0, -5.4])
+    out = A.build("dnc", f=2)(x)
+    assert out.item() == pytest.approx((1e30 + 6.4 + 1.0) / 3, rel=1e-12)
+
+
 def test_dnc_subsamples_hand():
     # the outlier row 4 is far in every coordinate, so every subsample removes it
     x = t([[0.0, 1.0, 0.0, 2.0], [1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 2.0, 1.0],
@@ -281,3 +290,14 @@ def test_rules_refuse_bad_parameters():
         A.build("monna", pivot=-1)
     with pytest.raises(ValueError, match="n=4 rows and f=2"):
         A.build("caf", f=2).check(4)
+
+
+@pytest.mark.parametrize("name", ["dnc", "caf", "smea"])
+def test_float64_rows_whose_squares_overflow(name):
+    # a Byzantine float64 row near the float64 maximum: distances overflow, the rules compare
+    # the distances of the rows scaled down by a power of two instead
+    honest = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    x = torch.cat([honest, torch.tensor([[1.7e308, -1.7e308]], dtype=torch.float64)])
+    out = A.build(name, f=1)(x)
+    assert torch.isfinite(out).all()
+    assert bool((out >= 0).all() and (out <= 1).all()), out

@@ -21,9 +21,27 @@ from __future__ import annotations
 
 import torch
 
-from ._common import chunks64
+from ._common import chunks64, pairwise_sq_dists
 
-__all__ = ["centred_gram", "top_eigen", "weighted_mean"]
+__all__ = ["centred_gram", "sq_dists", "top_eigen", "weighted_mean"]
+
+#: squared distances are capped here (see ``sq_dists``): about 3e150
+SQ_DIST_CAP = 2.0 ** 500
+
+
+def sq_dists(x: torch.Tensor) -> torch.Tensor:
+    """Squared distances (n, n) float64 between the finite rows of ``x`` (n, d), capped at
+    ``SQ_DIST_CAP`` = 2^500.
+
+    ``_common.pairwise_sq_dists`` (translation invariant, accurate among the bulk of the rows),
+    with every entry above 2^500 lowered to 2^500. A row that far from another (only float64
+    rows beyond about 1e75 get there; float32 rows stay below 1e78) is treated as "very far":
+    the rules still see it as the outlier it is, while the Gram matrices and eigensolvers
+    (which square their entries internally) stay finite. Entries between rows of a common
+    scale are exact, so once a filter has given the far rows weight 0 the rest is computed at
+    the scale of the remaining rows.
+    """
+    return pairwise_sq_dists(x).clamp_(max=SQ_DIST_CAP)
 
 
 def centred_gram(dist: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,7 @@ import math
 import torch
 
 from ._base import Aggregator
-from ._common import pairwise_sq_dists
-from ._spectral import centred_gram, top_eigen, weighted_mean
+from ._spectral import centred_gram, sq_dists, top_eigen, weighted_mean
 
 
 class CAF(Aggregator):
@@ -62,7 +61,7 @@ class CAF(Aggregator):
         c = torch.ones(n, dtype=torch.float64)
         if f == 0:
             return c
-        dist = pairwise_sq_dists(x).cpu()
+        dist = sq_dists(x).cpu()
         best_value, best = math.inf, c.clone()
         while float(c.sum()) > n - 2 * f:
             total = float(c.sum())

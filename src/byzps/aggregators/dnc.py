@@ -8,8 +8,8 @@ import torch
 
 from ._base import Aggregator, F_PARAM, Param
 from ._calls import CallCounter, call_generator
-from ._common import mean_rows, pairwise_sq_dists
-from ._spectral import centred_gram, top_eigen
+from ._common import mean_rows
+from ._spectral import centred_gram, sq_dists, top_eigen
 
 
 class DnC(CallCounter, Aggregator):
@@ -110,7 +110,7 @@ class DnC(CallCounter, Aggregator):
         uniform = torch.full((n,), 1.0 / n, dtype=torch.float64)
         for cols in self.coordinates(call, d):
             sub = x if cols is None else x[:, cols.to(x.device)]
-            value, u = top_eigen(centred_gram(pairwise_sq_dists(sub).cpu(), uniform))
+            value, u = top_eigen(centred_gram(sq_dists(sub).cpu(), uniform))
             scores = value * u.square()
             kept[torch.sort(scores, stable=True).indices[:keep]] += 1
         best = int(kept.max())   # == niters unless the intersection is empty

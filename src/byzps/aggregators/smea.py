@@ -8,7 +8,8 @@ import math
 import torch
 
 from ._base import Aggregator, F_PARAM, Param
-from ._common import mean_rows, pairwise_sq_dists
+from ._common import mean_rows
+from ._spectral import sq_dists
 
 #: float64 entries of the batched (subsets, m, m) matrices handled at once (32 MiB)
 _BATCH_ENTRIES = 1 << 22
@@ -77,7 +78,7 @@ class SMEA(Aggregator):
         m = n - f
         if f == 0:
             return torch.arange(n, device=x.device)
-        dist = pairwise_sq_dists(x).cpu()
+        dist = sq_dists(x).cpu()
         centre = torch.eye(m, dtype=torch.float64) - 1.0 / m
         per_batch = max(1, _BATCH_ENTRIES // (m * m))
         combos = itertools.combinations(range(n), f)
