@@ -20,6 +20,7 @@ direction of delta's sign from ``start``.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -98,6 +99,7 @@ def deviation(aggregate: Callable[[torch.Tensor], torch.Tensor], honest: torch.T
 
 #: the last omniscient search: (key, the honest tensor it ran on, tau); see LineSearchAttack
 _LAST_SEARCH: list = []
+_SEARCH_LOCK = threading.Lock()
 
 
 class LineSearchAttack(HonestVectorsAttack):
@@ -109,7 +111,8 @@ class LineSearchAttack(HonestVectorsAttack):
     each); the first one's tau is kept and reused by the others: a one-entry cache keyed by
     the attack's class and parameters, the round, n and f, and the identity of
     ``ctx.honest_gradients`` (a reference to that tensor is held, so its identity cannot be
-    reused while cached).
+    reused while cached). The cache is guarded by a lock: attackers answering on several
+    threads wait for the first one's search instead of racing it.
 
     Args:
         evals, start, delta, ratio: the search (defaults: ByzFL's 20, 0.0, 10.0, 0.8).
@@ -146,8 +149,9 @@ class LineSearchAttack(HonestVectorsAttack):
             return self.vector(honest, self.factor(ctx, honest))
         key = (type(self), self.evals, self.start, self.delta, self.ratio, ctx.round, ctx.n,
                ctx.f)
-        if _LAST_SEARCH and _LAST_SEARCH[0] == key and _LAST_SEARCH[1] is ctx.honest_gradients:
-            return self.vector(honest, _LAST_SEARCH[2])
-        tau = self.factor(ctx, honest)
-        _LAST_SEARCH[:] = [key, ctx.honest_gradients, tau]
+        with _SEARCH_LOCK:
+            if not (_LAST_SEARCH and _LAST_SEARCH[0] == key
+                    and _LAST_SEARCH[1] is ctx.honest_gradients):
+                _LAST_SEARCH[:] = [key, ctx.honest_gradients, self.factor(ctx, honest)]
+            tau = _LAST_SEARCH[2]
         return self.vector(honest, tau)
