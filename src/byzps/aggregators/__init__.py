@@ -16,7 +16,8 @@ Every rule is a small object with attributes ``name`` and ``f`` (and its other p
 ``check(n)``, ``warning(n)``, ``state_dict()`` / ``load_state_dict()`` (empty for stateless
 rules; centered clipping carries its centre, bucketing and dnc their call counters).
 Conventions common to all rules (NaN/Inf rows are dropped and f lowered by their count; results
-are finite; memory is bounded by chunking) are described in ``byzps.aggregators._base`` and ``._common``.
+are finite; memory is bounded by chunking) are described in ``byzps.aggregators._base`` and
+``._common``.
 
 This package imports nothing else from byzps.
 """

@@ -16,7 +16,7 @@ class DnC(CallCounter, Aggregator):
     """``dnc``: drop the rows that stick out most along the top singular direction of random
     coordinate subsamples; average the rest.
 
-    Definition (the paper's Algorithm 2): for iteration i = 1..niters, draw a random set r_i
+    Definition (the paper's DnC algorithm): for iteration i = 1..niters, draw a random set r_i
     of b coordinates (all d when b >= d); with ``z_j = x_j[r_i] - mean_k x_k[r_i]`` and v the
     top right singular vector of the centred (n, b) matrix Z, score each row by
     ``s_j = (z_j . v)^2`` and keep the n - ceil(c f) rows with the lowest scores (ties by

@@ -2,7 +2,7 @@
 direction, just beyond the honest extremes.
 
 Definition (Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to Byzantine-Robust
-Federated Learning", USENIX Security 2020, Section 4.2, written for gradients): with
+Federated Learning", USENIX Security 2020, the trimmed-mean attack, written for gradients): with
 g_1..g_h the honest vectors of the round, ``s_j = sign(mean_i g_ij)`` the direction in which
 coordinate j of the model would move (it moves by minus the gradient), and
 ``g_max,j`` / ``g_min,j`` the largest / smallest honest value of coordinate j, each Byzantine

@@ -2,7 +2,7 @@
 largest distance allows.
 
 Definition (Shejwalkar and Houmansadr, "Manipulating the Byzantine: Optimizing Model Poisoning
-Attacks and Defenses for Federated Learning", NDSS 2021, Algorithm 1 and Eq. (6)): with
+Attacks and Defenses for Federated Learning", NDSS 2021, the AGR-agnostic Min-Max attack): with
 g_1..g_h the honest vectors and mu their mean, every Byzantine worker sends
 ``m(gamma) = mu + gamma * p`` for the perturbation p (parameter ``perturbation``):
 

@@ -2,9 +2,9 @@
 largest sum of squared distances allows.
 
 Definition (Shejwalkar and Houmansadr, "Manipulating the Byzantine: Optimizing Model Poisoning
-Attacks and Defenses for Federated Learning", NDSS 2021, Eq. (7)): as Min-Max
-(:mod:`byzps.attacks.minmax`: ``m = mu + gamma * p``, the same perturbations and the same
-halving search for gamma), with the condition
+Attacks and Defenses for Federated Learning", NDSS 2021, the AGR-agnostic Min-Sum attack): as
+Min-Max (:mod:`byzps.attacks.minmax`: ``m = mu + gamma * p``, the same perturbations and the
+same halving search for gamma), with the condition
 ``sum_i ||m - g_i||^2 <= max_i sum_j ||g_i - g_j||^2``.
 
 Parameters, needs, shapes and errors: as ``minmax``.
