@@ -301,3 +301,26 @@ def test_float64_rows_whose_squares_overflow(name):
     out = A.build(name, f=1)(x)
     assert torch.isfinite(out).all()
     assert bool((out >= 0).all() and (out <= 1).all()), out
+
+
+def test_dnc_state_survives_a_checkpoint(tmp_path, base_config):
+    # the PS writes the pipeline's state into its checkpoint (torch.save, read back with
+    # weights_only=True); a resumed dnc continues the coordinate sequence
+    from byzps import checkpoint
+    from byzps.config import parse_config
+    from byzps.robust import build_robust
+
+    base_config["aggregation"] = {"method": "dnc", "f": 1, "params": {"b": 4, "niters": 2}}
+    cfg = parse_config(base_config)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, 10, generator=g) for _ in range(3)]
+    first = build_robust(cfg)
+    first(xs[0])
+    first(xs[1])
+    ckpt = checkpoint.Checkpoint(2, torch.zeros(2, 7), first.state_dict(), torch.get_rng_state(),
+                                 checkpoint.fingerprint(cfg))
+    checkpoint.save(tmp_path, ckpt)
+    resumed = build_robust(cfg)
+    resumed.load_state_dict(checkpoint.load(tmp_path, cfg, 7).aggregator_state)
+    assert resumed.state_dict() == {"pre": [], "aggregator": {"calls": 2}}
+    assert torch.equal(resumed(xs[2]), first(xs[2]))
