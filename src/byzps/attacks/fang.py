@@ -4,7 +4,10 @@ direction, just beyond the honest extremes.
 Definition (Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to Byzantine-Robust
 Federated Learning", USENIX Security 2020, the trimmed-mean attack, written for gradients): with
 g_1..g_h the honest vectors of the round, ``s_j = sign(mean_i g_ij)`` the direction in which
-coordinate j of the model would move (it moves by minus the gradient), and
+coordinate j of the model would move without the attack (it moves by minus the gradient; the
+paper defines s_j through the rule's output without the attack, here it is the sign of the
+honest mean as common implementations take it; the two can differ in a coordinate whose honest
+values are skewed around 0), and
 ``g_max,j`` / ``g_min,j`` the largest / smallest honest value of coordinate j, each Byzantine
 worker draws every coordinate independently and uniformly:
 
