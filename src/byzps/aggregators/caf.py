@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._base import Aggregator
+from ._base import Aggregator, Breakdown
 from ._spectral import centred_gram, sq_dists, top_eigen, weighted_mean
 
 
@@ -49,6 +49,10 @@ class CAF(Aggregator):
     """
 
     name = "caf"
+
+    #: n > 2f: the bound of smea (the filter's mean with the smallest top eigenvalue plays
+    #: the role of S*); checked by tests/test_breakdown.py, not proven here
+    BREAKDOWN = Breakdown("ball", spread=lambda n, f: 2.0 * math.sqrt(f / (n - 2 * f)))
 
     def _requirement(self, n: int, f: int) -> str | None:
         if n <= 2 * f:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Aggregator, F_PARAM, Param
+from ._base import Aggregator, Breakdown, F_PARAM, Param
 from ._common import mean_rows, row_norms
 
 
@@ -44,6 +44,11 @@ class CGE(Aggregator):
     }
 
     reduce: str
+
+    #: n > f: the n - f smallest norms are at most the largest honest norm M (at least n - f
+    #: rows are honest), so the mean of the kept rows has norm <= M; with the origin counted
+    #: as an honest row (M <= Delta, ||c|| <= R): ||out - c|| <= R + Delta (``reduce="mean"``)
+    BREAKDOWN = Breakdown("ball", spread=1.0, origin=True)
 
     def _requirement(self, n: int, f: int) -> str | None:
         if n <= f:

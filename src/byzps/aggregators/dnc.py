@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._base import Aggregator, F_PARAM, Param
+from ._base import Aggregator, Breakdown, F_PARAM, Param
 from ._calls import CallCounter, call_generator
 from ._common import mean_rows
 from ._spectral import centred_gram, sq_dists, top_eigen
@@ -71,6 +71,10 @@ class DnC(CallCounter, Aggregator):
     c: float
     seed: int
     calls: int
+
+    #: within its guarantee only f = 0 (it has no worst-case one, see ``warning``): the mean of
+    #: all rows, inside their bounding box
+    BREAKDOWN = Breakdown("box")
 
     def removed(self, f: int) -> int:
         """Rows removed per subsample: ceil(c f)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Aggregator, F_PARAM, Param
+from ._base import Aggregator, Breakdown, F_PARAM, Param
 from ._common import mean_rows, row_norms
 
 
@@ -45,6 +45,10 @@ class MoNNA(Aggregator):
     }
 
     pivot: int
+
+    #: within the guarantee the PS can rely on only f = 0 (an honest pivot cannot be checked,
+    #: see ``warning``): the mean of all rows, inside their bounding box
+    BREAKDOWN = Breakdown("box")
 
     def _requirement(self, n: int, f: int) -> str | None:
         if n <= f:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ._base import Aggregator, F_PARAM, Param
+from ._base import Aggregator, Breakdown, F_PARAM, Param
 from ._common import mean_rows
 from ._spectral import sq_dists
 
@@ -57,6 +57,12 @@ class SMEA(Aggregator):
     }
 
     limit: int
+
+    #: n > 2f: S* has a top covariance eigenvalue at most that of any n - f honest rows
+    #: (<= Delta^2), and S* shares >= n - 2f rows with the honest rows H; a subset holding a
+    #: fraction 1 - e of a set has its mean within sqrt(lambda e / (1 - e)) of the set's mean,
+    #: with e / (1 - e) <= f / (n - 2f) for both S* and H: ||out - c|| <= 2 Delta sqrt(f/(n-2f))
+    BREAKDOWN = Breakdown("ball", spread=lambda n, f: 2.0 * math.sqrt(f / (n - 2 * f)))
 
     def _requirement(self, n: int, f: int) -> str | None:
         if n <= f:
