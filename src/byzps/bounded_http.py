@@ -88,6 +88,10 @@ class BoundedHttpServer:
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        #: clear while serve_forever runs; server_close waits for it before closing sockets
+        #: that the loop may still be reading
+        self._idle = threading.Event()
+        self._idle.set()
         #: connections reset at accept because the cap was reached, over the server's life
         self.refused = 0
         #: held connections closed to make room for a newer one
@@ -97,6 +101,7 @@ class BoundedHttpServer:
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Serve until :meth:`shutdown` (call from one thread)."""
+        self._idle.clear()
         self._sel.register(self._listener, selectors.EVENT_READ, "accept")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
@@ -119,6 +124,7 @@ class BoundedHttpServer:
             for conn in list(self._conns.values()):
                 self._close(conn)
             self._sel.close()
+            self._idle.set()
 
     def _accept(self) -> None:
         # a connection accepted in this burst is never evicted by a later one of the same
@@ -241,7 +247,10 @@ class BoundedHttpServer:
             pass
 
     def server_close(self) -> None:
-        """Close the listening socket and the wake-up pair (after :meth:`shutdown`)."""
+        """Close the listening socket and the wake-up pair (after :meth:`shutdown`); waits up to
+        5 s for a running :meth:`serve_forever` to return first (closing the wake-up socket
+        under its feet raised EBADF in the serving thread)."""
+        self._idle.wait(5.0)
         self._listener.close()
         self._wake_r.close()
         self._wake_w.close()
