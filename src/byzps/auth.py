@@ -135,11 +135,16 @@ def write_keys(path: Union[str, Path], keys: dict[int, bytes]) -> None:
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    body = yaml.safe_dump({"keys": {int(w): k.hex() for w, k in sorted(keys.items())}})
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        fh.write("# byzps worker keys: keep secret. The PS needs all; a worker only its own.\n")
-        fh.write(body)
+        fh.write(keys_text(keys))
+
+
+def keys_text(keys: dict[int, bytes]) -> str:
+    """The text of a key file holding ``keys`` (worker id -> 32-byte key), as
+    :func:`write_keys` writes it and :func:`load_keys` reads it."""
+    body = yaml.safe_dump({"keys": {int(w): k.hex() for w, k in sorted(keys.items())}})
+    return "# byzps worker keys: keep secret. The PS needs all; a worker only its own.\n" + body
 
 
 def load_keys(path: Union[str, Path]) -> dict[int, bytes]:

@@ -2,7 +2,8 @@
 ``byzps-node`` command) and the ``byzps`` command (:func:`byzps_main`) with subcommands::
 
     byzps run CONFIG [--rounds R] [--data-root DIR] [--run-dir DIR] [--min-accuracy ACC]
-                                                                       PS + workers, local TCP
+              [--ray [ADDRESS]] [--placement SPREAD|PACK|STRICT_SPREAD]
+                                                  PS + workers over TCP, local or Ray actors
     byzps simulate CONFIG [--rounds R] [--data-root DIR] [--metrics F] one process, no sockets
     byzps grid GRID.yaml [--jobs J] [--out DIR] [--rounds R] [--ray [ADDRESS]]
                                                                        sweep in simulation
@@ -210,6 +211,14 @@ def build_byzps_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="run folder (default runs/<config>-<time>-<pid>)")
     r.add_argument("--min-accuracy", type=unit_float, metavar="ACC",
                    help="exit 1 unless the final test accuracy is at least ACC (in [0, 1])")
+    r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the PS and every worker as Ray actors (needs byzps[ray]), each "
+                        "running the same TCP node: without ADDRESS on a local Ray instance "
+                        "bound to 127.0.0.1; with HOST:PORT (the head's GCS port) on that "
+                        "cluster, from one of its nodes")
+    r.add_argument("--placement", choices=["SPREAD", "PACK", "STRICT_SPREAD"], default="SPREAD",
+                   help="with --ray: the placement group's strategy (default SPREAD: the "
+                        "nodes spread over the cluster's machines)")
 
     s = sub.add_parser("simulate", help="run the job in one process through the same round "
                        "logic, without sockets")
@@ -279,8 +288,26 @@ def _cmd_run(args) -> int:
     from byzps.launcher import default_run_dir, launch
 
     run_dir = args.run_dir or default_run_dir(args.config)
-    summary = launch(args.config, run_dir, data_root=args.data_root, rounds=args.rounds,
-                     min_accuracy=args.min_accuracy)
+    if args.ray is None:
+        summary = launch(args.config, run_dir, data_root=args.data_root, rounds=args.rounds,
+                         min_accuracy=args.min_accuracy)
+    else:
+        from byzps.raycluster import RayLoopbackError, RayUnavailable
+        from byzps.rayrun import RayPlacementError, launch_ray
+
+        try:
+            summary = launch_ray(args.config, run_dir, args.ray, data_root=args.data_root,
+                                 rounds=args.rounds, min_accuracy=args.min_accuracy,
+                                 strategy=args.placement)
+        except RayUnavailable as e:
+            print(f"run error: {e}", file=sys.stderr)
+            return 2
+        except (AuthError, TlsError) as e:
+            print(f"security setup error: {e}", file=sys.stderr)
+            return 2
+        except (RayPlacementError, RayLoopbackError, ConnectionError, RuntimeError) as e:
+            print(f"run error: {e}", file=sys.stderr)
+            return 1
     if summary.interrupted:
         return 130
     return 0 if summary.ok else 1

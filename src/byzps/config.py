@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -99,6 +100,12 @@ class DistributionConfig(_Strict):
 
 #: ``training.device`` / ``workers[].device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
 DEVICE_PATTERN = r"^(cpu|auto|cuda(:[0-9]{1,3})?)$"
+
+#: most entries of ``workers[].resources``
+MAX_WORKER_RESOURCES = 16
+#: a Ray resource name in ``workers[].resources`` (``GPU``, ``CPU``, ``memory``, a custom name,
+#: ``node:10.0.0.2``)
+RESOURCE_NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_.:\-]{0,63}"
 
 #: What a config field that is validated but not yet used by the runs means for the user.
 NOT_WIRED = ("{field}: {value} is validated but this version of byzps does not use it yet "
@@ -443,6 +450,13 @@ class WorkerConfig(_Strict):
         device: this worker's compute device (``cpu``, ``cuda``, ``cuda:N``, ``auto``);
             None = ``training.device``. Takes effect once wired (issue 13); until then
             anything but ``cpu`` is refused at load time.
+        resources: for ``byzps run --ray`` only: the Ray resources this worker's actor asks
+            for, e.g. ``{GPU: 1}`` or a custom resource a node declared with
+            ``ray start --resources`` (``{bz_gpu_box: 1}``), which pins the worker to the
+            nodes that have it. ``CPU`` replaces the default of 1 CPU. At most
+            :data:`MAX_WORKER_RESOURCES` entries; names as Ray spells them (letters, digits,
+            ``_ . : -``, at most 64 characters); each amount finite, > 0, and below 1 or a
+            whole number (Ray's rule for resource amounts), at most 1e9. Ignored by local runs.
     """
 
     id: int = Field(ge=0)
@@ -454,6 +468,21 @@ class WorkerConfig(_Strict):
     host: Optional[str] = None
     port: Optional[int] = Field(None, ge=1, le=65535)
     device: Optional[str] = Field(None, pattern=DEVICE_PATTERN)
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_resources(self) -> "WorkerConfig":
+        if len(self.resources) > MAX_WORKER_RESOURCES:
+            raise ValueError(f"resources: at most {MAX_WORKER_RESOURCES} entries, got "
+                             f"{len(self.resources)}")
+        for name, amount in self.resources.items():
+            if not re.fullmatch(RESOURCE_NAME_PATTERN, name):
+                raise ValueError(f"resources: name {name[:80]!r} is not a Ray resource name "
+                                 f"(letters, digits, _ . : -; at most 64 characters)")
+            if not 0 < amount <= 1e9 or (amount > 1 and amount != int(amount)):
+                raise ValueError(f"resources.{name}: expected an amount > 0 that is below 1 or "
+                                 f"a whole number (at most 1e9), got {amount!r}")
+        return self
 
     def attack_spec(self) -> tuple[str, dict[str, Any]]:
         """``(name, params)`` for ``attacks.build(name, **params)``: the configured attack, or

@@ -20,32 +20,50 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, Callable, Mapping, Optional, Protocol, TextIO
 
 import yaml
 
 from byzps.config import OMNISCIENT_ONLY_IN_SIMULATION, ConfigError, load_config
 from byzps.metrics import progress_line, read_jsonl
+from byzps.nodeproc import free_port, node_cmd, node_env  # noqa: F401 - public here too
 from byzps.safeio import MAX_CONFIG_BYTES, load_yaml, read_text
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def default_run_dir(config: str | Path, root: str | Path = "runs") -> Path:
     """``runs/<config stem>-<YYYYmmdd-HHMMSS>-<pid>``."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path(root) / f"{Path(config).stem}-{stamp}-{os.getpid()}"
+
+
+def config_data(config: str | Path) -> dict:
+    """The raw mapping of a config file (YAML or JSON), after validating it.
+
+    Raises:
+        byzps.config.ConfigError: the config is invalid (file type, size, YAML aliases and
+            the schema are checked by :func:`byzps.config.load_config` before this second read).
+    """
+    load_config(config)
+    p = Path(config)
+    text = read_text(p, MAX_CONFIG_BYTES, "config file")
+    return json.loads(text) if p.suffix.lower() == ".json" else load_yaml(text)
+
+
+def refuse_omniscient(cfg: Any, config: str | Path) -> None:
+    """Stop a TCP run of a config with omniscient attacks (they need other workers' gradients).
+
+    Raises:
+        byzps.config.ConfigError: naming the worker ids.
+    """
+    omniscient = cfg.omniscient_workers()
+    if omniscient:
+        raise ConfigError(str(config), [OMNISCIENT_ONLY_IN_SIMULATION.format(
+            ids=', '.join(map(str, omniscient)))])
 
 
 def prepare_run_dir(config: str | Path, run_dir: str | Path) -> Path:
@@ -60,10 +78,7 @@ def prepare_run_dir(config: str | Path, run_dir: str | Path) -> Path:
     Raises:
         byzps.config.ConfigError: the config is invalid.
     """
-    load_config(config)   # checks file type, size and YAML aliases before this second read
-    p = Path(config)
-    text = read_text(p, MAX_CONFIG_BYTES, "config file")
-    data = json.loads(text) if p.suffix.lower() == ".json" else load_yaml(text)
+    data = config_data(config)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data["server"]["host"] = "127.0.0.1"
@@ -116,23 +131,34 @@ class RunSummary:
                 and self.accuracy_ok)
 
 
-def _node_cmd(config: Path, role: str, data_root: str, rounds: Optional[int],
-              worker_id: Optional[int] = None) -> list[str]:
-    cmd = [sys.executable, "-m", "byzps.cli", "--config", str(config), "--role", role,
-           "--data-root", data_root]
-    if worker_id is not None:
-        cmd += ["--worker-id", str(worker_id)]
-    if rounds is not None:
-        cmd += ["--rounds", str(rounds)]
-    return cmd
+class NodeProcess(Protocol):
+    """What :func:`watch` needs of a running node: a local process (:class:`LocalNode`) or a
+    node run by a Ray actor (:mod:`byzps.rayrun`)."""
+
+    def poll(self) -> Optional[int]:
+        """The node's exit code, or None while it runs."""
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the node (and the processes it started)."""
 
 
-def _node_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    src = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+class LocalNode:
+    """A node started here with ``start_new_session=True``: signals go to its process group."""
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self.popen = popen
+
+    def poll(self) -> Optional[int]:
+        """The exit code, or None while it runs."""
+        return self.popen.poll()
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the node's process group (nothing if it has ended)."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
@@ -162,50 +188,88 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
     run_dir = Path(run_dir)
     cfg_path = prepare_run_dir(config, run_dir)
     cfg = load_config(cfg_path)
-    omniscient = cfg.omniscient_workers()
-    if omniscient:
-        raise ConfigError(str(config), [OMNISCIENT_ONLY_IN_SIMULATION.format(
-            ids=', '.join(map(str, omniscient)))])
+    refuse_omniscient(cfg, config)
     total = rounds or cfg.training.rounds
-    env = _node_env()
-    procs: dict[str, subprocess.Popen] = {}
+    env = node_env()
+    nodes: dict[str, LocalNode] = {}
     logs: list[Any] = []
 
     def start(name: str, cmd: list[str]) -> None:
         fh = open(run_dir / f"{name}.log", "w")
         logs.append(fh)
-        procs[name] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                       start_new_session=True)
+        nodes[name] = LocalNode(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                                 env=env, start_new_session=True))
 
     t0 = time.perf_counter()
-    tty = hasattr(out, "isatty") and out.isatty()
     print(f"byzps run: PS + {cfg.n} workers on 127.0.0.1:{cfg.server.port}, {total} rounds; "
           f"run folder {run_dir}", file=out, flush=True)
+    print_status_hint(cfg, out)
+    interrupted = False
+    try:
+        try:
+            start("server", node_cmd(cfg_path, "server", data_root, rounds))
+            for w in cfg.workers:
+                start(f"worker-{w.id}", node_cmd(cfg_path, "worker", data_root, rounds, w.id))
+        except KeyboardInterrupt:
+            interrupted = True
+            _signal_all(nodes, signal.SIGINT)
+            _wait_all(nodes)
+        else:
+            interrupted = watch(nodes, run_dir, total, out, poll)
+    finally:
+        for fh in logs:
+            fh.close()
+    return finish({name: node.poll() for name, node in nodes.items()}, run_dir, t0, total, out,
+                  interrupted, min_accuracy)
+
+
+def print_status_hint(cfg: Any, out: TextIO, where: str = "") -> None:
+    """Say where the PS's status endpoint will answer, if ``server.metrics_port`` is set."""
     if cfg.server.metrics_port is not None:
         print(f"byzps run: PS status (once the PS is up) on http://"
-              f"{cfg.server.metrics_host}:{cfg.server.metrics_port}/status and /metrics",
+              f"{cfg.server.metrics_host}:{cfg.server.metrics_port}/status and /metrics{where}",
               file=out, flush=True)
+
+
+def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: TextIO,
+          poll: float = 0.5, refresh: Callable[[], None] = lambda: None) -> bool:
+    """Show progress from ``run_dir/metrics.jsonl`` until every node has ended.
+
+    One progress line (round, test accuracy, reported loss, rejected gradients, s/round; see
+    :func:`byzps.metrics.progress_line`): redrawn in place on a terminal, else one line per
+    evaluated round. If the PS (node ``server``) fails, the others get SIGTERM after a grace
+    period; Ctrl-C sends SIGINT to every node and waits for them.
+
+    Args:
+        nodes: node name (``server``, ``worker-<id>``) -> its process.
+        run_dir: the run folder; its ``metrics.jsonl`` is read every ``poll`` seconds.
+        total: rounds planned (for the progress line).
+        out: where the progress goes.
+        poll: seconds between reads.
+        refresh: called before each look at the nodes and the metrics file (a Ray run copies
+            what the nodes wrote into ``run_dir`` and fetches their states there).
+
+    Returns:
+        True if Ctrl-C interrupted the run.
+    """
+    tty = hasattr(out, "isatty") and out.isatty()
     interrupted = False
     last_line, last_printed_round, acc = "", -1, None
+    metrics = run_dir / "metrics.jsonl"
     try:
-        start("server", _node_cmd(cfg_path, "server", data_root, rounds))
-        for w in cfg.workers:
-            start(f"worker-{w.id}", _node_cmd(cfg_path, "worker", data_root, rounds, w.id))
-        metrics = run_dir / "metrics.jsonl"
-        first_time: Optional[float] = None
-        while any(p.poll() is None for p in procs.values()):
+        refresh()
+        while any(p.poll() is None for p in nodes.values()):
             time.sleep(poll)
+            refresh()
             # the PS failed (e.g. its port or metrics port is taken): stop the rest now
             # instead of letting the workers wait out server.connect_timeout
-            if procs["server"].poll() not in (None, 0):
+            if nodes["server"].poll() not in (None, 0):
                 break
             if not metrics.exists():
                 continue
             records = read_jsonl(metrics)
             if not records:
                 continue
-            if first_time is None:
-                first_time = time.perf_counter()
             for r in records:
                 if r.get("test_accuracy") is not None:
                     acc = r["test_accuracy"]
@@ -224,49 +288,62 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
             last_line = line
     except KeyboardInterrupt:
         interrupted = True
-        _signal_all(procs, signal.SIGINT)
+        _signal_all(nodes, signal.SIGINT)
     finally:
-        _wait_all(procs)
-        for fh in logs:
-            fh.close()
+        _wait_all(nodes, refresh=refresh)
         if tty and last_line:
             print(file=out)
-    codes = {name: p.returncode for name, p in procs.items()}
-    records = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() \
-        else []
+    return interrupted
+
+
+def finish(codes: dict[str, Optional[int]], run_dir: Path, started: float, total: int,
+           out: TextIO, interrupted: bool = False,
+           min_accuracy: Optional[float] = None) -> RunSummary:
+    """The :class:`RunSummary` of an ended run, printed to ``out``.
+
+    Args:
+        codes: node name -> exit code (None: the node never ran to an end; counted as -1).
+        run_dir: the run folder (``metrics.jsonl`` and ``<node>.log`` are read).
+        started: ``time.perf_counter()`` at launch.
+        total: rounds planned.
+        interrupted, min_accuracy: see :class:`RunSummary`.
+    """
+    codes = {name: -1 if c is None else c for name, c in codes.items()}
+    metrics = run_dir / "metrics.jsonl"
+    records = read_jsonl(metrics) if metrics.exists() else []
+    acc = None
     for r in records:
         if r.get("test_accuracy") is not None:
             acc = r["test_accuracy"]
-    summary = RunSummary(codes, len(records), acc, time.perf_counter() - t0, run_dir,
+    summary = RunSummary(codes, len(records), acc, time.perf_counter() - started, run_dir,
                          interrupted, [n for n, c in codes.items() if c != 0], min_accuracy)
     _print_summary(summary, total, out)
     return summary
 
 
-def _signal_all(procs: dict[str, subprocess.Popen], sig: int) -> None:
-    for p in procs.values():
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+def _signal_all(nodes: Mapping[str, NodeProcess], sig: int) -> None:
+    for node in nodes.values():
+        if node.poll() is None:
+            node.signal(sig)
 
 
-def _wait_all(procs: dict[str, subprocess.Popen], grace: float = 2.0) -> None:
+def _wait_all(nodes: Mapping[str, NodeProcess], grace: float = 2.0,
+              refresh: Callable[[], None] = lambda: None) -> None:
     """Wait for every node; if the PS failed, the workers get SIGTERM after ``grace`` s."""
     deadline = time.monotonic() + grace
-    server = procs.get("server")
-    while any(p.poll() is None for p in procs.values()):
-        server_failed = server is not None and server.poll() not in (None, 0)
-        if server_failed and time.monotonic() > deadline:
-            _signal_all(procs, signal.SIGTERM)
-            deadline = time.monotonic() + grace
+    server = nodes.get("server")
+    while True:
         try:
+            refresh()
+            if all(p.poll() is not None for p in nodes.values()):
+                return
+            server_failed = server is not None and server.poll() not in (None, 0)
+            if server_failed and time.monotonic() > deadline:
+                _signal_all(nodes, signal.SIGTERM)
+                deadline = time.monotonic() + grace
             time.sleep(0.1)
         except KeyboardInterrupt:
-            _signal_all(procs, signal.SIGTERM)
-    for p in procs.values():
-        p.wait()
+            _signal_all(nodes, signal.SIGTERM)
 
 
 def _print_summary(s: RunSummary, total: int, out: TextIO) -> None:
