@@ -4,8 +4,8 @@ Harness (:func:`ray_cluster`, once per module): ``unshare -n`` makes a network n
 holds only the loopback interface (``ip link set lo up``), together with a PID and a mount
 namespace (``-p -f -m --mount-proc``) whose first process, a ``cat`` reading a pipe from this
 test process, holds them; in it ``ray start --head --node-ip-address 127.0.0.1`` and
-``ray start --address 127.0.0.1:PORT`` bring up two Ray nodes (1 CPU each, custom resources
-``bz_head`` / ``bz_worker``), with Ray's token authentication on (``RAY_AUTH_MODE=token``, as
+``ray start --address 127.0.0.1:PORT`` bring up two Ray nodes (3 logical CPUs each, so that
+a PS and four workers fit as actors; custom resources ``bz_head`` / ``bz_worker``), with Ray's token authentication on (``RAY_AUTH_MODE=token``, as
 README's recipe says). Commands that use the cluster run in the namespaces through ``nsenter``.
 Ray 2.60 binds the machine's primary address outside such a namespace; in it, loopback is all
 there is. At the end the pipe is closed: ``cat`` ends, and with the PID namespace's first
@@ -13,8 +13,11 @@ process the kernel ends every Ray process in it; so does a test run that is kill
 (the pipe closes with it).
 
 Tests: the same grid gives the same ``results.csv`` numbers as local processes and on the
-cluster, and resumes there; the local Ray instance that ``byzps grid --ray`` starts listens on
-loopback only; cell resources and the cell progress lines (pure logic).
+cluster, and resumes there; ``byzps run --ray`` on the cluster (keys, TLS, workers pinned by
+resource) trains to the digest of a local ``byzps run``, and killing a worker actor mid-run
+leaves the quorum training; the local Ray instance that ``byzps grid --ray`` starts listens on
+loopback only; cell resources, the cell progress lines and the pieces of ``run --ray`` (pure
+logic).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import csv
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -43,6 +47,7 @@ from byzps.metrics import progress_bar
 
 RAY_PORT = 6379          # free by construction: the namespace is new
 RAY = Path(sys.executable).with_name("ray")
+BYZPS = Path(sys.executable).with_name("byzps")
 
 
 UNSHARE = ["unshare", "--net", "--pid", "--fork", "--mount", "--mount-proc", "--kill-child",
@@ -72,6 +77,19 @@ class Cluster:
         self.env = env
         self.temp_dir = temp_dir
         self.address = f"127.0.0.1:{RAY_PORT}"
+        self._node_ids: dict[str, str] | None = None
+
+    def node_ids(self) -> dict[str, str]:
+        """Custom resource (``bz_head``, ``bz_worker``) -> the Ray node id that has it."""
+        if self._node_ids is None:
+            r = self.inside(_python(f"""
+                import json, ray
+                ray.init(address="{self.address}", logging_level="error")
+                print(json.dumps({{name: n["NodeID"] for n in ray.nodes() if n["Alive"]
+                                  for name in ("bz_head", "bz_worker") if name in n["Resources"]}}))
+                """), timeout=120)
+            self._node_ids = json.loads(r.stdout.strip().splitlines()[-1])
+        return self._node_ids
 
     def inside(self, cmd: list[str], timeout: float = 300, check: bool = True,
                **kw) -> subprocess.CompletedProcess:
@@ -109,7 +127,7 @@ def ray_cluster():
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "up"
     cluster = Cluster(holder, env, temp_dir)
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats",
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "3", "--disable-usage-stats",
               "--object-store-memory", str(80 * 1024 * 1024)]
     try:
         cluster.inside([str(RAY), "start", "--head", "--port", str(RAY_PORT),
@@ -141,12 +159,11 @@ def test_cluster_has_two_nodes_and_places_tasks_by_resource(ray_cluster):
                           "distinct": on["bz_head"] != on["bz_worker"]}}))
         """), timeout=120)
     info = json.loads(r.stdout.strip().splitlines()[-1])
-    assert info == {"nodes": 2, "cpus": 2.0, "ips": ["127.0.0.1"], "distinct": True}
+    assert info == {"nodes": 2, "cpus": 6.0, "ips": ["127.0.0.1"], "distinct": True}
 
 
 def _grid_file(tmp_path: Path) -> Path:
-    """Two tiny seeded cells (median x 2 attacks, logreg, 3 rounds, 1,000 examples): one per
-    node of the cluster at a time."""
+    """Two tiny seeded cells (median x 2 attacks, logreg, 3 rounds, 1,000 examples)."""
     grid = {"base": {"training": {"rounds": 3, "batch_size": 16, "learning_rate": 0.05,
                                   "momentum": 0.9, "seed": 1, "model": "logreg",
                                   "eval_every": 1, "train_limit": 1000, "test_limit": 200},
@@ -189,7 +206,7 @@ def test_grid_on_the_cluster_gives_the_local_numbers_and_resumes(ray_cluster, tm
     on_ray = tmp_path / "ray"
     r = _grid_on_cluster(ray_cluster, path, on_ray)
     assert "2 to run on the Ray cluster at 127.0.0.1:6379" in r.stderr, r.stderr
-    assert "Ray: 2 node(s), 2 CPU(s), 0 GPU(s)" in r.stderr
+    assert "Ray: 2 node(s), 6 CPU(s), 0 GPU(s)" in r.stderr
     expected = _numbers(local)
     assert len(expected) == 2 and all(row["status"] == "ok" for row in expected)
     assert _numbers(on_ray) == expected
@@ -205,6 +222,119 @@ def test_grid_on_the_cluster_gives_the_local_numbers_and_resumes(ray_cluster, tm
     assert "1 already done, 1 to run" in r.stderr, r.stderr
     assert {c.name: (c / "result.json").stat().st_mtime_ns for c in cells[1:]} == stamps
     assert _numbers(on_ray) == expected
+
+
+# -- byzps run --ray ----------------------------------------------------------------------------
+
+def _run_config(tmp_path: Path, **training) -> dict:
+    """n = 4 (3 honest + 1 sign-flip), f = 1, logreg on 1,000 examples: a fast TCP job."""
+    return {"training": {"rounds": 3, "batch_size": 16, "learning_rate": 0.05, "momentum": 0.9,
+                         "seed": 1, "model": "logreg", "eval_every": 1, "train_limit": 1000,
+                         "test_limit": 200, "round_timeout": 60.0, **training},
+            "aggregation": {"method": "coordinate_wise_median"},
+            "server": {"host": "127.0.0.1", "port": 9000, "connect_timeout": 120.0},
+            "workers": [{"id": i} for i in range(3)] + [{"id": 3, "type": "byzantine"}]}
+
+
+def _run_on_cluster(cluster: Cluster, config: Path, run_dir: Path, kill: str | None = None,
+                    after_rounds: int = 0) -> subprocess.CompletedProcess:
+    """``byzps run CONFIG --ray ADDRESS`` as a driver on the cluster. With ``kill``, a thread
+    of the same driver ``ray.kill``s that node's actor once ``after_rounds`` rounds are in the
+    run folder's metrics.jsonl and prints ``KILLED <rounds then>``."""
+    return cluster.inside(_python(f"""
+        import sys, threading, time
+        from pathlib import Path
+        from byzps.cli import byzps_main
+
+        def kill():
+            import ray
+            metrics = Path("{run_dir}") / "metrics.jsonl"
+            while True:
+                done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+                if done >= {after_rounds}:
+                    break
+                time.sleep(0.05)
+            ray.kill(ray.get_actor("{run_dir.name}/{kill}", namespace="byzps"))
+            print("KILLED", done, flush=True)
+
+        if {kill is not None}:
+            threading.Thread(target=kill, daemon=True).start()
+        sys.exit(byzps_main(["run", "{config}", "--run-dir", "{run_dir}",
+                             "--ray", "{cluster.address}"]))
+        """), timeout=400, check=False)
+
+
+def test_run_on_the_cluster_trains_to_the_local_digest_with_keys_and_tls(ray_cluster, tmp_path):
+    from byzps import auth
+    from byzps.launcher import final_digest
+
+    cfg = _run_config(tmp_path, close_at="all")      # every answer: bit-exact
+    auth.write_keys(tmp_path / "keys.yaml", auth.generate_keys(range(4)))
+    cfg["server"]["secrets_file"] = str(tmp_path / "keys.yaml")
+    tls = shutil.which("openssl") is not None
+    if tls:      # a certificate for 127.0.0.1: the PS's node address on this cluster
+        subprocess.run(["bash", str(ROOT / "scripts" / "make_test_certs.sh"),
+                        str(tmp_path / "tls")], check=True, capture_output=True)
+        cfg["server"]["tls"] = {k: str(tmp_path / "tls" / f) for k, f in
+                                (("cert", "server.pem"), ("key", "server.key"), ("ca", "ca.pem"))}
+    # workers 0 and 1 pinned to one node each by the cluster's custom resources
+    cfg["workers"][0]["resources"] = {"bz_worker": 0.5}
+    cfg["workers"][1]["resources"] = {"bz_head": 0.5}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    # the local `byzps run` runs meanwhile (both mostly wait for processes to start)
+    local = subprocess.Popen([str(BYZPS), "run", str(path), "--run-dir", str(tmp_path / "local")],
+                             env=node_env(), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    on_ray = tmp_path / "ray"
+    r = _run_on_cluster(ray_cluster, path, on_ray)
+    local_out = local.communicate(timeout=300)[0]
+    assert local.returncode == 0, local_out
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Ray: 2 node(s), 6 CPU(s), 0 GPU(s)" in r.stderr
+    assert "PS + 4 workers as Ray actors (SPREAD), PS on 127.0.0.1:" in r.stderr
+    assert "byzps run: OK: 3/3 rounds" in r.stderr
+    assert final_digest(on_ray) == final_digest(tmp_path / "local") is not None
+    # what the driver gathered: every node's log and the PS's metrics
+    assert len((on_ray / "metrics.jsonl").read_text().splitlines()) == 3
+    server_log = (on_ray / "server.log").read_text()
+    assert server_log.count("(authenticated)") == 4
+    assert ("(TLS)" in server_log) == tls
+    for i in range(4):
+        assert "training finished after 3 rounds" in (on_ray / f"worker-{i}.log").read_text()
+    # the keys reached the PS as an in-memory file, never as a path of this machine
+    run_cfg = yaml.safe_load((on_ray / "config.yaml").read_text())
+    assert run_cfg["server"]["secrets_file"].startswith("/dev/fd/")
+    place = json.loads((on_ray / "placement.json").read_text())
+    ids = ray_cluster.node_ids()
+    assert place["worker-0"]["node_id"] == ids["bz_worker"]
+    assert place["worker-1"]["node_id"] == ids["bz_head"]
+    assert place["server"]["actor"] == "ray/server" and place["server"]["namespace"] == "byzps"
+
+
+def test_killing_a_worker_actor_mid_run_leaves_the_quorum_training(ray_cluster, tmp_path):
+    rounds = 300
+    path = tmp_path / "run.yaml"     # close_at: quorum (the default), quorum n - f = 3
+    path.write_text(yaml.safe_dump(_run_config(tmp_path, rounds=rounds, eval_every=100)))
+    on_ray = tmp_path / "ray"
+    r = _run_on_cluster(ray_cluster, path, on_ray, kill="worker-1", after_rounds=5)
+    killed_at = int(r.stdout.split("KILLED")[1].split()[0])
+    # as when a worker process is killed: the run goes on, and is reported failed (exit 1)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"byzps run: FAILED: {rounds}/{rounds} rounds" in r.stderr, r.stderr
+    assert ("worker-1 exited -1: byzps run --ray: the Ray actor of worker-1 is gone"
+            in r.stderr), r.stderr
+    assert "final test accuracy" in (on_ray / "server.log").read_text()
+    records = [json.loads(line) for line in (on_ray / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["round"] for rec in records] == list(range(rounds))
+    assert killed_at < rounds - 50                       # the kill came well before the end
+    assert any(rec["workers"]["1"]["status"] == "accepted" for rec in records[:killed_at])
+    # its node process died with the actor: worker 1 never answers again (a round or two
+    # may have been in flight), and every later round closes with the other three
+    after = records[killed_at + 5:]
+    assert after and all(rec["workers"]["1"]["status"] == "missing" for rec in after)
+    assert all(sorted(rec["accepted"]) == [0, 2, 3] for rec in after)
 
 
 LISTENERS = """
@@ -361,3 +491,116 @@ def test_a_ray_result_must_be_the_cells_own(tmp_path):
                       "status 'x'")]:
         with pytest.raises(ValueError, match=msg):
             _checked_result(bad, b if bad is files else a)
+
+
+# -- byzps run --ray: pure logic ------------------------------------------------------------------
+
+def _cfg(**server):
+    from byzps.config import parse_config
+    data = {"training": {"rounds": 1}, "aggregation": {"method": "mean"},
+            "server": {"host": "127.0.0.1", "port": 9000, **server},
+            "workers": [{"id": 0}, {"id": 5, "resources": {"GPU": 1, "CPU": 2, "bz": 0.5}}]}
+    return parse_config(data), data
+
+
+def test_bundles_actor_options_and_what_fits():
+    from byzps.rayrun import RayPlacementError, actor_options, check_fits, node_bundles, \
+        node_names
+    cfg, _ = _cfg()
+    names, bundles = node_names(cfg), node_bundles(cfg)
+    assert names == ["server", "worker-0", "worker-5"]
+    assert bundles == [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 2.0, "GPU": 1.0, "bz": 0.5}]
+    assert actor_options(bundles[2]) == {"num_cpus": 2.0, "num_gpus": 1.0,
+                                         "resources": {"bz": 0.5}}
+    assert actor_options({"CPU": 1, "memory": 1e9}) == {"num_cpus": 1, "num_gpus": 0,
+                                                        "resources": {}, "memory": 1e9}
+    check_fits(names, bundles, {"CPU": 4.0, "GPU": 1.0, "bz": 1.0})
+    with pytest.raises(RayPlacementError, match=r"^worker-5 asks for Ray resource 'GPU' x 1; "
+                                                r"the cluster has 0 "):
+        check_fits(names, bundles, {"CPU": 8.0, "bz": 1.0})
+    with pytest.raises(RayPlacementError, match=r"^the PS and 2 workers ask for Ray resource "
+                                                r"'CPU' x 4 in all \(one actor each\); the "
+                                                r"cluster has 3$"):
+        check_fits(names, bundles, {"CPU": 3.0, "GPU": 1.0, "bz": 1.0})
+
+
+def test_node_config_points_each_node_at_the_ps_and_its_own_files():
+    from byzps.rayrun import node_config
+    _, data = _cfg(secrets_file="keys/ps.yaml", bind_host="0.0.0.0",
+                   tls={"cert": "c.pem", "key": "k.pem", "ca": "ca.pem"})
+    out = node_config(data, "10.0.0.7", 4321, "/tmp/x/metrics.jsonl", {"secrets": "/dev/fd/9",
+                                                                       "ca": "/dev/fd/10"})
+    assert out["server"]["host"] == out["server"]["bind_host"] == "10.0.0.7"
+    assert out["server"]["port"] == 4321
+    assert out["server"]["secrets_file"] == "/dev/fd/9"
+    assert out["server"]["tls"] == {"ca": "/dev/fd/10"}
+    assert out["training"]["metrics_file"] == "/tmp/x/metrics.jsonl"
+    assert data["server"]["host"] == "127.0.0.1" and data["server"]["tls"]["cert"] == "c.pem"
+    bare = node_config(_cfg()[1], "h", 1, "m", {})
+    assert bare["server"]["secrets_file"] is None and "tls" not in bare["server"]
+
+
+def test_each_worker_actor_gets_only_its_own_key(tmp_path, monkeypatch):
+    from byzps import auth
+    from byzps.rayrun import node_files
+    from byzps.transport import TlsError
+    keys = auth.generate_keys([0, 5, 7])          # 7: in the PS's file, not in the config
+    auth.write_keys(tmp_path / "ps.yaml", keys)
+    (tmp_path / "ca.pem").write_bytes(b"CA")
+    (tmp_path / "c.pem").write_bytes(b"CERT")
+    (tmp_path / "k.pem").write_bytes(b"KEY")
+    monkeypatch.delenv("BYZPS_SECRETS", raising=False)
+    cfg, _ = _cfg(secrets_file=str(tmp_path / "ps.yaml"),
+                  tls={"cert": str(tmp_path / "c.pem"), "key": str(tmp_path / "k.pem"),
+                       "ca": str(tmp_path / "ca.pem")})
+    files = node_files(cfg)
+
+    def keys_in(text: bytes) -> dict:
+        (tmp_path / "k.yaml").write_bytes(text)
+        return auth.load_keys(tmp_path / "k.yaml")
+
+    assert keys_in(files["server"]["secrets"]) == {0: keys[0], 5: keys[5]}
+    assert keys_in(files["worker-0"]["secrets"]) == {0: keys[0]}
+    assert keys_in(files["worker-5"]["secrets"]) == {5: keys[5]}
+    assert {k: v for k, v in files["server"].items() if k != "secrets"} == {"cert": b"CERT",
+                                                                           "key": b"KEY"}
+    assert {k: v for k, v in files["worker-5"].items() if k != "secrets"} == {"ca": b"CA"}
+    # $BYZPS_SECRETS wins, as for a manual run; a worker without a key stops the driver
+    auth.write_keys(tmp_path / "env.yaml", {0: keys[0]})
+    monkeypatch.setenv("BYZPS_SECRETS", str(tmp_path / "env.yaml"))
+    with pytest.raises(auth.AuthError, match=r"env.yaml has no key for worker\(s\) \[5\]"):
+        node_files(cfg)
+    monkeypatch.delenv("BYZPS_SECRETS")
+    (tmp_path / "ca.pem").unlink()
+    with pytest.raises(TlsError, match=r"^server.tls.ca: cannot read .*ca.pem"):
+        node_files(cfg)
+    assert node_files(_cfg()[0]) == {"server": {}, "worker-0": {}, "worker-5": {}}
+
+
+@pytest.mark.parametrize("resources, problem", [
+    ({"GPU": 1.5}, "resources.GPU: expected an amount > 0 that is below 1 or a whole number"),
+    ({"GPU": 0}, "resources.GPU: expected an amount > 0"),
+    ({"bad name": 1}, "resources: name 'bad name' is not a Ray resource name"),
+    ({f"r{i}": 1 for i in range(17)}, "resources: at most 16 entries, got 17"),
+    ({"GPU": "1"}, "workers.0.resources.GPU"),
+])
+def test_worker_resources_are_checked_at_load_time(resources, problem):
+    from byzps.config import ConfigError, parse_config
+    data = {"training": {"rounds": 1}, "aggregation": {"method": "mean"},
+            "server": {"host": "127.0.0.1", "port": 9000},
+            "workers": [{"id": 0, "resources": resources}]}
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        parse_config(data)
+    data["workers"][0]["resources"] = {"GPU": 1, "node:10.0.0.2": 0.01, "CPU": 0.5}
+    assert parse_config(data).workers[0].resources == {"GPU": 1.0, "node:10.0.0.2": 0.01,
+                                                       "CPU": 0.5}
+
+
+def test_run_ray_without_ray_installed_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    from byzps.cli import byzps_main
+    monkeypatch.setitem(sys.modules, "ray", None)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_run_config(tmp_path)))
+    assert byzps_main(["run", str(path), "--run-dir", str(tmp_path / "r"), "--ray"]) == 2
+    err = capsys.readouterr().err
+    assert "run error: --ray needs Ray" in err and 'pip install -e ".[ray]"' in err

@@ -1,0 +1,106 @@
+"""Seconds per round: ``byzps run CONFIG --ray`` against a local ``byzps run CONFIG`` (a
+benchmark, not a test) -- issue 15.
+
+Runs ``byzps run CONFIG --rounds R`` (the PS and the workers as local processes) and
+``byzps run CONFIG --rounds R --ray`` (the same node processes, each started by a Ray actor on
+a local Ray instance bound to 127.0.0.1) alternately, ``--repeats`` times each, each into a new
+run folder, so the machine's load falls on both alike. Reported per run, from the PS's
+``metrics.jsonl``: the mean and median of ``seconds_round`` (one round: ROUND out, gradients in,
+aggregate, UPDATE out; the part that runs the nodes' TCP code), and the command's wall seconds
+(start-up of Python, Ray, the actors and the nodes included); per mode the median over runs;
+the overhead of running the nodes as actors = median Ray s/round - median local s/round. Also
+the load averages before and after.
+
+    python benchmarks/run_ray.py [--config nodes_example.yaml] [--rounds 60] [--repeats 2]
+                                 [--out benchmarks/results/run_ray]
+
+Writes ``OUT.json`` (every run) and ``OUT.md`` (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(config: Path, run_dir: Path, rounds: int, ray: bool) -> dict:
+    """One ``byzps run``: its wall seconds and the rounds' seconds from its metrics file."""
+    cmd = [sys.executable, "-c", "import sys; from byzps.cli import byzps_main; "
+           "sys.exit(byzps_main())", "run", str(config), "--rounds", str(rounds),
+           "--run-dir", str(run_dir)] + (["--ray"] if ray else [])
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    secs = [rec["seconds_round"] for rec in records]
+    if len(secs) != rounds:
+        raise SystemExit(f"{run_dir}: {len(secs)} rounds recorded, expected {rounds}")
+    return {"mode": "ray" if ray else "local", "wall": round(wall, 2),
+            "mean_s_per_round": round(statistics.fmean(secs), 4),
+            "median_s_per_round": round(statistics.median(secs), 4),
+            "final_accuracy": next((rec["test_accuracy"] for rec in reversed(records)
+                                    if rec.get("test_accuracy") is not None), None)}
+
+
+def main() -> None:
+    """Parse the flags, run both modes alternately, write OUT.json and OUT.md."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "nodes_example.yaml"))
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "run_ray"))
+    args = ap.parse_args()
+    config = Path(args.config).resolve()
+    load_before = os.getloadavg()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="byzps-run-ray-") as tmp:
+        for i in range(args.repeats):
+            for ray in (False, True):
+                res = run(config, Path(tmp) / f"{'ray' if ray else 'local'}-{i}", args.rounds,
+                          ray)
+                print(json.dumps(res), flush=True)
+                runs.append(res)
+    load_after = os.getloadavg()
+    median = {m: statistics.median(r["mean_s_per_round"] for r in runs if r["mode"] == m)
+              for m in ("local", "ray")}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config),
+         "rounds": args.rounds, "cpus": os.cpu_count(), "load_before": load_before,
+         "load_after": load_after, "runs": runs}, indent=1) + "\n")
+    lines = [f"`byzps run` s/round, local processes vs Ray actors: `{config.name}`, "
+             f"{args.rounds} rounds, {os.cpu_count()} CPUs, load average before "
+             f"{load_before[0]:.1f} / after {load_after[0]:.1f} (1 min)", "",
+             "| mode | mean s/round per run | median s/round per run | wall s per run "
+             "| final accuracy |", "|---|---|---|---|---|"]
+    for m in ("local", "ray"):
+        mine = [r for r in runs if r["mode"] == m]
+
+        def cells(key: str, spec: str) -> str:
+            return ", ".join(format(r[key], spec) for r in mine)
+
+        lines.append(f"| {m} | {cells('mean_s_per_round', '.3f')} | "
+                     f"{cells('median_s_per_round', '.3f')} | {cells('wall', '.1f')} | "
+                     f"{cells('final_accuracy', '')} |")
+    lines += ["", f"Overhead of the nodes as Ray actors: "
+              f"{median['ray'] - median['local']:+.3f} s/round (median over runs of the mean "
+              f"s/round, Ray - local). Command: `python benchmarks/run_ray.py "
+              f"--rounds {args.rounds} --repeats {args.repeats}`"]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
