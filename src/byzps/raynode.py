@@ -7,12 +7,14 @@ imports them itself. See :mod:`byzps.rayrun` for the whole picture.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +26,9 @@ from byzps.nodeproc import free_port, node_cmd, node_env
 SYNC_CHUNK = 1 << 20
 
 # Runs in the node's process before it becomes the node command: ask the kernel for SIGKILL
-# when the parent (the actor's process) ends, then exec. Linux only; elsewhere it just execs.
+# when the parent (the actor's process) ends (Linux only); let SIGINT in again (Ray 2.60's
+# worker process blocks it, and a blocked mask survives fork and exec: the node would never
+# see Ctrl-C); then exec.
 _DIE_WITH_ACTOR = """
 import os, signal, sys
 try:
@@ -32,11 +36,63 @@ try:
     ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
 except (OSError, AttributeError):
     pass
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
 if os.getppid() != int(sys.argv[1]):
     sys.exit("byzps: the Ray actor that started this node is gone")
 os.execv(sys.argv[2], sys.argv[2:])
 """
 
+
+
+#: scratch folders are ``<temp folder>/byzps-node-<node name>-<random>``
+SCRATCH_PREFIX = "byzps-node-"
+#: the file in a scratch folder that its actor holds an exclusive ``flock`` on while it lives
+LIVE_LOCK = ".alive"
+
+
+def remove_orphans(temp: Optional[str] = None) -> list[str]:
+    """Remove the scratch folders of actors that died without :meth:`NodeActor.stop`
+    (``ray.kill``, a crash) from ``temp`` (default: the temp folder).
+
+    An actor holds an exclusive ``flock`` on its folder's :data:`LIVE_LOCK` while it lives;
+    the kernel drops it when the actor's process ends, whatever PID namespace it ran in. A
+    folder whose lock can be taken is an orphan; one without a lock file is left alone for a
+    minute (its actor may be creating it). Orphans hold a node's config copy and log (never its
+    keys). A folder that cannot be removed (another user's) is left alone.
+
+    Returns:
+        the folders removed.
+    """
+    temp = temp or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        entries = [e for e in os.listdir(temp) if e.startswith(SCRATCH_PREFIX)]
+    except OSError:
+        return removed
+    for entry in entries:
+        path = os.path.join(temp, entry)
+        try:
+            fd = os.open(os.path.join(path, LIVE_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            try:
+                if time.time() - os.stat(path).st_mtime < 60:
+                    continue
+            except OSError:
+                continue
+        except OSError:
+            continue
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:     # held: its actor lives
+                continue
+            finally:
+                os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    return removed
 
 
 class NodeActor:
@@ -52,7 +108,11 @@ class NodeActor:
     """
 
     def __init__(self, name: str, files: dict[str, bytes]) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix=f"byzps-{name}-"))
+        remove_orphans()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{name}-"))
+        # held until this process ends; the node process does not inherit it (close_fds)
+        self._alive = os.open(self.dir / LIVE_LOCK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self._alive, fcntl.LOCK_EX)
         self.fds: list[int] = []
         self.paths = {kind: self._private_file(kind, content) for kind, content in files.items()}
         self.proc: Optional[subprocess.Popen] = None
@@ -151,3 +211,4 @@ class NodeActor:
             os.close(fd)
         self.fds = []
         shutil.rmtree(self.dir, ignore_errors=True)
+        os.close(self._alive)
