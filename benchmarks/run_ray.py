@@ -9,13 +9,12 @@ a new run folder, so the machine's load falls on all alike. Ray starts its worke
 niceness 15 (Ray's ``worker_niceness``) and a node process inherits its actor's niceness;
 ``ray_nice0`` shows whether that costs the nodes CPU on a machine shared with other jobs (where
 the kernel groups processes by session, ``sched_autogroup``, niceness ranks processes only
-within a session, and every node runs in a session of its own, so it should not). Reported per run, from the PS's
-``metrics.jsonl``: the mean and median of ``seconds_round`` (one round: ROUND out, gradients in,
-aggregate, UPDATE out; the part that runs the nodes' TCP code), and the command's wall seconds
-(start-up of Python, Ray, the actors and the nodes included); per mode the median over runs;
-the overhead of running the nodes as actors = median Ray s/round - median local s/round
-(for each Ray mode). Also
-the load averages before and after.
+within a session, and every node runs in a session of its own, so it should not). Reported per
+run, from the PS's ``metrics.jsonl``: the mean and median of ``seconds_round`` (one round: ROUND
+out, gradients in, aggregate, UPDATE out; the part that runs the nodes' TCP code), and the
+command's wall seconds (start-up of Python, Ray, the actors and the nodes included); per mode
+the median over runs; the overhead of running the nodes as actors = median Ray s/round - median
+local s/round (for each Ray mode). Also the load averages before and after.
 
     python benchmarks/run_ray.py [--config nodes_example.yaml] [--rounds 60] [--repeats 2]
                                  [--out benchmarks/results/run_ray]

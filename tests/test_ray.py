@@ -3,19 +3,19 @@
 Harness (:func:`ray_cluster`, once per module): ``unshare -n`` makes a network namespace that
 holds only the loopback interface (``ip link set lo up``), together with a PID and a mount
 namespace (``-p -f -m --mount-proc``) whose first process, a ``cat`` reading a pipe from this
-test process, holds them; in it ``ray start --head --node-ip-address 127.0.0.1`` and
-``ray start --address 127.0.0.1:PORT`` bring up two Ray nodes (3 logical CPUs each, so that
-a PS and four workers fit as actors; custom resources ``bz_head`` / ``bz_worker``), with Ray's token authentication on (``RAY_AUTH_MODE=token``, as
-README's recipe says). Commands that use the cluster run in the namespaces through ``nsenter``.
-Ray 2.60 binds the machine's primary address outside such a namespace; in it, loopback is all
-there is. At the end the pipe is closed: ``cat`` ends, and with the PID namespace's first
-process the kernel ends every Ray process in it; so does a test run that is killed outright
-(the pipe closes with it).
+test process, holds them; in it ``ray start --head --node-ip-address 127.0.0.1`` and ``ray start
+--address 127.0.0.1:PORT`` bring up two Ray nodes (3 logical CPUs each, so that a PS and four
+workers fit as actors; custom resources ``bz_head`` / ``bz_worker``), with Ray's token
+authentication on (``RAY_AUTH_MODE=token``, as README's recipe says). Commands that use the
+cluster run in the namespaces through ``nsenter``. Ray 2.60 binds the machine's primary address
+outside such a namespace; in it, loopback is all there is. At the end the pipe is closed:
+``cat`` ends, and with the PID namespace's first process the kernel ends every Ray process in
+it; so does a test run that is killed outright (the pipe closes with it).
 
 Tests: the same grid gives the same ``results.csv`` numbers as local processes and on the
 cluster, and resumes there; ``byzps run --ray`` on the cluster (keys, TLS, workers pinned by
 resource) trains to the digest of a local ``byzps run``, and killing a worker actor mid-run
-leaves the quorum training; the local Ray instance that ``byzps grid --ray`` starts listens on
+leaves the quorum training, after which Ctrl-C stops every node; the local Ray instance that ``byzps grid --ray`` starts listens on
 loopback only; cell resources, the cell progress lines and the pieces of ``run --ray`` (pure
 logic).
 """

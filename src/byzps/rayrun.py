@@ -21,17 +21,17 @@ only its own key and the CA. An actor never writes them to disk: they live in an
 files (``memfd_create``, mode 0600) that the node process opens as ``/dev/fd/N`` (a private
 file in the actor's 0700 scratch folder where memfd is not available).
 
-Logs and metrics: the driver copies each node's output (``server.log``, ``worker-<id>.log``)
-and the PS's ``metrics.jsonl`` into the run folder as they grow (at most :data:`SYNC_CHUNK`
-bytes per file per poll) and shows the progress and summary of a local run
+Logs and metrics: the driver copies each node's output (``server.log``, ``worker-<id>.log``) and
+the PS's ``metrics.jsonl`` into the run folder as they grow (at most :data:`SYNC_CHUNK` bytes
+per file per poll) and shows the progress and summary of a local run
 (:func:`byzps.launcher.watch`, :func:`byzps.launcher.finish`). Stopping: Ctrl-C sends SIGINT to
 every node process; a PS that fails stops the workers (SIGTERM), as in a local run; an actor
 that dies (``ray.kill``, its Ray node lost) takes its node process with it (Ray 2.60's raylet
-ends a dead worker's child processes; and the node process asked the kernel for SIGKILL when
-its actor's process ends, ``PR_SET_PDEATHSIG``, which also holds when the raylet is gone) and counts as a node that exited
-:data:`ACTOR_LOST`; for a worker, training goes on with the quorum, exactly as when a worker
-process dies in a local run. At the end every actor is stopped and the placement group removed;
-the actors are not detached, so they also end when the driver does.
+ends a dead worker's child processes; and the node process asked the kernel for SIGKILL when its
+actor's process ends, ``PR_SET_PDEATHSIG``, which also holds when the raylet is gone) and counts
+as a node that exited :data:`ACTOR_LOST`; for a worker, training goes on with the quorum,
+exactly as when a worker process dies in a local run. At the end every actor is stopped and the
+placement group removed; the actors are not detached, so they also end when the driver does.
 
 Every actor is named ``<run folder name>/<node>`` in the Ray namespace :data:`NAMESPACE`
 (``ray.get_actor(name, namespace="byzps")``); ``placement.json`` in the run folder lists each
