@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -277,3 +280,30 @@ def test_markdown_worst_case_picks_the_minimum_over_attacks():
     assert "| mean | 0.2000 (b) |" in md
     assert "| median | 0.0000 (b) |" in md        # a failed run counts as 0
     assert "| median | 0.8000 | failed |" in md
+
+
+def test_after_ctrl_c_a_node_that_lost_the_first_sigint_gets_it_again_then_sigterm(tmp_path):
+    import signal as sig
+    from byzps.launcher import LocalNode, _wait_all
+    # real processes: one exits 130 on the second SIGINT (the first one lost, as a cancelled
+    # asyncio.wait_for can lose it), one ignores SIGINT and ends only on SIGTERM
+    code = ("import signal, sys, time\n"
+            "seen = []\n"
+            "def on_int(*_):\n"
+            "    seen.append(1)\n"
+            "    if len(seen) == 2 and sys.argv[1] == 'twice': sys.exit(130)\n"
+            "signal.signal(signal.SIGINT, on_int)\nprint('up', flush=True)\n"
+            "while True: time.sleep(0.05)\n")
+    procs = {name: subprocess.Popen([sys.executable, "-c", code, mode], stdout=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+             for name, mode in (("server", "twice"), ("worker-0", "never"))}
+    for p in procs.values():
+        assert p.stdout.readline().strip() == "up"
+    nodes = {name: LocalNode(p) for name, p in procs.items()}
+    for node in nodes.values():
+        node.signal(sig.SIGINT)                     # what Ctrl-C sends first
+    t0 = time.monotonic()
+    _wait_all(nodes, interrupted=True, again=0.5, term=1.5)
+    assert time.monotonic() - t0 < 10
+    assert procs["server"].returncode == 130          # ended by the second SIGINT
+    assert procs["worker-0"].returncode == -sig.SIGTERM

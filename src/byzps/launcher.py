@@ -178,7 +178,7 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
             is at least this (in [0, 1]); None: no threshold.
 
     Returns:
-        the :class:`RunSummary`; on Ctrl-C every node gets SIGINT (then SIGTERM after 10 s)
+        the :class:`RunSummary`; on Ctrl-C every node gets SIGINT (again after 5 s, SIGTERM after 10 s)
         and the summary has ``interrupted`` set.
 
     Raises:
@@ -213,7 +213,7 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
         except KeyboardInterrupt:
             interrupted = True
             _signal_all(nodes, signal.SIGINT)
-            _wait_all(nodes)
+            _wait_all(nodes, interrupted=True)
         else:
             interrupted = watch(nodes, run_dir, total, out, poll)
     finally:
@@ -290,7 +290,7 @@ def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: Text
         interrupted = True
         _signal_all(nodes, signal.SIGINT)
     finally:
-        _wait_all(nodes, refresh=refresh)
+        _wait_all(nodes, refresh=refresh, interrupted=interrupted)
         if tty and last_line:
             print(file=out)
     return interrupted
@@ -327,11 +327,25 @@ def _signal_all(nodes: Mapping[str, NodeProcess], sig: int) -> None:
             node.signal(sig)
 
 
+#: after Ctrl-C: seconds until the nodes still running get SIGINT again, and SIGTERM
+INTERRUPT_AGAIN, INTERRUPT_TERM = 5.0, 10.0
+
+
 def _wait_all(nodes: Mapping[str, NodeProcess], grace: float = 2.0,
-              refresh: Callable[[], None] = lambda: None) -> None:
-    """Wait for every node; if the PS failed, the workers get SIGTERM after ``grace`` s."""
-    deadline = time.monotonic() + grace
+              refresh: Callable[[], None] = lambda: None, interrupted: bool = False,
+              again: float = INTERRUPT_AGAIN, term: float = INTERRUPT_TERM) -> None:
+    """Wait for every node; if the PS failed, the workers get SIGTERM after ``grace`` s.
+
+    After Ctrl-C (``interrupted``: every node already got SIGINT) the nodes still running get
+    SIGINT again after ``again`` s (a second SIGINT interrupts ``asyncio.run`` even where the
+    first one's cancellation was lost, as Python 3.11's ``asyncio.wait_for`` can lose it when
+    its inner future completes at the same moment) and SIGTERM after ``term`` s. A node still
+    shutting down when the second SIGINT comes may end by it (exit code -2) instead of 130.
+    """
+    start = time.monotonic()
+    deadline = start + grace
     server = nodes.get("server")
+    steps = [(again, signal.SIGINT), (term, signal.SIGTERM)] if interrupted else []
     while True:
         try:
             refresh()
@@ -341,6 +355,8 @@ def _wait_all(nodes: Mapping[str, NodeProcess], grace: float = 2.0,
             if server_failed and time.monotonic() > deadline:
                 _signal_all(nodes, signal.SIGTERM)
                 deadline = time.monotonic() + grace
+            while steps and time.monotonic() - start > steps[0][0]:
+                _signal_all(nodes, steps.pop(0)[1])
             time.sleep(0.1)
         except KeyboardInterrupt:
             _signal_all(nodes, signal.SIGTERM)
