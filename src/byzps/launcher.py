@@ -178,8 +178,8 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
             is at least this (in [0, 1]); None: no threshold.
 
     Returns:
-        the :class:`RunSummary`; on Ctrl-C every node gets SIGINT (again after 5 s, SIGTERM after 10 s)
-        and the summary has ``interrupted`` set.
+        the :class:`RunSummary`; on Ctrl-C every node gets SIGINT (again after 5 s, SIGTERM
+        after 10 s) and the summary has ``interrupted`` set.
 
     Raises:
         byzps.config.ConfigError: invalid config.
