@@ -38,24 +38,24 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import free_port  # noqa: E402
-from hostile import HostileWorker  # noqa: E402
-
-from byzps import auth  # noqa: E402
 from byzps.metrics import read_jsonl  # noqa: E402
 from byzps.models import build_model  # noqa: E402
-from byzps.wire import MAC_BYTES, Resync, encode  # noqa: E402
+from byzps.net import auth  # noqa: E402
+from byzps.net.wire import MAC_BYTES, Resync, encode  # noqa: E402
+
+from conftest import free_port  # noqa: E402
+from hostile import HostileWorker  # noqa: E402
 
 #: the honest worker process of ``slow``: ps_node's own code, each gradient delayed
 SLOW_WORKER = """
 import sys, time
 sys.path.insert(0, {src!r})
-import byzps.worker as bw
-_compute = bw.Worker._compute
+import byzps.core.worker as bw
+_compute = bw.WorkerCore.compute
 def _slow(self, round_):
     time.sleep({delay!r})
     return _compute(self, round_)
-bw.Worker._compute = _slow
+bw.WorkerCore.compute = _slow
 from byzps.cli import main
 sys.exit(main({argv!r}))
 """

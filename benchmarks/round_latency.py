@@ -30,7 +30,7 @@ from the PS's ``training.metrics_file`` and the stand-ins' UPDATE times:
   rule's own time on an in-memory (n, d) tensor; ``ratio`` = s/round / limit.
 
 **In-process** (clearly labelled; no sockets, one process): the PS's round logic
-(:class:`byzps.protocol.ServerRounds`) on an (n, d) workload whose rows are written straight
+(:class:`byzps.core.rounds.ServerRounds`) on an (n, d) workload whose rows are written straight
 into its round buffer, as the network layer does: ``fill`` = writing the n rows (a memory copy,
 standing in for the kernel's), ``digest`` = ``begin_round`` (the replica digest for ROUND),
 ``valid`` / ``agg`` = the round's ``seconds_validate`` / ``seconds_aggregate``, ``bcast`` =
@@ -197,7 +197,7 @@ def med(xs: list[float]) -> float:
 # ---------------------------------------------------------------------------------------------
 # The stand-in worker (a separate process: this file with --_worker); numpy only
 
-PREFIX = struct.Struct("<4sBBHIQ")     # byzps.wire's frame prefix
+PREFIX = struct.Struct("<4sBBHIQ")     # byzps.net.wire's frame prefix
 HELLO, STATE, ROUND, GRADIENT, UPDATE, STOP, REFUSE = 1, 2, 3, 4, 5, 6, 8
 
 
@@ -349,9 +349,9 @@ def rule_seconds(method: str, f: int, x, repeats: int) -> float:
 
 
 def make_replica(spec: str):
-    """A real :class:`byzps.training.Replica` of the spec's size (``wide:D`` patched in)."""
+    """A real :class:`byzps.replica.Replica` of the spec's size (``wide:D`` patched in)."""
     from byzps import models
-    from byzps.training import Replica
+    from byzps.replica import Replica
     name, d, k = parse_model(spec)
     saved = models._BUILDERS["logreg"]
     if k is not None:
@@ -369,7 +369,7 @@ def in_process(spec: str, n: int, methods: list[str], f: int, repeats: int) -> l
     import torch
 
     from byzps import aggregators, wire
-    from byzps.protocol import Broadcast, RoundClosed, ServerRounds
+    from byzps.core.rounds import Broadcast, RoundClosed, ServerRounds
     _, d, _ = parse_model(spec)
     base = torch.randn(d, generator=torch.Generator().manual_seed(0)) * 0.01
     scales = [1.0 + 0.01 * i for i in range(n)]

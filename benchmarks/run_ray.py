@@ -99,7 +99,7 @@ def main() -> None:
     for m in MODES:
         mine = [r for r in runs if r["mode"] == m]
 
-        def cells(key: str, spec: str) -> str:
+        def cells(key: str, spec: str, mine: list = mine) -> str:
             return ", ".join(format(r[key], spec) for r in mine)
 
         lines.append(f"| {m} | {cells('mean_s_per_round', '.3f')} | "

@@ -77,8 +77,8 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     import byzps
-    from byzps.config import parse_config
     from byzps.grid import load_grid
+    from byzps.job import parse_config
     from byzps.simulate import Simulation, simulate
 
     logging.getLogger("byzps").setLevel(logging.ERROR)

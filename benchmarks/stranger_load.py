@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from byzps import auth  # noqa: E402
+from byzps.net import auth  # noqa: E402
+
 from conftest import free_port, node_env  # noqa: E402
 
 
@@ -244,7 +245,6 @@ def main() -> int:
     stats = {"opened": 0, "closed_by_ps": 0, "held": 0, "header_bytes": 0, "scrapes_ok": 0,
              "scrapes_failed": 0, "scrape_max_s": 0.0}
     stop = threading.Event()
-    attack_start = time.monotonic()
     threads = [threading.Thread(target=attack, args=(args.scenario, args,
                                                      port if args.scenario == "flood" else mport,
                                                      stop, stats), daemon=True)]

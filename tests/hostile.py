@@ -25,10 +25,25 @@ from typing import Optional
 
 import torch
 
-from byzps import auth
-from byzps.transport import frame_buffers
-from byzps.wire import (MAC_BYTES, PREFIX_BYTES, Auth, Challenge, Gradient, Hello, Limits,
-                        MsgType, Refuse, Resync, RoundStart, State, Stop, decode_frame, encode)
+from byzps.net import auth
+from byzps.net.transport import frame_buffers
+from byzps.net.wire import (
+    MAC_BYTES,
+    PREFIX_BYTES,
+    Auth,
+    Challenge,
+    Gradient,
+    Hello,
+    Limits,
+    MsgType,
+    Refuse,
+    Resync,
+    RoundStart,
+    State,
+    Stop,
+    decode_frame,
+    encode,
+)
 
 _RUNNING = frozenset({MsgType.STATE, MsgType.ROUND, MsgType.UPDATE, MsgType.STOP,
                       MsgType.REFUSE})
@@ -40,7 +55,7 @@ class HostileWorker(threading.Thread):
     Args:
         port: the PS's port on ``host``.
         worker_id: its configured id.
-        key: its 32-byte key (from ``byzps keygen`` / :func:`byzps.auth.generate_keys`).
+        key: its 32-byte key (from ``byzps keygen`` / :func:`byzps.net.auth.generate_keys`).
         d: model size.
         mode: ``late``, ``resync`` or ``claim_ids`` (see the module docstring).
         delay: ``late``: seconds between a ROUND's arrival and the answer.

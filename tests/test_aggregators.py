@@ -320,19 +320,19 @@ def test_float32_matches_float64_reference():
 
 def test_chunked_paths_match_unchunked(monkeypatch):
     """Force tiny column chunks: every rule must give the same result."""
-    from byzps.aggregators import _common
+    from byzps.aggregators import _chunks
 
     x = torch.from_numpy(_random(3, 11, 37))
     expected = {name: A.build(name, f=2)(x) for name in ALL}
-    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 16)
-    assert _common.chunk_columns(11, 37) == 1
+    monkeypatch.setattr(_chunks, "CHUNK_ELEMENTS", 16)
+    assert _chunks.chunk_columns(11, 37) == 1
     for name in ALL:
         torch.testing.assert_close(A.build(name, f=2)(x), expected[name], rtol=1e-12,
                                    atol=1e-12)
 
 
 def test_distances_translation_and_float32_precision():
-    from byzps.aggregators._common import pairwise_sq_dists
+    from byzps.aggregators._distances import pairwise_sq_dists
 
     g = np.random.default_rng(0)
     small = g.normal(size=(6, 1000))
@@ -355,7 +355,7 @@ def test_distances_translation_and_float32_precision():
 
 
 def test_huge_float64_rows_distances_finite():
-    from byzps.aggregators._common import pairwise_sq_dists
+    from byzps.aggregators._distances import pairwise_sq_dists
 
     x = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1e300, -1e300], [0.5, 0.5]], dtype=torch.float64)
     dist = pairwise_sq_dists(x)
@@ -638,9 +638,9 @@ def test_single_nonfinite_entry_found_by_fast_path(monkeypatch, name, n, value, 
     extremes, float64 sums, Gram matrix, norms); one bad entry anywhere, in any column block
     (tiny blocks forced) and with or without the +inf padding of the sorting network (n not a
     power of two), must give the rule on the other rows with f lowered by one."""
-    from byzps.aggregators import _common
+    from byzps.aggregators import _chunks
 
-    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(_chunks, "CHUNK_ELEMENTS", 64)
     g = np.random.default_rng(n)
     honest = torch.from_numpy(_random(n, n - 1, 23)).to(dtype)
     f = 2 if name != "bulyan" else max(0, (n - 1 - 3) // 4)
@@ -680,28 +680,28 @@ def test_float64_overflow_goes_down_the_careful_path():
 
 @pytest.mark.parametrize("n", list(range(1, 20)) + [31, 32, 33, 63, 64, 65])
 def test_sorting_network_sorts_columns(monkeypatch, n):
-    from byzps.aggregators import _common
+    from byzps.aggregators import _chunks, _sorting
 
-    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 256)  # several column blocks
+    monkeypatch.setattr(_chunks, "CHUNK_ELEMENTS", 256)  # several column blocks
     g = np.random.default_rng(n)
     for dtype in (torch.float32, torch.float64):
         # integers (many ties), signed zeros and huge values
         x = torch.from_numpy(g.integers(-4, 5, size=(n, 29)).astype(np.float64)).to(dtype)
         x[0, :3] = torch.tensor([-0.0, 3e38, -3e38], dtype=dtype)
         ref = torch.sort(x, dim=0).values
-        got = torch.cat([s.clone() for _, _, s in _common.sorted_column_chunks(x)], dim=1)
+        got = torch.cat([s.clone() for _, _, s in _sorting.sorted_column_chunks(x)], dim=1)
         assert torch.equal(got, ref)
         rows = torch.tensor(sorted(g.choice(n, size=max(1, n // 2), replace=False).tolist()))
-        got = torch.cat([s.clone() for _, _, s in _common.sorted_column_chunks(x, rows)], dim=1)
+        got = torch.cat([s.clone() for _, _, s in _sorting.sorted_column_chunks(x, rows)], dim=1)
         assert torch.equal(got, torch.sort(x[rows], dim=0).values)
-        med = _common.coordinate_median(x)
+        med = _sorting.coordinate_median(x)
         np.testing.assert_array_equal(med.double().numpy(),
                                       np.median(x.double().numpy(), axis=0).astype(
                                           np.float32 if dtype == torch.float32 else np.float64))
 
 
 def test_bitonic_select_ranks():
-    from byzps.aggregators._common import bitonic_select
+    from byzps.aggregators._sorting import bitonic_select
 
     g = np.random.default_rng(0)
     for big in (2, 4, 8, 16, 32):
@@ -717,7 +717,8 @@ def test_bitonic_select_ranks():
 
 
 def test_helpers_all_finite_and_empty_output():
-    from byzps.aggregators._common import all_finite, empty_output
+    from byzps.aggregators._chunks import empty_output
+    from byzps.aggregators._finite import all_finite
 
     assert all_finite(torch.zeros(0))
     assert all_finite(torch.tensor([1.0, -3e38]))

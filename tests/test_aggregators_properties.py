@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from byzps import aggregators as A
-from byzps.aggregators._common import window_mean_around_median
+from byzps.aggregators._sorting import window_mean_around_median
 
 SETTINGS = settings(
     deadline=None,

@@ -11,7 +11,7 @@ import torch
 from byzps import attacks
 from byzps.attacks import AttackContext, alie_z
 from byzps.attacks.base import round_generator
-from byzps.training import Replica
+from byzps.replica import Replica
 
 
 def vec(*xs: float) -> torch.Tensor:

@@ -16,11 +16,10 @@ from byzps.attacks._estimate import standin_rows
 from byzps.attacks._search import line_maximize
 from byzps.attacks.base import round_generator
 from byzps.attacks.minmax import perturbation_vector
-from byzps.config import parse_config
+from byzps.job import Job, parse_config
 from byzps.launcher import final_digest, launch
 from byzps.robust import RobustPipeline
 from byzps.simulate import Simulation, simulate
-from byzps.worker import Worker
 
 from conftest import write_config
 
@@ -184,7 +183,7 @@ def test_optimised_attacks_refuse_bad_parameters():
 
 def test_worker_runs_the_pipeline_without_changing_its_state(base_config):
     base_config["aggregation"] = {"method": "centered_clipping", "params": {"tau": 1.0}}
-    w = Worker(parse_config(base_config), 3, None, "./data")
+    w = Job(parse_config(base_config), "./data").worker_core(3)
     x = torch.randn(4, w.replica.d)
     fresh = w.evaluate_pipeline(x)
     assert torch.equal(w.evaluate_pipeline(x), fresh)      # the centre is not carried over

@@ -8,9 +8,9 @@ import stat
 import pytest
 import torch
 
-from byzps import auth
-from byzps.auth import AuthError, MacSession
-from byzps.wire import FrameError, Gradient, Limits, MsgType, Update, decode_frame, encode
+from byzps.net import auth
+from byzps.net.auth import AuthError, MacSession
+from byzps.net.wire import FrameError, Gradient, Limits, MsgType, Update, decode_frame, encode
 
 D = 4
 LIMITS = Limits(D, frozenset(MsgType), mac=True)

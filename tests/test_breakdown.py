@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from byzps import aggregators as A
-from byzps.aggregators._common import pairwise_sq_dists, sums_less
+from byzps.aggregators._distances import pairwise_sq_dists
+from byzps.aggregators._reduce import sums_less
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                          HealthCheck.data_too_large])
@@ -258,7 +259,9 @@ def test_sums_less_is_exact(values):
 
 
 def test_sums_less_exact_where_rounding_ties():
-    v = lambda *a: torch.tensor(a, dtype=torch.float64)
+    def v(*a):
+        return torch.tensor(a, dtype=torch.float64)
+
     assert sums_less(v(-2.0), v(1e17), v(0.0), v(1e17)).tolist() == [True]
     assert sums_less(v(0.0), v(1e17), v(-2.0), v(1e17)).tolist() == [False]
     assert sums_less(v(1.0), v(1e17), v(1.0), v(1e17)).tolist() == [False]

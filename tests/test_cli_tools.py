@@ -14,13 +14,13 @@ import torch
 import yaml
 
 from byzps import aggregators
-from byzps.auth import load_keys
 from byzps.cli import byzps_main, list_text
-from byzps.config import ConfigError, parse_config
+from byzps.config import ConfigError
+from byzps.core.rounds import RoundClosed
 from byzps.grid import GridError, load_grid, markdown_tables, parse_grid, run_grid
-from byzps.metrics import progress_line, round_record
-from byzps.protocol import RoundClosed
-from byzps.robust import build_robust, default_quorum
+from byzps.job import build_robust, default_quorum, parse_config
+from byzps.metrics import round_record, round_status
+from byzps.net.auth import load_keys
 
 from conftest import write_config
 
@@ -85,9 +85,10 @@ def test_round_record_exact():
     bare = round_record(closed, now=1.0)
     assert "test_accuracy" not in bare and "seconds_round" not in bare
     assert set(bare["workers"]) == {"0", "1", "2", "3"}
-    line = progress_line(rec, 10, 0.5)
-    assert line.startswith("[##########..........] round 5/10  acc 0.9000  loss 1.500  "
-                           "rejected 1  0.50 s/round")
+    assert round_status(rec, 10, 0.5) == ("round 5/10  acc 0.9000  loss 1.500  rejected 1  "
+                                          "0.50 s/round")
+    assert round_status(bare, 10, None, 0.8, show_round=False) == \
+        "acc 0.8000  loss 1.500  rejected 1"
 
 
 # -- byzps list / keygen / plot / simulate -----------------------------------------------------
@@ -284,6 +285,7 @@ def test_markdown_worst_case_picks_the_minimum_over_attacks():
 
 def test_after_ctrl_c_a_node_that_lost_the_first_sigint_gets_it_again_then_sigterm(tmp_path):
     import signal as sig
+
     from byzps.launcher import LocalNode, _wait_all
     # real processes: one exits 130 on the second SIGINT (the first one lost, as a cancelled
     # asyncio.wait_for can lose it), one ignores SIGINT and ends only on SIGTERM

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from byzps.config import ConfigError, load_config, parse_config
+from byzps.config import ConfigError
+from byzps.job import aggregator_params, load_config, parse_config
 
 from conftest import ROOT, write_config
 
@@ -38,7 +39,7 @@ def test_f_defaults_to_byzantine_count_and_krum_f_alias(base_config):
     assert parse_config(base_config).f == 1
     base_config["aggregation"] = {"method": "multi_krum", "krum_f": 1, "krum_q": 2}
     cfg = parse_config(base_config)
-    assert cfg.f == 1 and cfg.aggregator_params()["q"] == 2
+    assert cfg.f == 1 and aggregator_params(cfg)["q"] == 2
 
 
 def test_data_shard_defaults_to_position(base_config):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from byzps import attacks
-from byzps.config import ConfigError, load_config, parse_config
+from byzps.config import ConfigError
+from byzps.job import load_config, parse_config
 
 from conftest import write_config
 

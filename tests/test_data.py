@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from byzps import data
-from byzps.data import IdxFormatError, iid_shards, load_mnist, parse_idx, to_tensors
+from byzps.data import IdxFormatError, load_mnist, parse_idx, to_tensors
+from byzps.partition import iid_shards
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:

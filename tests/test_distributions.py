@@ -5,9 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from byzps.config import ConfigError, parse_config
-from byzps.data import (config_shards, dirichlet_proportions, dirichlet_split, gamma_split,
-                        iid_shards, label_sorted_split, make_shards, sample_pool, split_even)
+from byzps import job
+from byzps.config import ConfigError
+from byzps.job import parse_config
+from byzps.partition import (
+    dirichlet_proportions,
+    dirichlet_split,
+    gamma_split,
+    iid_shards,
+    label_sorted_split,
+    make_shards,
+    sample_pool,
+    split_even,
+)
 
 LABELS = np.array([2, 0, 1, 0, 2, 1, 0, 1, 2, 0])   # 10 examples, classes 0..2
 
@@ -105,7 +115,7 @@ def test_config_distribution_section(base_config):
     base_config["training"]["distribution"] = {"name": "dirichlet", "alpha": 0.5}
     cfg = parse_config(base_config)
     labels = np.arange(2000) % 10
-    shards = config_shards(cfg, labels)
+    shards = job.shards(cfg, labels)
     assert len(shards) == cfg.n and sum(map(len, shards)) == 2000
     base_config["training"]["distribution"] = {"name": "iid", "alpha": 0.5}
     with pytest.raises(ConfigError, match="alpha is a parameter of dirichlet"):

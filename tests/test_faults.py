@@ -13,9 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
-
-from byzps import auth
-from byzps.wire import Auth, Challenge, Hello, Limits, MsgType, Refuse, decode_frame, encode
+from byzps.net import auth
+from byzps.net.wire import Auth, Challenge, Hello, Limits, MsgType, Refuse, decode_frame, encode
 
 from conftest import start_node, wait_for_port, write_config
 

@@ -307,8 +307,7 @@ def test_dnc_state_survives_a_checkpoint(tmp_path, base_config):
     # the PS writes the pipeline's state into its checkpoint (torch.save, read back with
     # weights_only=True); a resumed dnc continues the coordinate sequence
     from byzps import checkpoint
-    from byzps.config import parse_config
-    from byzps.robust import build_robust
+    from byzps.job import build_robust, parse_config
 
     base_config["aggregation"] = {"method": "dnc", "f": 1, "params": {"b": 4, "niters": 2}}
     cfg = parse_config(base_config)

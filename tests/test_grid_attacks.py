@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from byzps.config import ConfigError, parse_config
+from byzps.config import ConfigError
 from byzps.grid import GridError, parse_grid
+from byzps.job import omniscient_workers, parse_config
 from byzps.launcher import launch
 
 from conftest import write_config
@@ -55,7 +56,7 @@ def test_tcp_entry_points_refuse_omniscient_attacks(tmp_path, base_config):
     base_config["workers"][3] = {"id": 3, "type": "byzantine", "attack": "alie",
                                  "attack_params": {"omniscient": True}}
     path = write_config(tmp_path / "c.yaml", base_config)
-    assert parse_config(base_config).omniscient_workers() == [3]
+    assert omniscient_workers(parse_config(base_config)) == [3]
     for argv in (["--role", "server"], ["--role", "worker", "--worker-id", "0"]):
         proc = subprocess.run([sys.executable, str(ROOT / "ps_node.py"), "--config", str(path), *argv],
                               capture_output=True, text=True, timeout=120)

@@ -18,13 +18,13 @@ import torch
 import yaml
 
 from byzps import checkpoint, data
-from byzps.auth import AuthError, load_keys
 from byzps.checkpoint import CheckpointError
-from byzps.config import ConfigError, load_config, parse_config
+from byzps.config import ConfigError
 from byzps.data import IdxFormatError, parse_idx
 from byzps.grid import GridError, load_grid
-from byzps.robust import build_robust
-from byzps.training import Replica
+from byzps.job import build_robust, load_config, parse_config
+from byzps.net.auth import AuthError, load_keys
+from byzps.replica import Replica
 
 from conftest import ROOT, node_env, write_config
 
@@ -95,12 +95,12 @@ def test_shorten_is_exact():
 
 ENDLESS = r"""
 import os, sys
-from byzps.auth import load_keys
+from byzps.net.auth import load_keys
 from byzps.checkpoint import load
-from byzps.config import load_config
+from byzps.job import load_config
 from byzps.grid import load_grid
 from byzps.tasks.cifar10 import extract_archive
-from byzps.transport import client_ssl_context, server_ssl_context
+from byzps.net.transport import client_ssl_context, server_ssl_context
 tmp = sys.argv[1]
 os.symlink("/dev/zero", f"{tmp}/config.yaml")
 os.makedirs(f"{tmp}/ckpt")

@@ -19,12 +19,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from byzps import auth
+from byzps.core.rounds import (
+    REJECT_NON_FINITE,
+    REJECT_SHAPE,
+    REJECT_WORKER_ID,
+    REJECTION_REASONS,
+    RoundClosed,
+    ServerRounds,
+)
 from byzps.metrics import MAX_REPORTED_LOSS, read_jsonl, reported_loss, round_record
-from byzps.protocol import (REJECT_NON_FINITE, REJECT_SHAPE, REJECT_WORKER_ID,
-                            REJECTION_REASONS, RoundClosed, ServerRounds)
-from byzps.training import Replica
-from byzps.wire import Gradient
+from byzps.net import auth
+from byzps.net.wire import Gradient
+from byzps.replica import Replica
 
 from conftest import start_node, wait_for_port, write_config
 from hostile import HostileWorker

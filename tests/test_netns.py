@@ -18,9 +18,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT, node_env, write_config
-
 from test_faults import wait_for_log
+
+from conftest import ROOT, node_env, write_config
 
 SUFFIX = str(os.getpid() % 100000)
 HUB = f"bzh{SUFFIX}"

@@ -18,7 +18,7 @@ from byzps.optimizers import OptimizerError, OptimizerState
 def _torch_run(kind: str, params: dict, theta0: torch.Tensor, grads: list[torch.Tensor],
                lrs: list[float]) -> tuple[torch.Tensor, dict]:
     """theta after torch.optim's single-tensor steps; SGD starts with an explicit zero buffer
-    (as byzps.training.Replica does)."""
+    (as byzps.replica.Replica does)."""
     p = torch.nn.Parameter(theta0.clone())
     if kind == "sgd":
         o = torch.optim.SGD([p], lr=lrs[0], foreach=False, **params)
@@ -88,8 +88,8 @@ def test_step_is_bit_identical_to_torch_optim(kind, params):
 
 def test_sgd_equals_todays_replica_step_and_digest():
     """Wiring this module in must leave SGD runs unchanged: the same theta, buffer and digest
-    as byzps.training.Replica after a few steps."""
-    from byzps.training import Replica
+    as byzps.replica.Replica after a few steps."""
+    from byzps.replica import Replica
 
     rep = Replica("logreg", seed=3, learning_rate=0.05, momentum=0.9)
     sgd = opt.build_optimizer("sgd", momentum=0.9)

@@ -5,11 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from byzps.protocol import (REJECT_DUPLICATE, REJECT_NON_FINITE, REJECT_WORKER_ID, Broadcast,
-                            Drop, Finished, RoundClosed, RoundFailed, Send, ServerRounds,
-                            WorkerRounds)
-from byzps.training import Replica
-from byzps.wire import Gradient, Resync, RoundStart, State, Stop, Update
+from byzps.core.rounds import (
+    REJECT_DUPLICATE,
+    REJECT_NON_FINITE,
+    REJECT_WORKER_ID,
+    Broadcast,
+    Drop,
+    Finished,
+    RoundClosed,
+    RoundFailed,
+    Send,
+    ServerRounds,
+    WorkerRounds,
+)
+from byzps.net.wire import Gradient, Resync, RoundStart, State, Stop, Update
+from byzps.replica import Replica
 
 
 def replica(momentum=0.9):
@@ -258,7 +268,7 @@ def test_aggregator_refusal_after_compaction_restores_the_rows():
 
 
 def test_all_finite_survives_an_overflowing_sum_and_finds_nan_and_inf():
-    from byzps.protocol import all_finite
+    from byzps.core.rounds import all_finite
     big = torch.full((10,), 3e38)
     assert not torch.isfinite(big.sum()) and all_finite(big)
     for bad in (float("nan"), float("inf"), -float("inf")):
@@ -286,7 +296,7 @@ def test_replica_that_loaded_state_matches_a_fresh_one_bit_for_bit_with_negative
     first momentum step with the same digest even when the aggregate holds -0.0 (a median of a
     sign-flipped zero): torch SGD's first step copied the gradient on the PS (-0.0) while the
     worker computed 0.9 * 0 + g (+0.0), and every worker resynced after round 0."""
-    from byzps.training import Replica
+    from byzps.replica import Replica
     ps = Replica("logreg", 0, 0.1, 0.9)
     worker = Replica("logreg", 0, 0.1, 0.9)
     worker.load_state(ps.state())
@@ -454,7 +464,7 @@ def test_close_at_is_not_part_of_a_checkpoints_fingerprint(base_config):
     run is: a run may resume with the other setting (and checkpoints written before the field
     existed stay usable)."""
     from byzps.checkpoint import fingerprint
-    from byzps.config import parse_config
+    from byzps.job import parse_config
     a = fingerprint(parse_config(dict(base_config, training=dict(base_config["training"],
                                                                  close_at="all"))))
     b = fingerprint(parse_config(dict(base_config, training=dict(base_config["training"],

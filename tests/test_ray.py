@@ -38,12 +38,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, strategies as st
-
-from conftest import ROOT, node_env
+from hypothesis import given
+from hypothesis import strategies as st
 
 from byzps.grid import CellProgress, cell_resources, load_grid, run_grid
-from byzps.metrics import progress_bar
+from byzps.progress import Progress
+
+from conftest import ROOT, node_env
 
 RAY_PORT = 6379          # free by construction: the namespace is new
 RAY = Path(sys.executable).with_name("ray")
@@ -281,8 +282,8 @@ def _run_on_cluster(cluster: Cluster, config: Path, run_dir: Path, kill: str | N
 
 
 def test_run_on_the_cluster_trains_to_the_local_digest_with_keys_and_tls(ray_cluster, tmp_path):
-    from byzps import auth
     from byzps.launcher import final_digest
+    from byzps.net import auth
 
     cfg = _run_config(tmp_path, close_at="all")      # every answer: bit-exact
     auth.write_keys(tmp_path / "keys.yaml", auth.generate_keys(range(4)))
@@ -441,22 +442,7 @@ def test_cell_resources():
     assert cell_resources(auto, cluster_gpus=2)["num_gpus"] == 1
 
 
-@given(st.integers(-5, 200), st.integers(1, 100), st.integers(1, 40))
-def test_progress_bar_has_a_fixed_width_and_fills_monotonically(done, total, width):
-    bar = progress_bar(done, total, width)
-    assert len(bar) == width + 2 and bar[0] == "[" and bar[-1] == "]"
-    assert set(bar[1:-1]) <= {"#", "."} and "." + "#" not in bar   # filled part comes first
-    assert bar.count("#") <= progress_bar(done + 1, total, width).count("#")
-    if done <= 0:
-        assert bar.count("#") == 0
-    if done >= total:
-        assert bar.count("#") == width
-
-
-def test_progress_bar_and_cell_lines():
-    assert progress_bar(0, 4, width=8) == "[........]"
-    assert progress_bar(3, 4, width=8) == "[######..]"
-    assert progress_bar(9, 4, width=8) == "[########]"
+def test_cell_lines_without_a_terminal():
     s = io.StringIO()
     p = CellProgress(2, s)
     p.finished("a", {"status": "ok", "final_accuracy": 0.5, "seconds": 3.0,
@@ -469,18 +455,38 @@ def test_progress_bar_and_cell_lines():
     assert len(lines) == 2                      # not a terminal: no bar
 
 
-def test_progress_bar_redrawn_on_a_terminal():
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
-    s = Tty()
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_cell_bar_on_a_terminal():
+    s = _Tty()
     p = CellProgress(2, s)
     p.finished("a", {"status": "failed", "final_accuracy": None, "seconds": 1.0,
                      "seconds_per_round": 0.5})
     p.close()
     text = s.getvalue()
-    assert text.startswith("\r\x1b[K[1/2] a: failed (1 s, 0.500 s/round); elapsed ")
-    assert "\n[##########..........] 1/2 cells  elapsed " in text and text.endswith("\n")
+    assert "[1/2] a: failed (1 s, 0.500 s/round); elapsed " in text
+    assert "1/2" in text.split("[1/2] a:")[-1]          # the bar, drawn after the line
+    assert "elapsed" in text.rsplit("\r", 1)[-1]         # its status text: the timing
+
+
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=8))
+def test_progress_bar_shows_the_last_count_and_plain_lines_only_off_a_terminal(counts):
+    """One library draws every bar (tqdm): on a terminal the last drawn state names the last
+    count; off a terminal nothing but the lines is written."""
+    plain, tty = io.StringIO(), _Tty()
+    for stream in (plain, tty):
+        p = Progress(12, stream, unit="round")
+        for k in counts:
+            p.advance_to(k, f"status {k}")
+        p.line("done")
+        p.close()
+    assert plain.getvalue() == "done\n"
+    last = tty.getvalue().rsplit("\r", 1)[-1]
+    assert f"{counts[-1]}/12" in last and f"status {counts[-1]}" in last
+    assert "done\n" in tty.getvalue()
 
 
 def test_grid_ray_without_ray_installed_says_how_to_get_it(tmp_path, monkeypatch, capsys):
@@ -494,8 +500,9 @@ def test_grid_ray_without_ray_installed_says_how_to_get_it(tmp_path, monkeypatch
 
 
 def test_unreachable_cluster_fails_fast_naming_the_address():
-    from conftest import free_port
     from byzps.raycluster import probe_head, ray_session
+
+    from conftest import free_port
     port = free_port()                       # nothing listens there
     t0 = time.time()
     with pytest.raises(ConnectionError, match=rf"no Ray cluster answers at 127.0.0.1:{port}: "):
@@ -527,7 +534,7 @@ def test_a_ray_result_must_be_the_cells_own(tmp_path):
 # -- byzps run --ray: pure logic ------------------------------------------------------------------
 
 def _cfg(**server):
-    from byzps.config import parse_config
+    from byzps.job import parse_config
     data = {"training": {"rounds": 1}, "aggregation": {"method": "mean"},
             "server": {"host": "127.0.0.1", "port": 9000, **server},
             "workers": [{"id": 0}, {"id": 5, "resources": {"GPU": 1, "CPU": 2, "bz": 0.5}}]}
@@ -535,8 +542,7 @@ def _cfg(**server):
 
 
 def test_bundles_actor_options_and_what_fits():
-    from byzps.rayrun import RayPlacementError, actor_options, check_fits, node_bundles, \
-        node_names
+    from byzps.rayrun import RayPlacementError, actor_options, check_fits, node_bundles, node_names
     cfg, _ = _cfg()
     names, bundles = node_names(cfg), node_bundles(cfg)
     assert names == ["server", "worker-0", "worker-5"]
@@ -572,9 +578,9 @@ def test_node_config_points_each_node_at_the_ps_and_its_own_files():
 
 
 def test_each_worker_actor_gets_only_its_own_key(tmp_path, monkeypatch):
-    from byzps import auth
+    from byzps.net import auth
+    from byzps.net.transport import TlsError
     from byzps.rayrun import node_files
-    from byzps.transport import TlsError
     keys = auth.generate_keys([0, 5, 7])          # 7: in the PS's file, not in the config
     auth.write_keys(tmp_path / "ps.yaml", keys)
     (tmp_path / "ca.pem").write_bytes(b"CA")
@@ -616,7 +622,8 @@ def test_each_worker_actor_gets_only_its_own_key(tmp_path, monkeypatch):
     ({"GPU": "1"}, "workers.0.resources.GPU"),
 ])
 def test_worker_resources_are_checked_at_load_time(resources, problem):
-    from byzps.config import ConfigError, parse_config
+    from byzps.config import ConfigError
+    from byzps.job import parse_config
     data = {"training": {"rounds": 1}, "aggregation": {"method": "mean"},
             "server": {"host": "127.0.0.1", "port": 9000},
             "workers": [{"id": 0, "resources": resources}]}

@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from byzps import auth
-from byzps.config import parse_config
+from byzps.job import Job, parse_config
 from byzps.metrics import read_jsonl
-from byzps.server import ParameterServer
-from byzps.wire import MAC_BYTES, PREFIX_BYTES
-from byzps.worker import Worker
+from byzps.net import auth
+from byzps.net.server import ParameterServer
+from byzps.net.wire import MAC_BYTES, PREFIX_BYTES
+from byzps.net.worker import Worker
 
 
 @pytest.mark.parametrize("authenticated", [False, True])
@@ -28,8 +28,9 @@ def test_metrics_carry_latency_and_frame_bytes_per_worker(tmp_path, base_config,
     cfg = parse_config(base_config)
 
     async def run():
-        ps = ParameterServer(cfg, "./data")
-        workers = [Worker(cfg, i, None, "./data") for i in range(3)]
+        job = Job(cfg, "./data")
+        ps = ParameterServer(cfg, job.ps_core())
+        workers = [Worker(cfg, job.worker_core(i)) for i in range(3)]
         return ps, await asyncio.wait_for(
             asyncio.gather(ps.run(), *(w.run() for w in workers)), 120)
 

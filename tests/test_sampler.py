@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from byzps.worker import ShardSampler
+from byzps.partition import ShardSampler
 
 X = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1)
 Y = torch.arange(10)

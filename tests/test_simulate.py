@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 
@@ -10,8 +9,7 @@ import pytest
 import torch
 
 from byzps.attacks import alie_z
-from byzps.worker import Worker, WorkerFailed
-from byzps.config import parse_config
+from byzps.job import parse_config
 from byzps.launcher import final_digest, launch
 from byzps.metrics import read_jsonl
 from byzps.simulate import Simulation, SimulationFailed, simulate
@@ -110,14 +108,6 @@ def test_omniscient_alie_sees_the_honest_vectors_of_the_round(base_config):
     assert torch.equal(sim._rows[4], expected) and torch.equal(sim._rows[5], expected)
 
 
-def test_tcp_worker_refuses_an_omniscient_attack(base_config):
-    base_config["workers"][3] = {"id": 3, "type": "byzantine", "attack": "ipm",
-                                 "attack_params": {"omniscient": True}}
-    w = Worker(parse_config(base_config), 3, None, "./data")
-    with pytest.raises(WorkerFailed, match="omniscient: true.*byzps simulate"):
-        asyncio.run(w.run())
-
-
 def test_worker_threads_do_not_change_the_result(base_config):
     """The workers handled on 1 or 3 threads give the same final digest and the same per-round
     losses and distances, with server and worker momentum and an omniscient attacker (which
@@ -162,3 +152,17 @@ def test_summary_seconds_leave_out_the_evaluations(base_config):
 def test_threads_must_be_positive(base_config):
     with pytest.raises(ValueError, match="threads must be at least 1, got 0"):
         Simulation(parse_config(base_config), "./data", threads=0)
+
+
+def test_simulate_ignores_tls_and_secrets_of_the_config(tmp_path, base_config):
+    """A config set up for TCP with keys and TLS simulates as is: the simulator builds no
+    network object, so it reads neither the key file nor the certificates (which do not even
+    exist here), and the model is the same as without them."""
+    base_config["training"]["rounds"] = 2
+    plain = simulate(parse_config(base_config), "./data")
+    base_config["server"]["secrets_file"] = str(tmp_path / "missing.secrets.yaml")
+    base_config["server"]["tls"] = {"cert": str(tmp_path / "no.pem"),
+                                    "key": str(tmp_path / "no.key"),
+                                    "ca": str(tmp_path / "no-ca.pem")}
+    secured = simulate(parse_config(base_config), "./data")
+    assert secured.digest == plain.digest and secured.rounds == 2

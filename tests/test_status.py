@@ -12,9 +12,10 @@ import urllib.request
 
 import pytest
 
-from byzps.config import ConfigError, parse_config
+from byzps.config import ConfigError
+from byzps.core.rounds import REJECT_NON_FINITE, RoundClosed
+from byzps.job import parse_config
 from byzps.metrics import round_record
-from byzps.protocol import REJECT_NON_FINITE, RoundClosed
 
 from conftest import ROOT, free_port, start_node, write_config
 
@@ -198,7 +199,8 @@ def test_ps_exits_1_naming_metrics_port_when_it_is_taken(tmp_path, base_config, 
 def test_ps_serves_status_while_training(tmp_path, base_config):
     """A real PS (in this process) and three worker processes: /status before the workers
     come, then the endpoint's state after 3 rounds matches the metrics file."""
-    from byzps.server import ParameterServer
+    from byzps.job import Job
+    from byzps.net.server import ParameterServer
 
     base_config["training"].update(metrics_file=str(tmp_path / "metrics.jsonl"), model="logreg",
                                    train_limit=600, test_limit=200)
@@ -206,7 +208,7 @@ def test_ps_serves_status_while_training(tmp_path, base_config):
     base_config["server"]["metrics_port"] = free_port()
     cfg_path = write_config(tmp_path / "c.yaml", base_config)
     cfg = parse_config(base_config)
-    ps = ParameterServer(cfg, str(ROOT / "data"))
+    ps = ParameterServer(cfg, Job(cfg, str(ROOT / "data")).ps_core())
     outcome: dict = {}
 
     def serve() -> None:
@@ -250,7 +252,7 @@ def test_ps_serves_status_while_training(tmp_path, base_config):
 def test_labels_and_status_keys_stay_bounded_whatever_the_records_say():
     """Issue 11: a record naming unknown workers or reasons (say, a reason that quotes a new
     claimed worker id each round) adds no label value and no /status key."""
-    from byzps.protocol import REJECTION_REASONS
+    from byzps.core.rounds import REJECTION_REASONS
     ep = StatusEndpoint("127.0.0.1", 0, worker_ids=[0, 1], rounds=10 ** 6)
     for r in range(300):
         ep.update({"round": r, "accepted": [0, 7000 + r], "missing": [9000 + r],

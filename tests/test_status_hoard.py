@@ -23,7 +23,7 @@ def _closed(s: socket.socket, wait: float) -> bool:
         while s.recv(65536):
             pass
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
     except OSError:
         return True

@@ -13,8 +13,9 @@ import time
 import pytest
 import torch
 
-from byzps import auth, checkpoint
-from byzps.config import parse_config
+from byzps import checkpoint
+from byzps.job import parse_config
+from byzps.net import auth
 
 from conftest import ROOT, node_env, start_node, write_config
 
@@ -112,7 +113,7 @@ def test_stranger_flood_cannot_exhaust_descriptors_or_stop_checkpoints(tmp_path,
 # -- the parts, exactly -----------------------------------------------------------------------
 
 def test_admission_caps_exact():
-    from byzps.admission import Admission
+    from byzps.net.admission import Admission
 
     a = Admission(max_pending=3, max_pending_per_address=2, max_open=4)
     t1, _ = a.admit("10.0.0.1")
@@ -153,17 +154,17 @@ def test_rate_limited_log_flush_reports_what_was_left_out(caplog):
 
 
 def test_checkpoint_write_error_is_logged_and_training_goes_on(tmp_path, base_config, caplog):
-    from byzps.server import ParameterServer
+    from byzps.job import Job
 
     (tmp_path / "file").write_text("not a folder")
     base_config["training"]["checkpoint_dir"] = str(tmp_path / "file" / "ck")
-    ps = ParameterServer(parse_config(base_config), str(ROOT / "data"))
-    with caplog.at_level(logging.ERROR, logger="byzps.server"):
-        assert ps._checkpoint() is False
+    core = Job(parse_config(base_config), str(ROOT / "data")).ps_core()
+    with caplog.at_level(logging.ERROR, logger="byzps.core.ps"):
+        assert core.checkpoint() is False
     assert "could not be written" in caplog.text and "tries again" in caplog.text
     base_config["training"]["checkpoint_dir"] = str(tmp_path / "ck")
-    ps = ParameterServer(parse_config(base_config), str(ROOT / "data"))
-    assert ps._checkpoint() is True
+    core = Job(parse_config(base_config), str(ROOT / "data")).ps_core()
+    assert core.checkpoint() is True
     assert [p.name for p in (tmp_path / "ck").iterdir()] == [checkpoint.FILENAME]
 
 

@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 import byzps
-from byzps.task import LabeledTensors, Task, TaskError, build_model_seeded, load_task, \
-    validate_task
+from byzps.task import LabeledTensors, Task, TaskError, build_model_seeded, load_task, validate_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -256,7 +255,7 @@ def test_validation_leaves_the_global_rng_alone_and_builds_seeded_models():
     assert torch.equal(before, torch.random.get_rng_state())
     a, b = build_model_seeded(task, 7), build_model_seeded(task, 7)
     c = build_model_seeded(task, 8)
-    for (ka, va), (kb, vb), (_, vc) in zip(a.state_dict().items(), b.state_dict().items(),
+    for (ka, va), (kb, vb), _ in zip(a.state_dict().items(), b.state_dict().items(),
                                            c.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     assert not torch.equal(a[0].weight, c[0].weight)

@@ -10,7 +10,8 @@ import pytest
 
 from byzps import checkpoint
 from byzps.cli import byzps_main, list_text
-from byzps.config import ConfigError, load_config, parse_config
+from byzps.config import ConfigError
+from byzps.job import load_config, lr_schedule, parse_config
 from byzps.optimizers import Cosine, MultiStep
 
 from conftest import BASE_CONFIG, write_config
@@ -31,7 +32,7 @@ def test_defaults_are_todays_job_and_keep_the_checkpoint_fingerprint():
         t.lr_schedule is None and all(w.device is None for w in cfg.workers)
     assert cfg.not_wired() == []
     assert t.optimizer_spec() == ("sgd", {"momentum": 0.9})
-    assert t.schedule().lr(0.05, 77, 100) == 0.05
+    assert lr_schedule(cfg).lr(0.05, 77, 100) == 0.05
     fp = checkpoint.fingerprint(cfg)
     # the new fields add only keys whose value is None: a checkpoint written before they
     # existed (which lacks these keys, read back as None) still matches
@@ -104,7 +105,7 @@ def test_valid_new_fields_build_their_objects():
                                          "gamma": 0.5}, momentum=0.0),
                        allow_not_wired=True)
     assert cfg.training.optimizer_spec() == ("adamw", {"weight_decay": 0.05, "beta2": 0.99})
-    assert cfg.training.schedule() == MultiStep(milestones=(2, 4), gamma=0.5)
+    assert lr_schedule(cfg) == MultiStep(milestones=(2, 4), gamma=0.5)
     assert len(cfg.not_wired()) == 3
 
 
@@ -121,7 +122,7 @@ def test_example_config_validates_and_commands_refuse_it_today(tmp_path, capsys)
     cfg = load_config(path, allow_not_wired=True)
     assert cfg.task.ref == "examples/my_task.py:make_task"
     assert cfg.training.optimizer_spec() == ("adam", {"weight_decay": 0.0})
-    assert cfg.training.schedule() == Cosine()
+    assert lr_schedule(cfg) == Cosine()
     assert byzps_main(["simulate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "config error" in err and "training.optimizer" in err and "training.lr_schedule" \

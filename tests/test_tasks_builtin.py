@@ -18,9 +18,9 @@ from torch import nn
 from byzps import data, models
 from byzps.data import DatasetNotFound, IdxFormatError
 from byzps.task import build_model_seeded, load_task, validate_task
-from byzps.tasks import cifar10, mnist as mnist_tasks
+from byzps.tasks import cifar10
+from byzps.tasks import mnist as mnist_tasks
 from byzps.tasks.cifar10 import CifarFormatError
-
 
 # --------------------------------------------------------------------------- synthetic
 

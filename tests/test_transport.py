@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from byzps.auth import AuthError, MacSession
-from byzps.transport import FrameStream, PeerClosed, client_ssl_context, server_ssl_context
-from byzps.wire import FrameError, Gradient, Limits, MsgType, RoundStart, Update, encode
+from byzps.net.auth import AuthError, MacSession
+from byzps.net.transport import FrameStream, PeerClosed, client_ssl_context, server_ssl_context
+from byzps.net.wire import FrameError, Gradient, Limits, MsgType, RoundStart, Update, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 D = 50_000   # 200 kB payloads: larger than the staging buffer, read straight into the sink

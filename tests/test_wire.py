@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import pickle
+import re
 import struct
 
 import pytest
@@ -12,9 +12,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from byzps import wire
-from byzps.wire import (FrameError, Gradient, Hello, Limits, MsgType, Refuse, Resync,
-                        RoundStart, State, Stop, Update, decode_frame, encode)
+from byzps.net import wire
+from byzps.net.wire import (
+    FrameError,
+    Gradient,
+    Hello,
+    Limits,
+    MsgType,
+    Refuse,
+    Resync,
+    RoundStart,
+    State,
+    Stop,
+    Update,
+    decode_frame,
+    encode,
+)
 
 D = 5
 ALL = Limits(D, frozenset(MsgType))

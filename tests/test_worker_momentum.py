@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from byzps import worker as worker_mod
+from byzps import models
 from byzps.attacks.gaussian import Gaussian
 from byzps.attacks.sign_flip import SignFlip
-from byzps.config import parse_config
-from byzps.training import Replica
-from byzps.worker import ShardSampler, Worker, WorkerMomentum
+from byzps.core.worker import WorkerMomentum
+from byzps.job import Job, parse_config
+from byzps.partition import ShardSampler
+from byzps.replica import Replica
+from byzps.task import LabeledTensors, Task
 
 
 def vec(*xs: float) -> torch.Tensor:
@@ -58,71 +60,84 @@ def test_momentum_range(beta):
         WorkerMomentum(beta)
 
 
-# -- the Worker's _compute, without sockets or MNIST ------------------------------------------
+# -- the worker core's compute, on a small in-memory task (no sockets, no MNIST) -------------
 
-SHARD = (torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(1)),
-         torch.arange(40) % 10)
+X = torch.rand(160, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+Y = torch.arange(160) % 10
 
 
-def make_worker(monkeypatch, base_config, beta, worker_id=3, worker_type=None, **wcfg):
-    monkeypatch.setattr(worker_mod, "shard_tensors", lambda cfg, wid, root, mnist=None: SHARD)
+class TinyTask(Task):
+    """160 random 28 x 28 images, labels 0..9 in turn, the logreg model: 40 per worker."""
+
+    def build_model(self):
+        return models.builder("logreg")()
+
+    def train_data(self):
+        return LabeledTensors(X, Y)
+
+    def test_data(self):
+        return LabeledTensors(X[:20], Y[:20])
+
+
+def make_worker(base_config, beta, worker_id=3, worker_type=None, **wcfg):
     base_config["training"].update(model="logreg", batch_size=8, worker_momentum=beta)
     base_config["workers"][3].update(wcfg)
-    return Worker(parse_config(base_config), worker_id, worker_type, "unused")
+    return Job(parse_config(base_config), task=TinyTask()).worker_core(worker_id, worker_type)
 
 
-def honest_sequence(cfg_seed: int, worker_id: int, rounds: int) -> list[torch.Tensor]:
-    """The raw gradients g_0.. the worker computes: same sampler seed, same (unchanged) model."""
-    sampler = ShardSampler(*SHARD, 8, seed=cfg_seed * 1_000_003 + worker_id)
+def honest_sequence(w, rounds: int, cfg_seed: int = 0) -> list[torch.Tensor]:
+    """The raw gradients g_0.. worker core ``w`` computes: same shard, same sampler seed, same
+    (unchanged) model."""
+    sampler = ShardSampler(*w._shard, 8, seed=cfg_seed * 1_000_003 + w.id)
     rep = Replica("logreg", cfg_seed, 0.05, 0.9)
     return [rep.gradient(*sampler.batch(r))[0] for r in range(rounds)]
 
 
-def test_honest_worker_sends_its_momentum(monkeypatch, base_config):
-    w = make_worker(monkeypatch, base_config, 0.5, worker_id=0)
+def test_honest_worker_sends_its_momentum(base_config):
+    w = make_worker(base_config, 0.5, worker_id=0)
     assert w.attack is None
     expected, m = [], torch.zeros(w.replica.d)
-    for g in honest_sequence(0, 0, 3):
+    for g in honest_sequence(w, 3):
         m = m * 0.5 + g * 0.5
         expected.append(m)
     for r in range(3):
-        sent, loss = w._compute(r)
+        sent, loss = w.compute(r)
         assert torch.equal(sent, expected[r])
     # round 0: m1 = (1 - beta) g_1 exactly
-    assert torch.equal(WorkerMomentum(0.5).step(0, honest_sequence(0, 0, 1)[0]),
-                       honest_sequence(0, 0, 1)[0] * 0.5)
+    assert torch.equal(WorkerMomentum(0.5).step(0, honest_sequence(w, 1)[0]),
+                       honest_sequence(w, 1)[0] * 0.5)
 
 
-def test_honest_worker_without_momentum_sends_raw_gradient(monkeypatch, base_config):
-    w = make_worker(monkeypatch, base_config, 0.0, worker_id=1)
-    for r, g in enumerate(honest_sequence(0, 1, 2)):
-        assert torch.equal(w._compute(r)[0], g)
+def test_honest_worker_without_momentum_sends_raw_gradient(base_config):
+    w = make_worker(base_config, 0.0, worker_id=1)
+    for r, g in enumerate(honest_sequence(w, 2)):
+        assert torch.equal(w.compute(r)[0], g)
 
 
-def test_byzantine_honest_gradient_is_its_momentum(monkeypatch, base_config):
+def test_byzantine_honest_gradient_is_its_momentum(base_config):
     # sign_flip with attack_scale -2 sends -2 * m_t, m_t the worker's own momentum
-    w = make_worker(monkeypatch, base_config, 0.5, attack_scale=-2.0)
+    w = make_worker(base_config, 0.5, attack_scale=-2.0)
     assert isinstance(w.attack, SignFlip) and w.attack.scale == -2.0
     m = torch.zeros(w.replica.d)
-    for r, g in enumerate(honest_sequence(0, 3, 3)):
+    for r, g in enumerate(honest_sequence(w, 3)):
         m = m * 0.5 + g * 0.5
-        assert torch.equal(w._compute(r)[0], m * -2.0)
+        assert torch.equal(w.compute(r)[0], m * -2.0)
 
 
-def test_label_flip_runs_through_its_own_momentum(monkeypatch, base_config):
+def test_label_flip_runs_through_its_own_momentum(base_config):
     del base_config["workers"][3]["attack_scale"]
-    w = make_worker(monkeypatch, base_config, 0.5, attack="label_flip")
-    sampler = ShardSampler(*SHARD, 8, seed=3)
+    w = make_worker(base_config, 0.5, attack="label_flip")
+    sampler = ShardSampler(*w._shard, 8, seed=3)
     rep = Replica("logreg", 0, 0.05, 0.9)
     m = torch.zeros(w.replica.d)
     for r in range(3):
         x, y = sampler.batch(r)
         m = m * 0.5 + rep.gradient(x, 9 - y)[0] * 0.5
-        assert torch.equal(w._compute(r)[0], m)
+        assert torch.equal(w.compute(r)[0], m)
 
 
-def test_context_holds_what_the_worker_sees(monkeypatch, base_config):
-    w = make_worker(monkeypatch, base_config, 0.0)
+def test_context_holds_what_the_worker_sees(base_config):
+    w = make_worker(base_config, 0.0)
     x, y = w.sample_batch(torch.Generator().manual_seed(0))
     assert x.shape == (8, 1, 28, 28) and y.shape == (8,)
     x2, y2 = w.sample_batch(torch.Generator().manual_seed(0))
@@ -132,16 +147,16 @@ def test_context_holds_what_the_worker_sees(monkeypatch, base_config):
     assert torch.equal(ctx.gradient(x, y), w.replica.gradient(x, y)[0])
 
 
-def test_worker_type_override(monkeypatch, base_config):
+def test_worker_type_override(base_config):
     # an honest config entry run as byzantine: sign flip with its attack_scale (default -1)
-    w = make_worker(monkeypatch, base_config, 0.0, worker_id=0, worker_type="byzantine")
+    w = make_worker(base_config, 0.0, worker_id=0, worker_type="byzantine")
     assert isinstance(w.attack, SignFlip) and w.attack.scale == -1.0
     # a byzantine entry run as honest: no attack
-    w = make_worker(monkeypatch, base_config, 0.0, worker_type="honest")
+    w = make_worker(base_config, 0.0, worker_type="honest")
     assert w.attack is None
     # the configured attack is used by the override too
     base_config["workers"][0].update(attack="gaussian", attack_params={"sigma": 3.0})
-    w = make_worker(monkeypatch, base_config, 0.0, worker_id=0, worker_type="byzantine")
+    w = make_worker(base_config, 0.0, worker_id=0, worker_type="byzantine")
     assert isinstance(w.attack, Gaussian) and w.attack.sigma == 3.0
-    sent, _ = w._compute(0)
+    sent, _ = w.compute(0)
     assert sent.shape == (w.replica.d,) and sent.dtype == torch.float32

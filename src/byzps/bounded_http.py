@@ -27,10 +27,11 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
-from byzps.admission import reset_socket
+from byzps.net.admission import reset_socket
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ class BoundedHttpServer:
         self._write(conn)
 
     def _write(self, conn: _Conn) -> None:
+        if conn.out is None:   # nothing to answer yet
+            return
         try:
             sent = conn.sock.send(conn.out)
         except (BlockingIOError, InterruptedError):

@@ -16,13 +16,13 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, \
-    field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from byzps.config import Config
 from byzps.safeio import FileRefused, clip, open_checked, read_limited, shorten
@@ -127,7 +127,7 @@ class CheckpointFields(BaseModel):
         return v
 
 
-def _field_problem(err: dict) -> str:
+def _field_problem(err: Mapping[str, Any]) -> str:
     """One pydantic error as ``field <name>: <what> (got <value>)``, the value shortened."""
     loc = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")

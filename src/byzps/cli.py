@@ -24,13 +24,13 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Optional
 
-from byzps.auth import AuthError
 from byzps.checkpoint import CheckpointError
-from byzps.transport import TlsError
-from byzps.config import OMNISCIENT_ONLY_IN_SIMULATION, ConfigError, load_config
+from byzps.config import ConfigError
 from byzps.data import DatasetNotFound, IdxFormatError
+from byzps.job import Job, check_over_tcp, load_config
 from byzps.task import TaskError
 
 
@@ -122,21 +122,32 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"config error: --worker-id {args.worker_id} is not in {args.config}'s "
                   f"workers (ids {ids})", file=sys.stderr)
             return 2
-    omniscient = cfg.omniscient_workers()
-    if omniscient:
-        ids = ", ".join(map(str, omniscient))
-        print(f"config error: {OMNISCIENT_ONLY_IN_SIMULATION.format(ids=ids)}",
-              file=sys.stderr)
+    try:
+        check_over_tcp(cfg, args.config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.resume and args.role != "server":
         parser.error("--resume is for --role server")
     if args.role == "server" and (args.worker_id is not None or args.worker_type is not None):
         parser.error("--worker-id and --worker-type are for --role worker")
     _setup_logging(args.role, args.worker_id)
+    return _guarded(lambda: _run_server(cfg, args) if args.role == "server"
+                    else _run_worker(cfg, args))
+
+
+def _guarded(command: Callable[[], int]) -> int:
+    """Run ``command``; an expected error (bad config, task, data, keys, TLS files or
+    checkpoint, Ctrl-C) becomes one line on stderr and its exit status (see the module
+    docstring) instead of a traceback."""
+    from byzps.net.auth import AuthError
+    from byzps.net.transport import TlsError
+
     try:
-        if args.role == "server":
-            return _run_server(cfg, args)
-        return _run_worker(cfg, args)
+        return command()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except TaskError as e:
         print(f"task error: {e}", file=sys.stderr)
         return 2
@@ -155,11 +166,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run_server(cfg, args) -> int:
-    from byzps.server import ListenError, ParameterServer, TrainingFailed
+    from byzps.net.server import ListenError, ParameterServer, TrainingFailed
     from byzps.status import StatusEndpointError
 
     try:
-        ps = ParameterServer(cfg, args.data_root, args.rounds, resume=args.resume)
+        core = Job(cfg, args.data_root).ps_core(args.rounds, resume=args.resume)
+        ps = ParameterServer(cfg, core)
         result = asyncio.run(ps.run())
     except StatusEndpointError as e:
         print(f"server error: {e}", file=sys.stderr)
@@ -180,9 +192,9 @@ def _run_server(cfg, args) -> int:
 
 
 def _run_worker(cfg, args) -> int:
-    from byzps.worker import Worker, WorkerFailed
+    from byzps.net.worker import Worker, WorkerFailed
 
-    worker = Worker(cfg, args.worker_id, args.worker_type, args.data_root)
+    worker = Worker(cfg, Job(cfg, args.data_root).worker_core(args.worker_id, args.worker_type))
     try:
         asyncio.run(worker.run())
     except WorkerFailed as e:
@@ -268,20 +280,7 @@ def byzps_main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     handler = {"run": _cmd_run, "simulate": _cmd_simulate, "grid": _cmd_grid,
                "keygen": _cmd_keygen, "list": _cmd_list, "plot": _cmd_plot}[args.command]
-    try:
-        return handler(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except TaskError as e:
-        print(f"task error: {e}", file=sys.stderr)
-        return 2
-    except (DatasetNotFound, IdxFormatError) as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return _guarded(lambda: handler(args))
 
 
 def _cmd_run(args) -> int:
@@ -302,9 +301,6 @@ def _cmd_run(args) -> int:
         except RayUnavailable as e:
             print(f"run error: {e}", file=sys.stderr)
             return 2
-        except (AuthError, TlsError) as e:
-            print(f"security setup error: {e}", file=sys.stderr)
-            return 2
         except (RayPlacementError, RayLoopbackError, ConnectionError, RuntimeError) as e:
             print(f"run error: {e}", file=sys.stderr)
             return 1
@@ -314,36 +310,40 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
+    from byzps.metrics import round_status
+    from byzps.progress import Progress
     from byzps.simulate import SimulationFailed, simulate
-    from byzps.metrics import progress_line
 
     cfg = load_config(args.config)
     total = args.rounds or cfg.training.rounds
-    tty = sys.stderr.isatty()
-    state = {"acc": None, "seconds": 0.0}
+    progress = Progress(total, sys.stderr)
+    acc: Optional[float] = None
+    seconds = 0.0
 
     def show(rec: dict) -> None:
+        nonlocal acc, seconds
         if rec.get("test_accuracy") is not None:
-            state["acc"] = rec["test_accuracy"]
+            acc = rec["test_accuracy"]
         # the mean over the rounds so far (evaluations included; the summary leaves them out)
-        state["seconds"] += rec.get("seconds_round") or 0.0
-        line = progress_line(rec, total, state["seconds"] / (rec["round"] + 1), state["acc"])
-        if tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif rec.get("test_accuracy") is not None:
-            print(line, file=sys.stderr, flush=True)
+        seconds += rec.get("seconds_round") or 0.0
+        spr = seconds / (rec["round"] + 1)
+        progress.advance_to(rec["round"] + 1, round_status(rec, total, spr, acc,
+                                                           show_round=False))
+        if not progress.tty and rec.get("test_accuracy") is not None:
+            progress.line(round_status(rec, total, spr, acc))
 
     try:
         result = simulate(cfg, args.data_root, args.rounds, args.metrics,
                           threads=args.threads, on_record=show)
     except SimulationFailed as e:
-        print(f"\nsimulation failed: {e}", file=sys.stderr)
+        progress.close()
+        print(f"simulation failed: {e}", file=sys.stderr)
         return 1
     except ValueError as e:   # a data shard smaller than one batch
-        print(f"\nconfig error: {e}", file=sys.stderr)
+        progress.close()
+        print(f"config error: {e}", file=sys.stderr)
         return 2
-    if tty:
-        print(file=sys.stderr)
+    progress.close()
     print(f"final test accuracy: {result.test_accuracy:.4f} (loss {result.test_loss:.4f}) "
           f"after {result.rounds} rounds in {result.seconds:.1f} s "
           f"({result.seconds_per_round:.3f} s/round); PS replica digest {result.digest}",
@@ -355,7 +355,6 @@ def _cmd_grid(args) -> int:
     from pathlib import Path
 
     from byzps.grid import GridError, load_grid, run_grid
-
     from byzps.raycluster import RayLoopbackError, RayUnavailable
 
     if args.jobs is not None and args.jobs < 1:
@@ -385,7 +384,7 @@ def _cmd_grid(args) -> int:
 def _cmd_keygen(args) -> int:
     from pathlib import Path
 
-    from byzps.auth import generate_keys, write_keys
+    from byzps.net.auth import generate_keys, write_keys
 
     cfg = load_config(args.config)
     out = Path(args.out)
@@ -449,8 +448,8 @@ def list_text() -> str:
     with what it stands for, e.g. ``q=<n - f>``.
     """
     from byzps import aggregators, attacks
-    from byzps.data import DISTRIBUTIONS
     from byzps.models import model_names
+    from byzps.partition import DISTRIBUTIONS
 
     def row(kind: str, name: str, params: dict, table: dict) -> str:
         # the rule classes' Param.help holds "(default n - f)"-style notes for None defaults

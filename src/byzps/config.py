@@ -1,4 +1,4 @@
-"""The run configuration: a strict pydantic schema and :func:`load_config`.
+"""The run configuration: a strict pydantic schema, :func:`validate_config` and :func:`read_config`.
 
 A config file (YAML or JSON, same schema) has four sections::
 
@@ -16,11 +16,11 @@ worker ids or shards, and aggregator parameters that the rule cannot run with ar
 :class:`ConfigError` carries one line per problem, each naming the field (``workers.2.id``) and
 what was expected.
 
-Deviation from shared/DESIGN.md: this module imports :mod:`byzps.aggregators` (itself a leaf
-that imports nothing of byzps) so that the method name and the rule's precondition on n and f
-are checked when the file is loaded, in one place, rather than later in the server. For the
-same reason it imports :mod:`byzps.attacks` (which imports nothing of byzps beyond itself) and
-builds every worker's attack at load time.
+This module is the schema only and imports nothing of byzps. The checks that need the
+registries (the aggregator's and pre-aggregators' names and preconditions on n and f, every
+worker's attack, the learning-rate schedule's ranges) run at load time too, in one place:
+:func:`byzps.job.load_config` / :func:`byzps.job.parse_config`, which every command uses.
+:func:`validate_config` / :func:`read_config` here stop after the schema.
 """
 
 from __future__ import annotations
@@ -28,16 +28,23 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from byzps import aggregators, attacks
-from byzps.robust import build_robust
-from byzps.safeio import MAX_CONFIG_BYTES, FileRefused, NoAliasLoader, clip, first_line, \
-    load_yaml, read_text, shorten
+from byzps.safeio import (
+    MAX_CONFIG_BYTES,
+    FileRefused,
+    NoAliasLoader,
+    clip,
+    first_line,
+    load_yaml,
+    read_text,
+    shorten,
+)
 
 MODEL_NAMES = ("cnn_mnist", "small_cnn", "mlp", "logreg")
 #: longest line of a :class:`ConfigError` (characters), and most lines shown
@@ -89,7 +96,7 @@ class DistributionConfig(_Strict):
     gamma: Optional[float] = Field(None, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _only_own_parameters(self) -> "DistributionConfig":
+    def _only_own_parameters(self) -> DistributionConfig:
         if self.alpha is not None and self.name != "dirichlet":
             raise ValueError(f"alpha is a parameter of dirichlet, not of {self.name!r}")
         if self.gamma is not None and self.name != "gamma":
@@ -155,7 +162,7 @@ class OptimizerConfig(_Strict):
     eps: Optional[float] = Field(None, ge=0)
 
     @model_validator(mode="after")
-    def _only_own_parameters(self) -> "OptimizerConfig":
+    def _only_own_parameters(self) -> OptimizerConfig:
         owners = {"nesterov": ("sgd",), "beta1": ("adam", "adamw"),
                   "beta2": ("adam", "adamw"), "eps": ("adam", "adamw")}
         for k, names in owners.items():
@@ -200,9 +207,7 @@ class LrScheduleConfig(_Strict):
     t_max: Optional[int] = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _check(self) -> "LrScheduleConfig":
-        from byzps.optimizers import OptimizerError
-
+    def _check(self) -> LrScheduleConfig:
         own = {"constant": (), "step": ("step_size", "gamma"),
                "multistep": ("milestones", "gamma"), "cosine": ("eta_min", "t_max")}[self.name]
         for k in ("step_size", "milestones", "gamma", "eta_min", "t_max"):
@@ -212,26 +217,12 @@ class LrScheduleConfig(_Strict):
         required = {"step": "step_size", "multistep": "milestones"}.get(self.name)
         if required and getattr(self, required) is None:
             raise ValueError(f"{required} is required by the {self.name!r} schedule")
-        try:
-            self.build()
-        except OptimizerError as e:
-            raise ValueError(str(e)) from None
         return self
 
     def params(self) -> dict[str, Any]:
         """Keyword parameters for :func:`byzps.optimizers.build_schedule` (the given ones)."""
         return {k: getattr(self, k) for k in ("step_size", "milestones", "gamma", "eta_min",
                                               "t_max") if getattr(self, k) is not None}
-
-    def build(self) -> "Any":
-        """The :class:`byzps.optimizers.LrSchedule`.
-
-        Raises:
-            byzps.optimizers.OptimizerError: a parameter out of range.
-        """
-        from byzps.optimizers import build_schedule
-
-        return build_schedule(self.name, **self.params())
 
 
 class TrainingConfig(_Strict):
@@ -314,7 +305,7 @@ class TrainingConfig(_Strict):
     lr_schedule: Optional[LrScheduleConfig] = None
 
     @model_validator(mode="after")
-    def _optimizer_checks(self) -> "TrainingConfig":
+    def _optimizer_checks(self) -> TrainingConfig:
         opt = self.optimizer
         if opt is not None and opt.name == "sgd" and opt.nesterov and self.momentum == 0:
             raise ValueError("optimizer.nesterov: needs training.momentum > 0")
@@ -335,10 +326,6 @@ class TrainingConfig(_Strict):
         opt = self.optimizer or OptimizerConfig()
         return opt.name, opt.params(self.momentum)
 
-    def schedule(self) -> Any:
-        """The :class:`byzps.optimizers.LrSchedule` (constant when none is configured)."""
-        return (self.lr_schedule or LrScheduleConfig()).build()
-
 
 class AggregationConfig(_Strict):
     """The ``aggregation`` section.
@@ -352,7 +339,7 @@ class AggregationConfig(_Strict):
         params: further keyword parameters of the rule, passed to ``aggregators.build``.
         pre_aggregators: pre-aggregators applied in order before the rule, each a mapping
             ``{name: <one of aggregators.pre_names()>, <its parameters>}`` (``f`` defaults
-            to the config's f); see :func:`byzps.robust.build_robust`.
+            to the config's f); see :func:`byzps.job.build_robust`.
     """
 
     method: str
@@ -403,7 +390,7 @@ class ServerConfig(_Strict):
             more are closed at once (see :mod:`byzps.status`).
         max_pending_connections: most connections the PS holds that have not registered as
             a worker yet (TLS handshake, HELLO, authentication), from all addresses together;
-            more are closed at once (see :mod:`byzps.admission`).
+            more are closed at once (see :mod:`byzps.net.admission`).
         max_pending_per_address: most such pending connections from one source address.
         fd_reserve: file descriptors the PS keeps free for checkpoints, the metrics file,
             logs and data files: it refuses new connections before its open-file limit minus
@@ -471,7 +458,7 @@ class WorkerConfig(_Strict):
     resources: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check_resources(self) -> "WorkerConfig":
+    def _check_resources(self) -> WorkerConfig:
         if len(self.resources) > MAX_WORKER_RESOURCES:
             raise ValueError(f"resources: at most {MAX_WORKER_RESOURCES} entries, got "
                              f"{len(self.resources)}")
@@ -494,26 +481,10 @@ class WorkerConfig(_Strict):
             return "sign_flip", params
         return self.attack, dict(self.attack_params)
 
-    def build_attack(self) -> "attacks.Attack":
-        """The attack this worker runs when Byzantine (:meth:`attack_spec`, built).
-
-        Raises:
-            ValueError: unknown attack or bad parameter (from :func:`byzps.attacks.build`).
-        """
-        name, params = self.attack_spec()
-        return attacks.build(name, **params)
-
-
-#: Why a config with omniscient attacks cannot run over TCP (``ids``: the worker ids, e.g.
-#: "3, 4").
-OMNISCIENT_ONLY_IN_SIMULATION = (
-    "attack_params.omniscient is true for worker id(s) {ids}, which needs the honest workers' "
-    "gradients; over TCP a worker never sees them. Run this config with `byzps simulate` or "
-    "`byzps grid`, or remove attack_params.omniscient")
-
 
 class Config(_Strict):
-    """A whole validated config. Build it with :func:`load_config` or :func:`parse_config`.
+    """A whole validated config. Build it with :func:`byzps.job.load_config` or
+    :func:`byzps.job.parse_config` (schema and registry checks).
 
     ``task`` (optional, :class:`TaskConfig`) names the task to train; without it the job is
     today's MNIST job with ``training.model``.
@@ -574,12 +545,6 @@ class Config(_Strict):
                 return pos if w.data_shard is None else w.data_shard
         raise KeyError(worker_id)
 
-    def omniscient_workers(self) -> list[int]:
-        """Ids of the Byzantine workers whose attack is omniscient (``attack_params.omniscient``):
-        such a config runs only in simulation (``byzps simulate`` / ``byzps grid``)."""
-        return [w.id for w in self.workers if w.type == "byzantine"
-                and w.build_attack().omniscient]
-
     def worker(self, worker_id: int) -> WorkerConfig:
         """The config entry of ``worker_id``. Raises KeyError for an unknown id."""
         for w in self.workers:
@@ -587,18 +552,8 @@ class Config(_Strict):
                 return w
         raise KeyError(worker_id)
 
-    def aggregator_params(self) -> dict[str, Any]:
-        """Keyword parameters for ``aggregators.build(method, **params)``."""
-        a = self.aggregation
-        params = dict(a.params)
-        if "f" in aggregators.params(a.method):
-            params.setdefault("f", self.f)
-        if a.krum_q is not None:
-            params["q"] = a.krum_q
-        return params
-
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Config":
+    def _cross_checks(self) -> Config:
         ids = [w.id for w in self.workers]
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
@@ -632,40 +587,7 @@ class Config(_Strict):
                              "name the model in task.params (e.g. {model: cnn_mnist})")
         if self.f >= self.n:
             raise ValueError(f"aggregation.f: expected f < n = {self.n}, got {self.f}")
-        if a.method not in aggregators.names():
-            raise ValueError(f"aggregation.method: unknown aggregator {a.method!r}; expected one of "
-                             f"{', '.join(aggregators.names())}")
-        try:
-            agg = aggregators.build(a.method, **self.aggregator_params())
-            agg.check(self.n)
-        except ValueError as e:
-            raise ValueError(f"aggregation: {e}") from None
-        if a.pre_aggregators:
-            try:
-                build_robust(self).check(self.n)
-            except ValueError as e:
-                raise ValueError(f"aggregation.{e}" if str(e).startswith("pre_aggregators.")
-                                 else f"aggregation.pre_aggregators: {e}") from None
-        for k, w in enumerate(self.workers):
-            self._check_attack(k, w)
         return self
-
-    def _check_attack(self, k: int, w: WorkerConfig) -> None:
-        """Build worker ``k``'s attack once; ValueError naming ``workers.K.attack...``."""
-        if w.attack is None and w.attack_params:
-            raise ValueError(f"workers.{k}.attack_params: given without workers.{k}.attack; "
-                             f"name the attack (one of {', '.join(attacks.names())})")
-        explicit_scale = "attack_scale" in w.model_fields_set
-        if w.attack is not None and w.attack != "sign_flip" and explicit_scale:
-            raise ValueError(f"workers.{k}.attack_scale: only used by sign_flip, but attack is "
-                             f"{w.attack!r}; remove it (parameters go in attack_params)")
-        if w.attack == "sign_flip" and explicit_scale and "scale" in w.attack_params:
-            raise ValueError(f"workers.{k}.attack_params.scale: sign_flip's scale is also given "
-                             f"as workers.{k}.attack_scale; give it once")
-        try:
-            w.build_attack().check(self.n, self.f)
-        except ValueError as e:
-            raise ValueError(f"workers.{k}.attack: {e}") from None
 
 
 class _StrictLoader(NoAliasLoader):
@@ -689,7 +611,7 @@ def _strict_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _strict_int)
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: Mapping[str, Any]) -> str:
     loc = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
     msg = err.get("msg", "invalid")
     if msg.startswith("Value error, "):
@@ -730,8 +652,10 @@ def _looks_numeric(s: str) -> bool:
         return False
 
 
-def parse_config(data: Any, source: str = "<config>", allow_not_wired: bool = False) -> Config:
-    """Validate an already-parsed mapping into a :class:`Config`.
+def validate_config(data: Any, source: str = "<config>", allow_not_wired: bool = False
+                    ) -> Config:
+    """Validate an already-parsed mapping against the schema (:class:`Config`); the checks that
+    need the registries are :func:`byzps.job.parse_config`'s.
 
     Args:
         data: the object from ``yaml.safe_load`` / ``json.load``.
@@ -755,14 +679,15 @@ def parse_config(data: Any, source: str = "<config>", allow_not_wired: bool = Fa
     return cfg
 
 
-def load_config(path: str | Path, allow_not_wired: bool = False) -> Config:
-    """Read and validate a YAML (``.yaml``/``.yml``) or JSON (``.json``) config file.
+def read_config(path: str | Path, allow_not_wired: bool = False) -> Config:
+    """Read a YAML (``.yaml``/``.yml``) or JSON (``.json``) config file and validate it against
+    the schema (:func:`validate_config`); :func:`byzps.job.load_config` adds the registry checks.
 
     The file must be a regular file of at most :data:`byzps.safeio.MAX_CONFIG_BYTES` bytes
     (checked before reading: ``/dev/zero`` or a symlink to it is refused). YAML is read with a
     ``yaml.SafeLoader`` subclass (no object construction) that refuses aliases (they can expand
     exponentially), octal-looking and base-60 integers. ``allow_not_wired``: see
-    :func:`parse_config`.
+    :func:`validate_config`.
 
     Raises:
         ConfigError: the file is missing, unreadable, not a regular file, too large, not valid
@@ -789,4 +714,4 @@ def load_config(path: str | Path, allow_not_wired: bool = False) -> Config:
                                     f".yaml, .yml or .json"])
     except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as e:
         raise ConfigError(src, [f"not valid {suffix[1:].upper()}: {first_line(e)}"]) from None
-    return parse_config(data, src, allow_not_wired)
+    return validate_config(data, src, allow_not_wired)

@@ -47,9 +47,10 @@ from typing import Any, Optional, TextIO
 
 import yaml
 
-from byzps.config import ConfigError, parse_config
-from byzps.safeio import MAX_GRID_BYTES, FileRefused, clip, first_line, load_yaml, \
-    read_text
+from byzps.config import ConfigError
+from byzps.job import parse_config
+from byzps.progress import Progress
+from byzps.safeio import MAX_GRID_BYTES, FileRefused, clip, first_line, load_yaml, read_text
 
 
 class GridError(ValueError):
@@ -444,7 +445,7 @@ def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: O
 
 class CellProgress:
     """Progress over a grid's cells: one line per finished cell (accuracy, its time, elapsed,
-    ETA) and, when ``stream`` is a terminal, a bar below them that is redrawn in place.
+    ETA) and, when ``stream`` is a terminal, a bar below them (:class:`byzps.progress.Progress`).
 
     Args:
         total: cells to run (> 0).
@@ -456,7 +457,8 @@ class CellProgress:
         self.stream = stream
         self.done = 0
         self.t0 = time.perf_counter()
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.progress = Progress(total, stream, unit="cell")
+        self.tty = self.progress.tty
 
     def _timing(self) -> str:
         elapsed = time.perf_counter() - self.t0
@@ -464,19 +466,15 @@ class CellProgress:
         return f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s"
 
     def _emit(self, line: str) -> None:
-        if self.tty:
-            from byzps.metrics import progress_bar
-            print(f"\r\x1b[K{line}\n{progress_bar(self.done, self.total)} {self.done}/"
-                  f"{self.total} cells  {self._timing()}", end="", file=self.stream, flush=True)
-        else:
-            print(line, file=self.stream, flush=True)
+        self.progress.line(line)
+        self.progress.advance_to(self.done, self._timing())
 
     def finished(self, key: str, res: dict) -> None:
         """Count ``key`` as done and show its result mapping (see :func:`run_cell`)."""
         self.done += 1
         acc = res.get("final_accuracy")
         self._emit(f"[{self.done}/{self.total}] {key}: "
-                   f"{'acc %.4f' % acc if acc is not None else res.get('status')} "
+                   f"{f'acc {acc:.4f}' if acc is not None else res.get('status')} "
                    f"({res.get('seconds', 0):.0f} s, {res.get('seconds_per_round', 0):.3f} "
                    f"s/round); {self._timing()}")
 
@@ -486,9 +484,8 @@ class CellProgress:
         self._emit(f"[{self.done}/{self.total}] {key}: CRASHED")
 
     def close(self) -> None:
-        """End the bar's line (terminal only)."""
-        if self.tty and self.done:
-            print(file=self.stream, flush=True)
+        """End the bar (terminal only)."""
+        self.progress.close()
 
 
 def _run_local(grid: Grid, todo: list[Cell], out: Path, data_root: str, jobs: int,
@@ -496,8 +493,11 @@ def _run_local(grid: Grid, todo: list[Cell], out: Path, data_root: str, jobs: in
     ctx = multiprocessing.get_context("spawn")
     # a fresh process per cell (Python >= 3.11): a long grid's pool processes grew from
     # 2.0 to 3.3 GB RSS each over a dozen cnn_mnist cells when they were reused
-    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
-    pool = cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx, **fresh)
+    if sys.version_info >= (3, 11):
+        pool = cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx,
+                                      max_tasks_per_child=1)
+    else:  # pragma: no cover - Python 3.10
+        pool = cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx)
     try:
         futures = {pool.submit(run_cell, grid.config(c), str(out / "cells" / c.key),
                                data_root, c.spec()): c for c in todo}

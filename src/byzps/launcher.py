@@ -23,15 +23,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Protocol, TextIO
+from typing import Any, Optional, Protocol, TextIO
 
 import yaml
 
-from byzps.config import OMNISCIENT_ONLY_IN_SIMULATION, ConfigError, load_config
-from byzps.metrics import progress_line, read_jsonl
+from byzps.job import check_over_tcp, load_config
+from byzps.metrics import read_jsonl, round_status
 from byzps.nodeproc import free_port, node_cmd, node_env  # noqa: F401 - public here too
+from byzps.progress import Progress
 from byzps.safeio import MAX_CONFIG_BYTES, load_yaml, read_text
 
 
@@ -52,18 +54,6 @@ def config_data(config: str | Path) -> dict:
     p = Path(config)
     text = read_text(p, MAX_CONFIG_BYTES, "config file")
     return json.loads(text) if p.suffix.lower() == ".json" else load_yaml(text)
-
-
-def refuse_omniscient(cfg: Any, config: str | Path) -> None:
-    """Stop a TCP run of a config with omniscient attacks (they need other workers' gradients).
-
-    Raises:
-        byzps.config.ConfigError: naming the worker ids.
-    """
-    omniscient = cfg.omniscient_workers()
-    if omniscient:
-        raise ConfigError(str(config), [OMNISCIENT_ONLY_IN_SIMULATION.format(
-            ids=', '.join(map(str, omniscient)))])
 
 
 def prepare_run_dir(config: str | Path, run_dir: str | Path) -> Path:
@@ -188,7 +178,7 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
     run_dir = Path(run_dir)
     cfg_path = prepare_run_dir(config, run_dir)
     cfg = load_config(cfg_path)
-    refuse_omniscient(cfg, config)
+    check_over_tcp(cfg, str(config))
     total = rounds or cfg.training.rounds
     env = node_env()
     nodes: dict[str, LocalNode] = {}
@@ -235,9 +225,9 @@ def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: Text
           poll: float = 0.5, refresh: Callable[[], None] = lambda: None) -> bool:
     """Show progress from ``run_dir/metrics.jsonl`` until every node has ended.
 
-    One progress line (round, test accuracy, reported loss, rejected gradients, s/round; see
-    :func:`byzps.metrics.progress_line`): redrawn in place on a terminal, else one line per
-    evaluated round. If the PS (node ``server``) fails, the others get SIGTERM after a grace
+    A progress bar (:class:`byzps.progress.Progress`; round, test accuracy, reported loss,
+    rejected gradients, s/round, see :func:`byzps.metrics.round_status`) on a terminal, else one
+    line per evaluated round. If the PS (node ``server``) fails, the others get SIGTERM after a grace
     period; Ctrl-C sends SIGINT to every node and waits for them.
 
     Args:
@@ -252,9 +242,9 @@ def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: Text
     Returns:
         True if Ctrl-C interrupted the run.
     """
-    tty = hasattr(out, "isatty") and out.isatty()
+    progress = Progress(total, out)
     interrupted = False
-    last_line, last_printed_round, acc = "", -1, None
+    last_printed_round, acc = -1, None
     metrics = run_dir / "metrics.jsonl"
     try:
         refresh()
@@ -274,25 +264,21 @@ def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: Text
                 if r.get("test_accuracy") is not None:
                     acc = r["test_accuracy"]
             rec = records[-1]
-            times = [r.get("seconds_round") for r in records if r.get("seconds_round")]
+            times = [float(r["seconds_round"]) for r in records if r.get("seconds_round")]
             spr = sum(times) / len(times) if times else None
-            line = progress_line(rec, total, spr, acc)
-            if tty:
-                if line != last_line:
-                    print("\r" + line, end="", file=out, flush=True)
-            else:   # one line per evaluated round, also those a poll stepped over
+            progress.advance_to(int(rec["round"]) + 1,
+                                round_status(rec, total, spr, acc, show_round=False))
+            if not progress.tty:   # one line per evaluated round, also those a poll skipped
                 for r in records:
                     if r.get("test_accuracy") is not None and r["round"] > last_printed_round:
-                        print(progress_line(r, total, spr, None), file=out, flush=True)
+                        progress.line(round_status(r, total, spr, None))
                         last_printed_round = r["round"]
-            last_line = line
     except KeyboardInterrupt:
         interrupted = True
         _signal_all(nodes, signal.SIGINT)
     finally:
         _wait_all(nodes, refresh=refresh, interrupted=interrupted)
-        if tty and last_line:
-            print(file=out)
+        progress.close()
     return interrupted
 
 
@@ -308,15 +294,15 @@ def finish(codes: dict[str, Optional[int]], run_dir: Path, started: float, total
         total: rounds planned.
         interrupted, min_accuracy: see :class:`RunSummary`.
     """
-    codes = {name: -1 if c is None else c for name, c in codes.items()}
+    ended: dict[str, int] = {name: -1 if c is None else c for name, c in codes.items()}
     metrics = run_dir / "metrics.jsonl"
     records = read_jsonl(metrics) if metrics.exists() else []
     acc = None
     for r in records:
         if r.get("test_accuracy") is not None:
             acc = r["test_accuracy"]
-    summary = RunSummary(codes, len(records), acc, time.perf_counter() - started, run_dir,
-                         interrupted, [n for n, c in codes.items() if c != 0], min_accuracy)
+    summary = RunSummary(ended, len(records), acc, time.perf_counter() - started, run_dir,
+                         interrupted, [n for n, c in ended.items() if c != 0], min_accuracy)
     _print_summary(summary, total, out)
     return summary
 

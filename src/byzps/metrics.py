@@ -1,7 +1,7 @@
-"""Per-round metric records, a JSON Lines writer and reader, and a one-line progress display.
+"""Per-round metric records, a JSON Lines writer and reader, and the status text of a round.
 
 :func:`round_record` builds the record of one round from the state machine's
-:class:`byzps.protocol.RoundClosed` (plus evaluation numbers and, where the caller has them,
+:class:`byzps.core.rounds.RoundClosed` (plus evaluation numbers and, where the caller has them,
 the gradients and the aggregate for distances); the PS and the simulator both write it, one
 JSON line per round, with :class:`JsonlWriter`.
 """
@@ -12,9 +12,9 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
-
+from typing import Any, Optional
 
 #: largest reported training loss taken as sane: losses are non-negative (cross-entropy,
 #: squared error) and a diverging run is obvious long before this; a worker's value outside
@@ -44,13 +44,16 @@ def reported_loss(losses: Iterable[Any]) -> Optional[float]:
     return float(statistics.median(sane)) if sane else None
 
 
-def _clean(value: Any) -> Any:
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (also nested in dicts, lists and tuples) replaced
+    by None, and dict keys made strings: what strict JSON can hold (metrics records, the status
+    page)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [strict_json(v) for v in value]
     return value
 
 
@@ -77,7 +80,7 @@ class JsonlWriter:
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` (a JSON-serialisable mapping) as one line."""
         if self._fh is not None:
-            self._fh.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+            self._fh.write(json.dumps(strict_json(record), sort_keys=True) + "\n")
             self._fh.flush()
 
     def close(self) -> None:
@@ -112,7 +115,7 @@ def round_record(closed: Any, *, worker_ids: Optional[Iterable[int]] = None,
     """The metrics record of one closed round (a pure function of its arguments).
 
     Args:
-        closed: a :class:`byzps.protocol.RoundClosed` (fields ``round``, ``accepted``,
+        closed: a :class:`byzps.core.rounds.RoundClosed` (fields ``round``, ``accepted``,
             ``rejected``, ``missing``, ``losses``, ``seconds_aggregate``; an optional
             ``distances`` mapping worker id -> L2 distance of its gradient to the aggregate is
             used when present).
@@ -214,29 +217,22 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def progress_bar(done: int, total: int, width: int = 20) -> str:
-    """``[#####...............]``: ``done`` of ``total`` (> 0) as ``width`` characters, clamped
-    to [0, width]."""
-    filled = min(width, max(0, round(width * done / max(total, 1))))
-    return f"[{'#' * filled}{'.' * (width - filled)}]"
-
-
-def progress_line(record: Mapping[str, Any], rounds: int, seconds_per_round: Optional[float],
-                  accuracy: Optional[float] = None, width: int = 20) -> str:
-    """One status line: ``[#####.....] round 12/300  acc 0.9712  loss 0.215  rejected 1
-    0.84 s/round``.
+def round_status(record: Mapping[str, Any], rounds: int, seconds_per_round: Optional[float],
+                 accuracy: Optional[float] = None, show_round: bool = True) -> str:
+    """One status text: ``round 12/300  acc 0.9712  loss 0.215  rejected 1  0.84 s/round``
+    (the progress display's line, or the text after its bar: :mod:`byzps.progress`).
 
     Args:
         record: the latest round record (:func:`round_record`'s layout).
         rounds: total rounds R (> 0).
         seconds_per_round: mean wall seconds per round so far, or None.
         accuracy: the latest evaluated accuracy (the record's own if it has one).
-        width: characters of the bar.
+        show_round: start with ``round k/R`` (False: a bar shows it).
     """
     done = int(record.get("round", -1)) + 1
     acc = record.get("test_accuracy", accuracy)
     loss = record.get("reported_loss")
-    parts = [f"{progress_bar(done, rounds, width)} round {done}/{rounds}"]
+    parts = [f"round {done}/{rounds}"] if show_round else []
     parts.append(f"acc {acc:.4f}" if acc is not None else "acc -")
     parts.append(f"loss {loss:.3f}" if loss is not None else "loss -")
     parts.append(f"rejected {len(record.get('rejected') or {})}")

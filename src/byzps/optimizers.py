@@ -17,7 +17,7 @@ Each step performs the same tensor operations, in the same order, as the single-
 ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (torch 2.13, ``foreach=False``, the default on the
 CPU) on a momentum buffer that starts as explicit zeros; the results are bit-identical to
 torch's (tests check ``torch.equal`` over many steps). SGD's state row and step match today's
-:class:`byzps.training.Replica` exactly, so wiring this module in leaves SGD digests unchanged.
+:class:`byzps.replica.Replica` exactly, so wiring this module in leaves SGD digests unchanged.
 
 Learning-rate schedules (:class:`LrSchedule`) are pure functions of the round r (0-based): every
 replica computes the same learning rate for round r without carrying scheduler state, and a
@@ -57,19 +57,19 @@ class OptimizerState:
     rows: torch.Tensor
     step: int = 0
 
-    def digest_update(self, h: "hashlib._Hash", with_step: bool) -> None:
+    def digest_update(self, h: hashlib._Hash, with_step: bool) -> None:
         """Feed the state into a running hash: every row's raw little-endian float32 bytes,
         then (if ``with_step``) the step as 8 little-endian bytes.
 
         SGD passes ``with_step=False`` so that [theta, momentum buffer] hash exactly as
-        :meth:`byzps.training.Replica.digest` does today.
+        :meth:`byzps.replica.Replica.digest` does today.
         """
         for row in self.rows:
             h.update(memoryview(row.contiguous().numpy()).cast("B"))
         if with_step:
             h.update(int(self.step).to_bytes(8, "little", signed=False))
 
-    def clone(self) -> "OptimizerState":
+    def clone(self) -> OptimizerState:
         """A deep copy (rows cloned)."""
         return OptimizerState(self.rows.clone(), self.step)
 

@@ -12,8 +12,9 @@ missing, and ``ValueError`` when there is nothing to plot.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 from byzps.metrics import read_jsonl
 

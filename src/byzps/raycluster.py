@@ -26,7 +26,8 @@ import ipaddress
 import logging
 import os
 import socket
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 #: ``--ray`` without an address: start a local instance (Ray's own keyword for the same thing).
 LOCAL = "local"
@@ -115,7 +116,7 @@ def _connected(ray: Any, address: Optional[str], num_cpus: Optional[int],
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process; byzps starts or joins "
                            "Ray itself")
-    if not local:
+    if address is not None:
         probe_head(address)
     kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
     if local:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from byzps.auth import ENV_SECRETS
+from byzps.net.auth import ENV_SECRETS
 from byzps.nodeproc import free_port, node_cmd, node_env
 
 #: most bytes of one file (a log, the metrics) handed to the driver per call of

@@ -50,14 +50,14 @@ from typing import Any, Optional, TextIO
 
 import yaml
 
-from byzps import auth
-from byzps.config import Config, load_config
-from byzps.launcher import (RunSummary, config_data, finish, print_status_hint,
-                            refuse_omniscient, watch)
+from byzps.config import Config
+from byzps.job import check_over_tcp, load_config
+from byzps.launcher import RunSummary, config_data, finish, print_status_hint, watch
+from byzps.net import auth
+from byzps.net.transport import TlsError
 from byzps.raycluster import LOCAL, cluster_summary, ray_session
 from byzps.raynode import SYNC_CHUNK, NodeActor
 from byzps.safeio import MAX_TLS_BYTES, FileRefused, first_line, read_file
-from byzps.transport import TlsError
 
 #: the Ray namespace of the actors' names
 NAMESPACE = "byzps"
@@ -140,9 +140,9 @@ def node_files(cfg: Config) -> dict[str, dict[str, bytes]]:
         node name (see :func:`node_names`) -> file kind -> content.
 
     Raises:
-        byzps.auth.AuthError: the key file (``$BYZPS_SECRETS`` or ``server.secrets_file``) is
+        byzps.net.auth.AuthError: the key file (``$BYZPS_SECRETS`` or ``server.secrets_file``) is
             unusable or lacks a configured worker's key (named).
-        byzps.transport.TlsError: a ``server.tls`` file cannot be read (named), is not a
+        byzps.net.transport.TlsError: a ``server.tls`` file cannot be read (named), is not a
             regular file or is larger than :data:`byzps.safeio.MAX_TLS_BYTES`.
     """
     files: dict[str, dict[str, bytes]] = {name: {} for name in node_names(cfg)}
@@ -290,7 +290,7 @@ def launch_ray(config: str | Path, run_dir: str | Path, address: Optional[str] =
     Raises:
         byzps.config.ConfigError: invalid config (also omniscient attacks, which need the
             simulator).
-        byzps.auth.AuthError, byzps.transport.TlsError: see :func:`node_files`.
+        byzps.net.auth.AuthError, byzps.net.transport.TlsError: see :func:`node_files`.
         ValueError: ``strategy`` is not one of :data:`STRATEGIES`.
         RayPlacementError: the cluster cannot hold the nodes.
         byzps.raycluster.RayUnavailable, byzps.raycluster.RayLoopbackError, ConnectionError:
@@ -301,7 +301,7 @@ def launch_ray(config: str | Path, run_dir: str | Path, address: Optional[str] =
     out = out or sys.stderr
     run_dir = Path(run_dir)
     cfg = load_config(config)
-    refuse_omniscient(cfg, config)
+    check_over_tcp(cfg, str(config))
     data = config_data(config)
     total = rounds or cfg.training.rounds
     files = node_files(cfg)

@@ -1,31 +1,29 @@
 """The robust aggregation pipeline of a config: pre-aggregators chained before the aggregator.
 
-``build_robust(cfg)`` is what the parameter server (and the simulator) hands to
-:class:`byzps.protocol.ServerRounds` as its ``aggregate`` callable::
+:func:`build_pipeline` builds it from plain values (the job builder,
+:func:`byzps.job.build_robust`, reads them from a config); the PS core hands it to
+:class:`byzps.core.rounds.ServerRounds` as its ``aggregate`` callable::
 
-    robust = build_robust(cfg)            # aggregation.pre_aggregators, then aggregation.method
-    robust.check(cfg.n)                   # ValueError if the chain cannot run on n rows
+    robust = build_pipeline("trimmed_mean", {"f": 1}, [{"name": "nnm"}], f=1)
+    robust.check(n)                       # ValueError if the chain cannot run on n rows
     out = robust(grads)                   # (m, d) float32 -> (d,) float32
-    quorum = default_quorum(cfg, robust)  # training.quorum, else max(n - f, fewest rows it takes)
+    quorum = quorum_for(n, f, None, robust)  # n - f, but never fewer rows than it takes
 
 Each pre-aggregator entry of ``aggregation.pre_aggregators`` is a mapping ``{name: ..., <its
 parameters>}``; its ``f`` defaults to the config's f (``Config.f``), like the aggregator's.
 With no pre-aggregators the pipeline's result is bit-identical to the bare aggregator's.
 
-This module imports only :mod:`byzps.aggregators` (the config type is used for annotations
-only), so :mod:`byzps.config` may use it to validate a config.
+This module imports only :mod:`byzps.aggregators`; it reads no config.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional
 
 import torch
 
 from byzps import aggregators
-
-if TYPE_CHECKING:  # pragma: no cover
-    from byzps.config import Config
 
 
 def pre_spec(entry: Mapping[str, Any], f: Optional[int] = None) -> tuple[str, dict[str, Any]]:
@@ -161,24 +159,6 @@ def build_pipeline(method: str, params: Mapping[str, Any],
     return RobustPipeline(pres, aggregators.build(method, **params))
 
 
-def build_robust(cfg: "Config") -> RobustPipeline:
-    """The config's pipeline: ``aggregation.pre_aggregators`` then ``aggregation.method``.
-
-    Args:
-        cfg: a validated :class:`byzps.config.Config`.
-
-    Returns:
-        a callable ``(m, d) float32 -> (d,) float32`` with ``check(n)``, ``warning(n)``,
-        ``state_dict()``/``load_state_dict()``; hand it to ``ServerRounds`` as ``aggregate``.
-
-    Raises:
-        ValueError: a stage cannot be built (cannot happen for a config that validated).
-    """
-    a = cfg.aggregation
-    return build_pipeline(a.method, cfg.aggregator_params(),
-                          getattr(a, "pre_aggregators", None) or [], cfg.f)
-
-
 def min_rows(rule: Any, n: int) -> int:
     """The fewest rows (1..n) that ``rule.check`` accepts; n when none does."""
     for m in range(1, n + 1):
@@ -190,10 +170,14 @@ def min_rows(rule: Any, n: int) -> int:
     return n
 
 
-def default_quorum(cfg: "Config", rule: Any) -> int:
-    """The quorum of a round: ``training.quorum`` (default n - f), and never fewer than the
-    rule needs (:func:`min_rows`); clamped to 1..n."""
-    q = getattr(cfg.training, "quorum", None)
-    if q is None:
-        q = cfg.n - cfg.f
-    return max(1, min(max(q, min_rows(rule, cfg.n)), cfg.n))
+def quorum_for(n: int, f: int, quorum: Optional[int], rule: Any) -> int:
+    """The quorum of a round: ``quorum`` (default n - f), and never fewer than the rule needs
+    (:func:`min_rows`); clamped to 1..n.
+
+    Args:
+        n: number of workers; f: Byzantine workers tolerated.
+        quorum: the configured quorum (``training.quorum``) or None.
+        rule: anything with ``check(m)`` raising ValueError below its minimum (a pipeline).
+    """
+    q = n - f if quorum is None else quorum
+    return max(1, min(max(q, min_rows(rule, n)), n))

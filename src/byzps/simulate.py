@@ -1,11 +1,13 @@
 """One training job in one process, no sockets: the PS's and the workers' state machines wired
 together directly.
 
-The simulator runs the same round logic as a TCP run: the server side is a
-:class:`byzps.protocol.ServerRounds` with the config's replica, robust pipeline
-(:func:`byzps.robust.build_robust`) and quorum; each worker is a real
-:class:`byzps.worker.Worker` (its constructor does no I/O), whose
-:class:`byzps.protocol.WorkerRounds` computes exactly what the worker process would send.
+The simulator runs the same round logic as a TCP run, built by the same job builder
+(:class:`byzps.job.Job`): the server side is the PS core (:class:`byzps.core.ps.PsCore`: the
+config's replica, robust pipeline, quorum, round machine and the after-close step that
+evaluates, writes the record and checkpoints), each worker a worker core
+(:class:`byzps.core.worker.WorkerCore`), whose :class:`byzps.core.rounds.WorkerRounds`
+computes exactly what the worker process would send. Nothing of the network layer
+(:mod:`byzps.net`) is imported, so keys and TLS settings in the config are never read.
 Messages are handed over in memory: STATE to every worker as it "connects", then per round
 ROUND -> GRADIENT -> UPDATE. Tensors are shared, not copied: every receiver only reads them
 (a worker loads STATE by copying it, applies UPDATE without writing to it; the PS copies each
@@ -26,10 +28,10 @@ that every worker's replica digest equals the PS's and fails if one differs.
 
 Omniscient attacks (``attack_params: {omniscient: true}``) exist only here: when a config has
 one, each ROUND goes first to the other workers, and the vectors the honest workers sent are
-stacked ``(h, d)`` into :attr:`byzps.worker.Worker.omniscient_view` of the omniscient Byzantine
+stacked ``(h, d)`` into :attr:`byzps.core.worker.WorkerCore.omniscient_view` of the omniscient Byzantine
 workers before they answer (with threads: the others' replies are all computed first, then the
 omniscient workers'), with the PS pipeline's state of the round in
-:attr:`byzps.worker.Worker.pipeline_state` (for attacks that run the rule themselves). The
+:attr:`byzps.core.worker.WorkerCore.pipeline_state` (for attacks that run the rule themselves). The
 aggregate does not depend on the order in which gradients arrive (rows are stacked by worker
 id).
 
@@ -47,16 +49,17 @@ import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
 from byzps.config import Config
-from byzps.data import config_shards, load_mnist
-from byzps.metrics import JsonlWriter, round_record
-from byzps.protocol import Broadcast, RoundClosed, RoundFailed, Send
-from byzps.wire import Gradient, RoundStart, Update
+from byzps.core.messages import Gradient, RoundStart, Update
+from byzps.core.rounds import Broadcast, RoundClosed, RoundFailed, Send
+from byzps.core.worker import WorkerCore
+from byzps.job import Job
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ class SimResult:
         test_accuracy: final accuracy in [0, 1] on the (limited) test set.
         test_loss: final mean cross-entropy.
         seconds: wall seconds of the round loop, set-up and the test-set evaluations excluded.
-        digest: the PS replica's digest (:meth:`byzps.training.Replica.digest`), 32 hex chars.
+        digest: the PS replica's digest (:meth:`byzps.replica.Replica.digest`), 32 hex chars.
         records: the per-round metrics records (:func:`byzps.metrics.round_record`); their
             ``seconds_round`` includes an evaluation in the rounds that had one, as the PS's do.
         seconds_eval: wall seconds of the test-set evaluations (and the replica checks done
@@ -132,7 +135,7 @@ class Simulation:
 
     Args:
         cfg: validated config.
-        data_root: MNIST folder (see :func:`byzps.data.locate_mnist`).
+        data_root: the folder searched first for the task's data (see :mod:`byzps.data`).
         rounds: total rounds R (default ``cfg.training.rounds``).
         metrics_file: JSON Lines path for one record per round (default
             ``cfg.training.metrics_file``; None = no file).
@@ -141,39 +144,34 @@ class Simulation:
             uses the process's torch intra-op thread count (:func:`simulate` sets 1).
 
     Raises:
-        byzps.data.DatasetNotFound: no MNIST copy.
+        byzps.data.DatasetNotFound: no copy of the task's data.
         ValueError: a data shard smaller than one batch (the message says which and why), or
             threads < 1.
     """
 
     def __init__(self, cfg: Config, data_root: str, rounds: Optional[int] = None,
                  metrics_file: Optional[str] = None, threads: int = 1):
-        from byzps.server import build_ps_core   # late: keeps `import byzps.simulate` light
-        from byzps.worker import Worker
-
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.cfg = cfg
         self.threads = threads
-        t = cfg.training
-        self.rounds = rounds if rounds is not None else t.rounds
-        mnist = load_mnist(data_root, parts=("train",))
+        job = Job(cfg, data_root)
         # exactly as the TCP PS builds it; every answer is in before the close (no arrival
         # times here), i.e. training.close_at "all", so a TCP run equals this one bit for bit
-        # only with close_at: all
-        core = build_ps_core(cfg, data_root, self.rounds, close_at="all")
-        self.replica, self.robust, self.machine = core.replica, core.aggregator, core.machine
-        self.test_x, self.test_y = core.test_x, core.test_y
-        # the workers, built by the worker's own constructor (it loads its configured shard)
-        config_shards(cfg, mnist.train_labels)   # fail early if a shard is < one batch
-        self.workers: dict[int, Worker] = {w.id: Worker(cfg, w.id, None, data_root, mnist)
-                                           for w in cfg.workers}
+        # only with close_at: all. A simulation cannot resume, so it writes no checkpoints.
+        self.core = job.ps_core(rounds, close_at="all", metrics_file=metrics_file,
+                                checkpoints=False)
+        self.rounds = self.core.rounds
+        self.replica, self.robust, self.machine = (self.core.replica, self.core.aggregator,
+                                                   self.core.machine)
+        job.shard_indices()   # fail early if a shard is < one batch
+        self.workers: dict[int, WorkerCore] = {w.id: job.worker_core(w.id)
+                                               for w in cfg.workers}
         for w in self.workers.values():   # checked at the evaluation rounds instead
             w.machine.verify_digest = False
         self._omniscient = {wid for wid, w in self.workers.items()
                             if w.attack is not None and w.attack.omniscient}
         self._honest = {wid for wid, w in self.workers.items() if w.attack is None}
-        self.metrics_file = metrics_file if metrics_file is not None else t.metrics_file
         self._rows: dict[int, torch.Tensor] = {}
         self._aggregate: Optional[torch.Tensor] = None
         self._pool: Optional[cf.ThreadPoolExecutor] = None
@@ -247,56 +245,49 @@ class Simulation:
                 aggregator refused them), or at an evaluated round a worker's replica differs
                 from the PS's.
         """
-        t = self.cfg.training
-        writer = JsonlWriter(self.metrics_file)
         records: list[dict[str, Any]] = []
         seconds_eval = 0.0
+        if on_record is not None:
+            self.core.listeners.append(on_record)
         if self.threads > 1:   # made here, so its threads start with torch's current count
             self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="byzps-worker")
         try:
             for wid in sorted(self.workers):
                 self._raise_on_failure(self._execute(self.machine.connect(wid)))
             start = time.perf_counter()
-            test_loss, test_acc = float("nan"), float("nan")
             while not self.machine.finished:
                 r = self.machine.round
                 round_start = time.perf_counter()
                 self._rows, self._aggregate = {}, None
-                events = self._execute(self.machine.begin_round())
+                events = self._execute(self.core.begin_round())
                 if not any(isinstance(e, RoundClosed) for e in events):
                     events += self._execute(self.machine.on_deadline())
                 self._raise_on_failure(events)
                 closed = next((e for e in events if isinstance(e, RoundClosed)), None)
                 if closed is None:
                     raise SimulationFailed(f"round {r} did not close: {events}")
-                evaluated = (r + 1) % t.eval_every == 0 or self.machine.finished
+                evaluated = self.core.due_for_evaluation(r)
+                eval_start = time.perf_counter()
                 if evaluated:
-                    eval_start = time.perf_counter()
                     self._check_replicas(r)
-                    test_loss, test_acc = self.replica.evaluate(self.test_x, self.test_y)
+                records.append(self.core.after_close(
+                    closed, round_started=round_start, rows=self._rows,
+                    aggregate=self._aggregate))
+                if evaluated:
                     seconds_eval += time.perf_counter() - eval_start
-                    log.info("round %d/%d: test accuracy %.4f, test loss %.4f", r + 1,
-                             self.rounds, test_acc, test_loss)
-                record = round_record(
-                    closed, worker_ids=self.machine.worker_ids,
-                    seconds_round=time.perf_counter() - round_start,
-                    test_loss=test_loss if evaluated else None,
-                    test_accuracy=test_acc if evaluated else None,
-                    rows=self._rows, aggregate=self._aggregate)
-                writer.write(record)
-                records.append(record)
-                if on_record is not None:
-                    on_record(record)
             seconds = time.perf_counter() - start - seconds_eval
         finally:
-            writer.close()
+            self.core.close()
+            if on_record is not None:
+                self.core.listeners.remove(on_record)
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None
         digest = self.replica.digest()
         log.info("training finished; PS replica digest %s", digest)
-        done = len(records)
-        return SimResult(done, test_acc, test_loss, seconds, digest, records, seconds_eval)
+        last = self.core.last
+        return SimResult(len(records), last.accuracy, last.loss, seconds, digest, records,
+                         seconds_eval)
 
     def _check_replicas(self, r: int) -> None:
         """Every live worker's replica digest equals the PS's after round r (what the workers'
@@ -327,7 +318,7 @@ def simulate(cfg: Config, data_root: str = "./data", rounds: Optional[int] = Non
 
     Args:
         cfg: validated config.
-        data_root: MNIST folder.
+        data_root: the folder searched first for the task's data.
         rounds: override of ``training.rounds``.
         metrics_file: JSON Lines output (default ``training.metrics_file``).
         threads: threads that compute the workers' messages at once (see
@@ -339,7 +330,7 @@ def simulate(cfg: Config, data_root: str = "./data", rounds: Optional[int] = Non
 
     Raises:
         SimulationFailed: a round could not close.
-        byzps.data.DatasetNotFound: no MNIST copy.
+        byzps.data.DatasetNotFound: no copy of the task's data.
         ValueError: a shard smaller than one batch, or threads < 1.
     """
     if threads is None:

@@ -7,7 +7,7 @@ Enabled by ``server.metrics_port`` (bound on ``server.metrics_host``, default 12
                    uptime
     GET /          a two-line index naming both
 
-Usage (the PS does this; see :class:`byzps.server.ParameterServer`)::
+Usage (the PS does this; see :class:`byzps.net.server.ParameterServer`)::
 
     ep = StatusEndpoint("127.0.0.1", 9100, worker_ids=[0, 1, 2, 3], rounds=300)
     ep.start()                                     # background daemon thread; returns the port
@@ -40,7 +40,7 @@ reason}``
 
 Label values are bounded whatever the workers send: ``worker`` is always one of the configured
 worker ids (anything else in a record is ignored), ``reason`` one of
-:data:`byzps.protocol.REJECTION_REASONS` (anything else is counted as ``other``); so are the
+:data:`byzps.core.rounds.REJECTION_REASONS` (anything else is counted as ``other``); so are the
 keys of ``/status``.
 
 Each endpoint has its own :class:`prometheus_client.CollectorRegistry` (never the process-wide
@@ -61,10 +61,12 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Optional
 
 from byzps.bounded_http import BoundedHttpServer
-from byzps.protocol import REJECTION_REASONS
+from byzps.core.rounds import REJECTION_REASONS
+from byzps.metrics import strict_json
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +86,6 @@ class StatusEndpointError(RuntimeError):
 MAX_REQUEST_BYTES = 8192
 #: seconds a client connection may live, from accept to the last byte of the answer
 CONNECTION_TIMEOUT = 5.0
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float (also nested) replaced by None (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 class StatusEndpoint:
@@ -141,8 +132,14 @@ class StatusEndpoint:
             "rejected_gradients": {}, "missing": {}, "states_refused": {},
         }
         try:
-            from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, \
-                Gauge, Histogram, generate_latest
+            from prometheus_client import (
+                CONTENT_TYPE_LATEST,
+                CollectorRegistry,
+                Counter,
+                Gauge,
+                Histogram,
+                generate_latest,
+            )
         except ImportError:
             raise StatusEndpointError("server.metrics_port needs the prometheus-client package: "
                                       "pip install prometheus-client (or rerun "
@@ -270,7 +267,7 @@ class StatusEndpoint:
         with self._lock:
             doc = copy.deepcopy(self._state)
         doc["uptime_seconds"] = max(0.0, self._clock() - self._started_at)
-        return _finite(doc)
+        return strict_json(doc)
 
     # -- HTTP -------------------------------------------------------------------------------
 

@@ -36,9 +36,10 @@ import math
 import reprlib
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -453,7 +454,8 @@ def _sample_positions(size: int, samples: int) -> list[int]:
 
 def _read_items(name: str, split: str, ds: Any, positions: list[int]
                 ) -> tuple[list[torch.Tensor], list[int]]:
-    xs, ys = [], []
+    xs: list[torch.Tensor] = []
+    ys: list[int] = []
     for i in positions:
         where = f"{split}()[{i}]"
         try:

@@ -16,18 +16,19 @@ Every rule is a small object with attributes ``name`` and ``f`` (and its other p
 ``check(n)``, ``warning(n)``, ``state_dict()`` / ``load_state_dict()`` (empty for stateless
 rules; centered clipping carries its centre, bucketing and dnc their call counters).
 Conventions common to all rules (NaN/Inf rows are dropped and f lowered by their count; results
-are finite; memory is bounded by chunking) are described in ``byzps.aggregators._base`` and
-``._common``.
+are finite; memory is bounded by chunking) are described in ``byzps.aggregators._base``,
+``._finite``, ``._chunks``, ``._sorting``, ``._reduce`` and ``._distances``.
 
 This package imports nothing else from byzps.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
-from ._base import Aggregator, Breakdown, Param, PreAggregator
-from ._common import all_finite
+from ._base import Aggregator, Breakdown, Param, PreAggregator, Rule
+from ._finite import all_finite
 from .arc import ARC
 from .bucketing import Bucketing
 from .bulyan import Bulyan
@@ -106,7 +107,11 @@ _PRE_AGGREGATORS: dict[str, type[PreAggregator]] = {
 }
 
 
-def _lookup(table: dict[str, type], name: Any, kind: str) -> type:
+#: a rule class (aggregator or pre-aggregator)
+R = TypeVar("R", bound=Rule)
+
+
+def _lookup(table: Mapping[str, type[R]], name: Any, kind: str) -> type[R]:
     if not isinstance(name, str) or name not in table:
         raise ValueError(
             f"unknown {kind} {name!r}; valid choices: {', '.join(sorted(table))}"

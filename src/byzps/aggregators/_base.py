@@ -16,23 +16,25 @@ Common behaviour of every aggregator call (``Aggregator.__call__``):
    rows).
 
 Fast path: scanning every row for NaN/Inf first costs a full pass over the input (about as
-long as ``torch.mean``). A rule that sets ``_fast_path = True`` implements
-``_aggregate_checked(x, f)``: it runs on all n rows with the configured f and raises
-``NonFiniteInput`` when its own passes meet a non-finite value (e.g. a non-finite float64 sum,
-Gram matrix, norm, or sorting-network extreme). Only then are the rows scanned and step 2 runs
-as above, so the result is the same either way.
+long as ``torch.mean``). Every rule implements one hook, ``_compute(x, f, check)``: with
+``check=False`` it runs on finite rows (step 2 done); a rule that sets ``_fast_path = True``
+is also called with ``check=True`` first, on all n rows with the configured f, and then raises
+``NonFiniteInput`` (before changing any state) when its own passes meet a non-finite value
+(e.g. a non-finite float64 sum, Gram matrix, norm, or sorting-network extreme). Only then are
+the rows scanned and step 2 runs as above, so the result is the same either way.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Union
+from typing import Any, ClassVar, Union
 
 import torch
 
-from ._common import NonFiniteInput, all_finite, as_matrix, drop_nonfinite, nonfinite_rows
+from ._finite import NonFiniteInput, all_finite, as_matrix, drop_nonfinite, nonfinite_rows
 
 __all__ = ["Breakdown", "Param", "Rule", "Aggregator", "PreAggregator", "F_PARAM"]
 
@@ -253,23 +255,26 @@ class Rule:
                 f"{self.name} is stateless; unexpected state keys {sorted(state)}"
             )
 
-
-class Aggregator(Rule):
-    """An aggregation rule: ``(n, d) -> (d,)``. Subclasses implement ``_aggregate(x, f)``,
-    called with finite rows only and with (n, f) already checked, and optionally (with
-    ``_fast_path = True``) ``_aggregate_checked(x, f)``, called on unscanned rows (see the
-    module docstring)."""
-
-    #: whether ``_aggregate_checked`` is implemented
+    #: whether :meth:`_compute` may be called with ``check=True`` on unscanned rows
     _fast_path: ClassVar[bool] = False
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:  # pragma: no cover
+        """The rule itself on ``x`` ``(n, d)`` with tolerance f.
 
-    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:  # pragma: no cover
-        """``_aggregate(x, f)`` on rows not yet scanned for NaN/Inf: raises ``NonFiniteInput``
-        (before changing any state) when x holds a non-finite value."""
-        raise NonFiniteInput
+        ``check=False``: every row is finite and (n, f) satisfies the precondition.
+        ``check=True`` (only when ``_fast_path`` is set): the rows have not been scanned and f
+        is the configured one; raise ``NonFiniteInput`` (before changing any state) when the
+        rule's own passes meet a NaN or Inf.
+
+        Returns:
+            ``(d,)`` for an aggregator, ``(m, d)`` for a pre-aggregator, in x's dtype.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement _compute")
+
+
+class Aggregator(Rule):
+    """An aggregation rule: ``(n, d) -> (d,)``. Subclasses implement
+    :meth:`Rule._compute` returning the ``(d,)`` aggregate (see the module docstring)."""
 
     def __call__(self, grads: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -277,14 +282,14 @@ class Aggregator(Rule):
             out = None
             if self._fast_path and self._requirement(x.shape[0], self.f) is None:
                 try:
-                    out = self._aggregate_checked(x, self.f)
+                    out = self._compute(x, self.f, check=True)
                 except NonFiniteInput:
                     out = None
             if out is None:
                 x, dropped = drop_nonfinite(x)
                 f = max(self.f - dropped, 0)
                 self._require_at_call(x.shape[0], f, dropped)
-                out = self._aggregate(x, f)
+                out = self._compute(x, f, check=False)
             if out.shape != (x.shape[1],) or out.dtype != x.dtype:  # pragma: no cover
                 raise AssertionError(f"{self.name}: internal shape/dtype error")
             if not all_finite(out):  # pragma: no cover - defensive
@@ -299,32 +304,21 @@ class PreAggregator(Rule):
     bucket holding them comes out all-NaN); the rule itself runs on the finite rows with
     f' = max(f - dropped, 0). The aggregator that follows then drops those rows and lowers its
     own f by their count, so the pipeline's accounting of faulty rows stays right and the
-    pipeline's result is finite. Subclasses implement ``_transform(x, f)`` on finite rows and
-    optionally (``_fast_path = True``) ``_transform_checked(x, f)`` on unscanned rows, which
-    raises ``NonFiniteInput`` when it meets NaN/Inf (see the module docstring).
+    pipeline's result is finite. Subclasses implement :meth:`Rule._compute` returning the
+    ``(m, d)`` output (see the module docstring).
     """
 
     def output_rows(self, n: int) -> int:
         """Number of rows m produced from n rows (the aggregator must accept m rows)."""
         return _as_count(n, self.name)
 
-    #: whether ``_transform_checked`` is implemented
-    _fast_path: ClassVar[bool] = False
-
-    def _transform(self, x: torch.Tensor, f: int) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def _transform_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:  # pragma: no cover
-        """``_transform(x, f)`` on rows not yet scanned for NaN/Inf: raises
-        ``NonFiniteInput`` (before changing any state) when x holds a non-finite value."""
-        raise NonFiniteInput
 
     def __call__(self, grads: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = as_matrix(grads, self.name)
             if self._fast_path and self._requirement(x.shape[0], self.f) is None:
                 try:
-                    return self._transform_checked(x, self.f)
+                    return self._compute(x, self.f, check=True)
                 except NonFiniteInput:
                     pass
             bad = nonfinite_rows(x)
@@ -332,7 +326,7 @@ class PreAggregator(Rule):
             f = max(self.f - dropped, 0)
             self._require_at_call(x.shape[0] - dropped, f, dropped)
             if not dropped:
-                return self._transform(x, f)
+                return self._compute(x, f, check=False)
             out = torch.full_like(x, math.nan)
-            out[~bad] = self._transform(x[~bad], f)
+            out[~bad] = self._compute(x[~bad], f, check=False)
             return out

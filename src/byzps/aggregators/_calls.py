@@ -8,7 +8,8 @@ same sequence once the counter is restored from a checkpoint.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -38,7 +39,7 @@ class CallCounter:
     with t an integer >= 0 (a one-element tensor is accepted).
     """
 
-    name: str
+    name: ClassVar[str]
     calls: int
 
     def _post_init(self) -> None:

@@ -6,7 +6,7 @@ of (weighted) rows, a d x d matrix. With n rows it has rank < n, and everything 
 n x n matrix instead, without ever forming a d x d one:
 
 * the centred Gram matrix ``K_ij = (x_i - mu) . (x_j - mu)`` follows from the squared distances
-  ``D`` (``_common.pairwise_sq_dists``, float64, translation invariant) by the classical
+  ``D`` (``_distances.pairwise_sq_dists``, float64, translation invariant) by the classical
   multidimensional-scaling identity ``K = -1/2 (I - 1 w^T) D (I - w 1^T)`` for weights w that
   sum to one (mu the w-weighted mean);
 * with ``M = W^{1/2} K W^{1/2} / sum(w)`` (W = diag(w)), ``M u = lambda u`` gives the eigenvalue
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import chunks64, pairwise_sq_dists
+from ._chunks import chunks64
+from ._distances import pairwise_sq_dists
 
 __all__ = ["centred_gram", "sq_dists", "top_eigen", "weighted_mean"]
 
@@ -33,7 +34,7 @@ def sq_dists(x: torch.Tensor) -> torch.Tensor:
     """Squared distances (n, n) float64 between the finite rows of ``x`` (n, d), capped at
     ``SQ_DIST_CAP`` = 2^500.
 
-    ``_common.pairwise_sq_dists`` (translation invariant, accurate among the bulk of the rows),
+    ``_distances.pairwise_sq_dists`` (translation invariant, accurate among the bulk of the rows),
     with every entry above 2^500 lowered to 2^500. A row that far from another (only float64
     rows beyond about 1e75 get there; float32 rows stay below 1e78) is treated as "very far":
     the rules still see it as the outlier it is, while the Gram matrices and eigensolvers

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Breakdown, F_PARAM, PreAggregator
-from ._common import empty_output, row_norms
+from ._base import F_PARAM, Breakdown, PreAggregator
+from ._chunks import empty_output
+from ._reduce import row_norms
 from .clipping import row_groups, write_scaled
 
 
@@ -57,13 +58,7 @@ class ARC(PreAggregator):
 
     _fast_path = True
 
-    def _transform(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, f, check=False)
-
-    def _transform_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, f, check=True)
-
-    def _run(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         n = x.shape[0]
         k = arc_clipped_count(n, f)
         out = empty_output(tuple(x.shape), x)

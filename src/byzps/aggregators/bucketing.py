@@ -6,9 +6,10 @@ import math
 
 import torch
 
-from ._base import Breakdown, F_PARAM, Param, PreAggregator, _as_count
+from ._base import F_PARAM, Breakdown, Param, PreAggregator, _as_count
 from ._calls import CallCounter, call_generator
-from ._common import NonFiniteInput, as_matrix, chunk_columns, empty_output, nonfinite_rows
+from ._chunks import chunk_columns, empty_output
+from ._finite import NonFiniteInput, as_matrix, nonfinite_rows
 
 
 class Bucketing(CallCounter, PreAggregator):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ._base import Aggregator, Breakdown
-from ._common import pairwise_sq_dists, sorted_column_chunks, window_sum_sorted
+from ._distances import pairwise_sq_dists
+from ._sorting import sorted_column_chunks, window_sum_sorted
 from .krum import krum_order
 
 
@@ -66,13 +67,7 @@ class Bulyan(Aggregator):
 
     _fast_path = True
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, f, check=False)
-
-    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, f, check=True)
-
-    def _run(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         n, d = x.shape
         theta = n - 2 * f
         beta = theta - 2 * f

@@ -83,5 +83,5 @@ class CAF(Aggregator):
             c[c <= 0] = 0.0
         return best
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         return weighted_mean(x, self.weights(x, f))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from ._base import Aggregator, Breakdown, F_PARAM, Param
-from ._common import all_finite, chunks64, median_and_distances, row_norms
+from ._base import F_PARAM, Aggregator, Breakdown, Param
+from ._chunks import chunks64
+from ._finite import all_finite
+from ._reduce import row_norms
+from ._sorting import median_and_distances
 
 
 class CenteredClipping(Aggregator):
@@ -103,13 +107,7 @@ class CenteredClipping(Aggregator):
 
     _fast_path = True
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, check=False)
-
-    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, check=True)
-
-    def _run(self, x: torch.Tensor, check: bool) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         n, d = x.shape
         if self.center is None:
             if self.init == "median":

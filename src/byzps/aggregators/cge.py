@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Aggregator, Breakdown, F_PARAM, Param
-from ._common import mean_rows, row_norms
+from ._base import F_PARAM, Aggregator, Breakdown, Param
+from ._reduce import mean_rows, row_norms
 
 
 class CGE(Aggregator):
@@ -66,7 +66,7 @@ class CGE(Aggregator):
         order = torch.sort(norms, stable=True).indices[: x.shape[0] - f]
         return torch.sort(order).values
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         keep = self.kept(x, f)
         out = mean_rows(x, keep)
         if self.reduce == "sum":

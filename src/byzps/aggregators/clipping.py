@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Breakdown, F_PARAM, Param, PreAggregator
-from ._common import empty_output, row_norms
-
+from ._base import F_PARAM, Breakdown, Param, PreAggregator
+from ._chunks import empty_output
+from ._reduce import row_norms
 
 #: float32 factors below this would be subnormal or close to it: such rows go through float64
 _TINY_FACTOR = 2.0**-100
@@ -74,13 +74,7 @@ class Clipping(PreAggregator):
         return torch.where(norms > self.threshold,
                            self.threshold / norms.clamp(min=self.threshold), 1.0)
 
-    def _transform(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, check=False)
-
-    def _transform_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, check=True)
-
-    def _run(self, x: torch.Tensor, check: bool) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         # one group of rows at a time: norms, then the scaled copy while the group is in cache
         out = empty_output(tuple(x.shape), x)
         for start, stop in row_groups(x):

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from ._base import Aggregator, Breakdown, F_PARAM, Param
+from ._base import F_PARAM, Aggregator, Breakdown, Param
 from ._calls import CallCounter, call_generator
-from ._common import mean_rows
+from ._reduce import mean_rows
 from ._spectral import centred_gram, sq_dists, top_eigen
 
 
@@ -120,7 +120,7 @@ class DnC(CallCounter, Aggregator):
         best = int(kept.max())   # == niters unless the intersection is empty
         return torch.nonzero(kept == best).flatten().to(x.device)
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         good = self.good_rows(x, f, self.calls)
         out = mean_rows(x, good)
         self.calls += 1

@@ -6,14 +6,11 @@ import math
 
 import torch
 
-from ._base import Aggregator, Breakdown, F_PARAM, Param
-from ._common import (
-    all_finite,
-    chunks64,
-    mean_and_distances,
-    median_and_distances,
-    row_norms,
-)
+from ._base import F_PARAM, Aggregator, Breakdown, Param
+from ._chunks import chunks64
+from ._finite import all_finite
+from ._reduce import mean_and_distances, row_norms
+from ._sorting import median_and_distances
 
 #: the mean stays the start point only while the subgradient of the objective there has norm
 #: at most this (see ``GeometricMedian``): far from the optimum it is at least about 1
@@ -117,13 +114,7 @@ class GeometricMedian(Aggregator):
 
     _fast_path = True
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, check=False)
-
-    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, check=True)
-
-    def _run(self, x: torch.Tensor, check: bool) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         # the mean and the distances to it: one pass (and it reveals NaN/Inf rows)
         z, dist = mean_and_distances(x, check)
         step = None

@@ -6,8 +6,9 @@ import math
 
 import torch
 
-from ._base import Aggregator, Breakdown, F_PARAM, Param
-from ._common import mean_rows, pairwise_sq_dists
+from ._base import F_PARAM, Aggregator, Breakdown, Param
+from ._distances import pairwise_sq_dists
+from ._reduce import mean_rows
 
 
 def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
@@ -43,7 +44,7 @@ class MultiKrum(Aggregator):
     n - f - 2 nearest other rows (Blanchard et al. 2017); the q rows with the lowest scores
     are averaged (q = 1 is Krum). Equal scores are ordered by total squared distance to all
     rows, then by index. Distances are computed in float64 on rows centred on a central data
-    row (see ``_common.pairwise_sq_dists``), so a common translation of all rows changes no
+    row (see ``_distances.pairwise_sq_dists``), so a common translation of all rows changes no
     selection.
 
     Parameters: ``f`` (int >= 0, default 0), ``q`` (int >= 1 or None, default None meaning
@@ -113,13 +114,7 @@ class MultiKrum(Aggregator):
 
     _fast_path = True
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, f, check=False)
-
-    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, f, check=True)
-
-    def _run(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         n = x.shape[0]
         order = krum_order(pairwise_sq_dists(x, check), f)  # finite Gram: every row finite
         q = self._count(n, f)

@@ -7,8 +7,9 @@ import math
 
 import torch
 
-from ._base import Aggregator, Breakdown, F_PARAM, Param
-from ._common import mean_rows, pairwise_sq_dists
+from ._base import F_PARAM, Aggregator, Breakdown, Param
+from ._distances import pairwise_sq_dists
+from ._reduce import mean_rows
 
 _BATCH_ENTRIES = 1 << 18
 
@@ -24,7 +25,7 @@ class MDA(Aggregator):
     by the smaller sum of squared pairwise distances within the subset (the tighter subset),
     which does not depend on the order of the rows, and only then by the enumeration order.
     Both keys are exact functions of the distance matrix: identical rows have bit-identical
-    distances (``_common.pairwise_sq_dists``), so diameters equal through duplicated rows are
+    distances (``_distances.pairwise_sq_dists``), so diameters equal through duplicated rows are
     equal, and the spreads of the candidate subsets are compared as correctly rounded sums
     (``math.fsum``), which do not depend on the order of summation.
 
@@ -122,13 +123,9 @@ class MDA(Aggregator):
 
     _fast_path = True
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        keep = self.select(x, f)
-        return mean_rows(x, torch.nonzero(keep).flatten())
-
-    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        keep = self.select(x, f, check=True)
-        if f == 0:  # no distances computed: the float64 sum reveals NaN/Inf
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
+        keep = self.select(x, f, check=check)
+        if check and f == 0:  # no distances computed: the float64 sum reveals NaN/Inf
             return mean_rows(x, check=True)
         return mean_rows(x, torch.nonzero(keep).flatten())
 

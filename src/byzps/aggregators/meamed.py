@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._base import Aggregator, Breakdown
-from ._common import sorted_column_chunks, window_sum_sorted
+from ._sorting import sorted_column_chunks, window_sum_sorted
 
 
 class MeaMed(Aggregator):
@@ -53,13 +53,7 @@ class MeaMed(Aggregator):
 
     _fast_path = True
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, f, check=False)
-
-    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, f, check=True)
-
-    def _run(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         n, d = x.shape
         out = torch.empty(d, dtype=x.dtype, device=x.device)
         buf = None

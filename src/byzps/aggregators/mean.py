@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._base import Aggregator, Breakdown
-from ._common import mean_rows
+from ._reduce import mean_rows
 
 
 class Mean(Aggregator):
@@ -37,8 +37,5 @@ class Mean(Aggregator):
 
     _fast_path = True
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return mean_rows(x)
-
-    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return mean_rows(x, check=True)
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
+        return mean_rows(x, check=check)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._base import Aggregator, Breakdown
-from ._common import coordinate_median
+from ._sorting import coordinate_median
 
 
 class CoordinateWiseMedian(Aggregator):
@@ -42,8 +42,5 @@ class CoordinateWiseMedian(Aggregator):
 
     _fast_path = True
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return coordinate_median(x)
-
-    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return coordinate_median(x, check=True)
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
+        return coordinate_median(x, check=check)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Aggregator, Breakdown, F_PARAM, Param
-from ._common import mean_rows, row_norms
+from ._base import F_PARAM, Aggregator, Breakdown, Param
+from ._reduce import mean_rows, row_norms
 
 
 class MoNNA(Aggregator):
@@ -72,6 +72,6 @@ class MoNNA(Aggregator):
         near = torch.sort(dist, stable=True).indices[: x.shape[0] - f]
         return torch.sort(near).values
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         near = self.neighbours(x, f)
         return mean_rows(x, near)

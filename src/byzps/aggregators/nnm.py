@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Breakdown, F_PARAM, PreAggregator
-from . import _common
-from ._common import chunk_columns, empty_output, mean_rows, pairwise_sq_dists
+from . import _chunks
+from ._base import F_PARAM, Breakdown, PreAggregator
+from ._chunks import chunk_columns, empty_output
+from ._distances import pairwise_sq_dists
+from ._reduce import mean_rows
 
 
 class NNM(PreAggregator):
@@ -63,13 +65,7 @@ class NNM(PreAggregator):
 
     _fast_path = True
 
-    def _transform(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, f, check=False)
-
-    def _transform_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, f, check=True)
-
-    def _run(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         n, d = x.shape
         k = n - f
         if k == n:
@@ -80,7 +76,7 @@ class NNM(PreAggregator):
         mix.scatter_(1, self.neighbours(x, f, check), 1.0)
         out = empty_output(tuple(x.shape), x)
         # small buffers: the output already takes n x d
-        step = chunk_columns(n, d, max(1, _common.CHUNK_ELEMENTS // 4))
+        step = chunk_columns(n, d, max(1, _chunks.CHUNK_ELEMENTS // 4))
         buf = torch.empty(2 * n * step, dtype=torch.float64, device=x.device)
         for start in range(0, d, step):
             stop = min(d, start + step)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Optional
 
 import torch
 
-from ._base import Aggregator, Breakdown, F_PARAM, Param
-from ._common import mean_rows
+from ._base import F_PARAM, Aggregator, Breakdown, Param
+from ._reduce import mean_rows
 from ._spectral import sq_dists
 
 #: float64 entries of the batched (subsets, m, m) matrices handled at once (32 MiB)
@@ -88,7 +89,8 @@ class SMEA(Aggregator):
         centre = torch.eye(m, dtype=torch.float64) - 1.0 / m
         per_batch = max(1, _BATCH_ENTRIES // (m * m))
         combos = itertools.combinations(range(n), f)
-        best_value, best = math.inf, None
+        best_value = math.inf
+        best: Optional[torch.Tensor] = None
         while True:
             left_out = list(itertools.islice(combos, per_batch))
             if not left_out:
@@ -103,8 +105,10 @@ class SMEA(Aggregator):
             k = int(torch.argmin(top))                                   # first of equals
             if float(top[k]) < best_value:
                 best_value, best = float(top[k]), idx[k]
+        if best is None:   # cannot happen: 0 < f < n gives at least one subset
+            raise ValueError(f"smea: no subset of {m} of the {n} rows to choose from")
         return best.to(x.device)
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         chosen = self.best_subset(x, f)
         return mean_rows(x, chosen)

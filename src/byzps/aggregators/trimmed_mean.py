@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._base import Aggregator, Breakdown
-from ._common import sorted_column_chunks, sum_rows64
+from ._sorting import sorted_column_chunks, sum_rows64
 
 
 class TrimmedMean(Aggregator):
@@ -19,7 +19,7 @@ class TrimmedMean(Aggregator):
 
     Precondition: n > 2f (else ValueError). Complexity: O(d N log^2 N) time for N = n rounded
     up to a power of two (a bitonic sorting network over column blocks, see
-    ``_common.sorted_column_chunks``), a few blocks of extra memory; the kept values are summed
+    ``_sorting.sorted_column_chunks``), a few blocks of extra memory; the kept values are summed
     in float64.
 
     Source: D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-Robust Distributed
@@ -42,13 +42,7 @@ class TrimmedMean(Aggregator):
 
     _fast_path = True
 
-    def _aggregate(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, f, check=False)
-
-    def _aggregate_checked(self, x: torch.Tensor, f: int) -> torch.Tensor:
-        return self._run(x, f, check=True)
-
-    def _run(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         n, d = x.shape
         out = torch.empty(d, dtype=x.dtype, device=x.device)
         buf = None

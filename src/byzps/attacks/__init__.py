@@ -26,13 +26,13 @@ from typing import Any
 
 from byzps.attacks.alie import Alie, alie_z
 from byzps.attacks.base import CONTEXT_FIELDS, Attack, AttackContext
+from byzps.attacks.constant import Inf, Nan, Zero
+from byzps.attacks.fang import Fang
 from byzps.attacks.gaussian import Gaussian
 from byzps.attacks.ipm import Ipm
 from byzps.attacks.label_flip import LabelFlip
 from byzps.attacks.large import Large
 from byzps.attacks.mimic import Mimic
-from byzps.attacks.constant import Inf, Nan, Zero
-from byzps.attacks.fang import Fang
 from byzps.attacks.minmax import MinMax
 from byzps.attacks.minsum import MinSum
 from byzps.attacks.opt_alie import OptAlie

@@ -73,7 +73,8 @@ class HonestVectorsAttack(Attack):
         self.require(ctx)
         k = self.estimate_batches
         if k is None and not self.is_omniscient:
-            k = ctx.n - ctx.f
+            n, f = ctx.n_and_f()
+            k = n - f
         return _estimate.honest_rows(ctx, self.is_omniscient, k or 0, self.collude_seed,
                                      self.name, self.min_rows)
 

@@ -21,7 +21,8 @@ direction of delta's sign from ``start``.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -139,7 +140,7 @@ class LineSearchAttack(HonestVectorsAttack):
         """The tau the search picks for ``honest`` ``(h, d)`` in ``ctx``'s round."""
         copies = self.byzantine_count(ctx, honest.shape[0])
         return line_maximize(
-            lambda tau: deviation(ctx.aggregate, honest, self.vector(honest, tau), copies),
+            lambda tau: deviation(ctx.aggregate_fn(), honest, self.vector(honest, tau), copies),
             self.evals, self.start, self.delta, self.ratio)
 
     def __call__(self, ctx: AttackContext) -> torch.Tensor:

@@ -35,8 +35,14 @@ from typing import Optional
 import torch
 
 from byzps.attacks import _estimate
-from byzps.attacks.base import Attack, AttackContext, finite_float, flag, int_at_least, \
-    optional_seed
+from byzps.attacks.base import (
+    Attack,
+    AttackContext,
+    finite_float,
+    flag,
+    int_at_least,
+    optional_seed,
+)
 
 
 def alie_z(n: int, f: int) -> float:
@@ -88,7 +94,7 @@ class Alie(Attack):
 
     def z_for(self, ctx: AttackContext) -> float:
         """The z used in ``ctx``'s round: the given one, or :func:`alie_z` of ctx.n, ctx.f."""
-        return self.z if self.z is not None else alie_z(ctx.n, ctx.f)
+        return self.z if self.z is not None else alie_z(*ctx.n_and_f())
 
     def __call__(self, ctx: AttackContext) -> torch.Tensor:
         """``(d,)`` float32 ``mu_hat - z * sigma_hat`` (or the true mu and sigma)."""

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -58,7 +59,7 @@ class AttackContext:
         honest_gradient: ``(d,)`` float32, the vector an honest worker would send from this
             worker's shard: the minibatch gradient, or, with ``training.worker_momentum`` > 0,
             this worker's momentum vector m_t.
-        batch: the current minibatch ``(x, y)``: ``(B, 1, 28, 28)`` float32 inputs and ``(B,)``
+        batch: the current minibatch ``(x, y)``: ``(B, *input_shape)`` inputs and ``(B,)``
             int64 labels (the one ``honest_gradient`` was computed on).
         gradient: callable ``(x, y) -> (d,)`` float32, the loss gradient on any minibatch at
             the current model (a raw gradient, no momentum). Raises what the model raises on
@@ -96,6 +97,33 @@ class AttackContext:
     def d(self) -> int:
         """Model dimension d (the length of ``honest_gradient``)."""
         return self.honest_gradient.numel()
+
+    def _given(self, name: str) -> Any:
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"this AttackContext has no {name} (round {self.round}); declare "
+                             f"it in the attack's needs")
+        return value
+
+    def minibatch(self) -> Batch:
+        """``batch``, which must be set. Raises ValueError naming the field otherwise."""
+        return self._given("batch")
+
+    def gradient_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``gradient``, which must be set. Raises ValueError naming the field otherwise."""
+        return self._given("gradient")
+
+    def batch_sampler(self) -> Callable[[Optional[torch.Generator]], Batch]:
+        """``sample_batch``, which must be set. Raises ValueError naming the field otherwise."""
+        return self._given("sample_batch")
+
+    def aggregate_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``aggregate``, which must be set. Raises ValueError naming the field otherwise."""
+        return self._given("aggregate")
+
+    def n_and_f(self) -> tuple[int, int]:
+        """``(n, f)``, which must be set. Raises ValueError naming the field otherwise."""
+        return self._given("n"), self._given("f")
 
 
 class Attack:

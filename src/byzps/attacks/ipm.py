@@ -30,8 +30,14 @@ from typing import Optional
 import torch
 
 from byzps.attacks import _estimate
-from byzps.attacks.base import Attack, AttackContext, finite_float, flag, int_at_least, \
-    optional_seed
+from byzps.attacks.base import (
+    Attack,
+    AttackContext,
+    finite_float,
+    flag,
+    int_at_least,
+    optional_seed,
+)
 
 
 class Ipm(Attack):

@@ -6,7 +6,7 @@ gradient through its own momentum like an honest worker would (``output_is_gradi
 behaves exactly like an honest worker whose data is mislabelled.
 Parameters: ``num_classes`` (int >= 2, default 10).
 Needs: ``batch``, ``gradient``.
-Shapes: x ``(B, 1, 28, 28)`` float32, y ``(B,)`` int64 in; ``(d,)`` float32 out.
+Shapes: x ``(B, *input_shape)``, y ``(B,)`` int64 in; ``(d,)`` float32 out.
 Errors: ValueError for a bad num_classes, or labels outside 0..num_classes-1.
 Source: the label-flipping attack of e.g. Allen-Zhu et al. 2021 and Karimireddy et al. 2021
 ("Learning from history for Byzantine robust optimization", ICML).
@@ -39,8 +39,8 @@ class LabelFlip(Attack):
     def __call__(self, ctx: AttackContext) -> torch.Tensor:
         """``(d,)`` float32 gradient of the current minibatch with flipped labels."""
         self.require(ctx)
-        x, y = ctx.batch
+        x, y = ctx.minibatch()
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(f"label_flip: labels must be in 0..{self.num_classes - 1}, got "
                              f"{int(y.min())}..{int(y.max())}")
-        return ctx.gradient(x, (self.num_classes - 1) - y)
+        return ctx.gradient_fn()(x, (self.num_classes - 1) - y)

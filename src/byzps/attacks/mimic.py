@@ -21,7 +21,7 @@ Parameters: ``target_class`` (int in 0..num_classes-1 or None: ``collude_seed mo
 if ``collude_seed`` is set, else the worker's own seed mod num_classes), ``num_classes`` (int >=
 2, default 10), ``estimate_batches`` (int >= 1, default 5), ``collude_seed`` (int >= 0 or None).
 Needs: ``batch``, ``gradient``, and ``sample_batch`` unless ``estimate_batches = 1``.
-Shapes: minibatches ``(B, 1, 28, 28)`` float32 / ``(B,)`` int64; ``(d,)`` float32 out.
+Shapes: minibatches ``(B, *input_shape)`` / ``(B,)`` int64; ``(d,)`` float32 out.
 Errors: ValueError for bad parameters.
 """
 
@@ -74,17 +74,18 @@ class Mimic(Attack):
     def __call__(self, ctx: AttackContext) -> torch.Tensor:
         """``(d,)`` float32 gradient on up to B own examples of the target class."""
         self.require(ctx)
-        x, y = ctx.batch
+        x, y = ctx.minibatch()
+        gradient = ctx.gradient_fn()
         c, b = self.target_for(ctx), len(y)
         xs, ys = [x[y == c]], [y[y == c]]
         if self.estimate_batches > 1:
             seed = ctx.seed if self.collude_seed is None else self.collude_seed
             gen = round_generator(seed, ctx.round, self.name)
             for _ in range(self.estimate_batches - 1):
-                xb, yb = ctx.sample_batch(gen)
+                xb, yb = ctx.batch_sampler()(gen)
                 xs.append(xb[yb == c])
                 ys.append(yb[yb == c])
         xc, yc = torch.cat(xs)[:b], torch.cat(ys)[:b]
         if len(yc) == 0:
-            return ctx.gradient(x, y)
-        return ctx.gradient(xc, yc)
+            return gradient(x, y)
+        return gradient(xc, yc)

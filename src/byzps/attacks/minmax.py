@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from byzps.aggregators._common import pairwise_sq_dists
+from byzps.aggregators._distances import pairwise_sq_dists
 from byzps.attacks._honest import HonestVectorsAttack
 from byzps.attacks.base import AttackContext, finite_float
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable
+from typing import Any
 
 #: name -> "module:class" of the built-in tasks.
 _BUILTINS = {
@@ -30,7 +30,7 @@ def names() -> list[str]:
     return sorted(_BUILTINS)
 
 
-def factory(name: str) -> Callable[..., Any]:
+def factory(name: str) -> type[Any]:
     """The class of built-in task ``name`` (call it with the task's params).
 
     Raises:

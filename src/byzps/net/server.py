@@ -1,16 +1,19 @@
-"""The parameter server: connections, authentication, the round loop, deadlines, checkpoints.
+"""The TCP parameter server: connections, authentication, the round loop's timing and deadlines.
 
-The round logic itself is :class:`byzps.protocol.ServerRounds`; this module reads validated
-messages from sockets, hands them to it, and carries out the actions it returns. Every worker
+I/O only. The round logic is :class:`byzps.core.rounds.ServerRounds` and what happens after a
+round closed (evaluation, the metrics record, checkpoints) is
+:meth:`byzps.core.ps.PsCore.after_close`, both in the PS core this server is given
+(:meth:`byzps.job.Job.ps_core`); this module reads validated messages from sockets, hands them
+to the machine, and carries out the actions it returns. Every worker
 connection is a :class:`_Peer` with its own outgoing queue and sender task, so a worker that
 reads slowly delays nobody else: it is dropped when its queue backs up or a write takes longer
 than ``server.write_timeout``. A peer that sends a bad frame, fails authentication, claims an
 unknown or already connected id, or sends a forged or replayed message is refused or
 disconnected with a logged reason; nothing a peer sends stops the server.
 
-Each connection is a :class:`byzps.transport.FrameStream`: a worker's GRADIENT payload is
+Each connection is a :class:`byzps.net.transport.FrameStream`: a worker's GRADIENT payload is
 received straight into its row of the round logic's ``(n, d)`` buffer
-(:meth:`byzps.protocol.ServerRounds.receive_buffer`), and every frame is sent from the
+(:meth:`byzps.core.rounds.ServerRounds.receive_buffer`), and every frame is sent from the
 tensor's own memory, encoded once for all workers. Per round and worker the PS records the
 latency (ROUND written to that worker -> its GRADIENT fully arrived) and the frame bytes
 received, in ``metrics.jsonl``.
@@ -28,21 +31,39 @@ from typing import Optional
 
 import torch
 
-from byzps import auth, checkpoint
-from byzps.admission import Admission, Ticket, descriptor_budget, \
-    raise_nofile_limit, reset_socket
 from byzps.config import Config
-from byzps.data import load_mnist, to_tensors
+from byzps.core.ps import PsCore
+from byzps.core.rounds import Action, Broadcast, Drop, RoundClosed, RoundFailed, Send
 from byzps.logutil import RateLimitedLog
-from byzps.metrics import JsonlWriter, round_record
-from byzps.protocol import Action, Broadcast, Drop, RoundClosed, RoundFailed, Send, \
-    ServerRounds
-from byzps.robust import build_robust, default_quorum
-from byzps.training import Replica
-from byzps.transport import FrameStream, PeerClosed, frame_buffers, server_ssl_context, \
-    set_keepalive
-from byzps.wire import Auth, Challenge, FrameError, Gradient, Hello, Limits, MsgType, Prefix, \
-    Refuse, RoundStart, Stop, encode
+from byzps.net import auth
+from byzps.net.admission import (
+    Admission,
+    Ticket,
+    descriptor_budget,
+    raise_nofile_limit,
+    reset_socket,
+)
+from byzps.net.transport import (
+    FrameStream,
+    PeerClosed,
+    frame_buffers,
+    server_ssl_context,
+    set_keepalive,
+)
+from byzps.net.wire import (
+    Auth,
+    Challenge,
+    FrameError,
+    Gradient,
+    Hello,
+    Limits,
+    MsgType,
+    Prefix,
+    Refuse,
+    RoundStart,
+    Stop,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,71 +99,6 @@ class ServerResult:
     digest: str
 
 
-@dataclass(frozen=True)
-class PsCore:
-    """The PS's I/O-free parts, shared by the TCP server and the in-process simulator.
-
-    Attributes:
-        replica: the PS's model replica.
-        aggregator: the robust pipeline (pre-aggregators, then the rule).
-        machine: the round state machine.
-        test_x, test_y: ``(m, 1, 28, 28)`` float32 / ``(m,)`` int64 evaluation set.
-    """
-
-    replica: Replica
-    aggregator: object
-    machine: ServerRounds
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-
-
-def build_ps_core(cfg: Config, data_root: str, rounds: int,
-                  checkpoint_dir: Optional[str] = None, close_at: Optional[str] = None
-                  ) -> PsCore:
-    """Build the PS's replica, robust pipeline, round machine and test set.
-
-    Args:
-        cfg: validated config.
-        data_root: MNIST folder.
-        rounds: total rounds R (absolute).
-        checkpoint_dir: resume from this folder's latest checkpoint (None: start at round 0).
-        close_at: overrides ``training.close_at`` (the simulator, which has no arrival
-            times, passes ``"all"``).
-
-    Raises:
-        byzps.data.DatasetNotFound: no MNIST copy found.
-        byzps.checkpoint.CheckpointError: no usable checkpoint, or one of another config.
-    """
-    t = cfg.training
-    mnist = load_mnist(data_root, parts=("t10k",))
-    limit = t.test_limit or len(mnist.test_labels)
-    test_x, test_y = to_tensors(mnist.test_images[:limit], mnist.test_labels[:limit])
-    replica = Replica(t.model, t.seed, t.learning_rate, t.momentum)
-    aggregator = build_robust(cfg)
-    warning = aggregator.warning(cfg.n)
-    if warning:
-        log.warning("%s", warning)
-    start_round = 0
-    if checkpoint_dir is not None:
-        ckpt = checkpoint.load(checkpoint_dir, cfg, replica.d)
-        replica.load_state(ckpt.state)
-        try:
-            aggregator.load_state_dict(ckpt.aggregator_state)
-        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
-            raise checkpoint.CheckpointError(
-                f"{checkpoint_dir}/{checkpoint.FILENAME}: field aggregator_state: "
-                f"{str(e)[:300]}") from None
-        torch.random.set_rng_state(ckpt.rng_state)
-        start_round = ckpt.round
-        log.info("resumed from %s/%s at round %d", checkpoint_dir, checkpoint.FILENAME,
-                 start_round)
-    machine = ServerRounds([w.id for w in cfg.workers], replica, aggregator, rounds,
-                           default_quorum(cfg, aggregator), start_round=start_round,
-                           max_missed=t.max_missed_rounds,
-                           close_at=t.close_at if close_at is None else close_at)
-    return PsCore(replica, aggregator, machine, test_x, test_y)
-
-
 @dataclass(eq=False)
 class _Peer:
     worker_id: int
@@ -161,40 +117,32 @@ class _Refused(Exception):
 
 
 class ParameterServer:
-    """Runs one training job as the PS.
+    """Runs one training job as the PS over TCP.
 
     Args:
-        cfg: validated config.
-        data_root: MNIST folder (see :func:`byzps.data.locate_mnist`).
-        rounds: total rounds R (defaults to ``cfg.training.rounds``); absolute, so a resumed
-            run stops at the same round as an uninterrupted one.
-        resume: continue from ``training.checkpoint_dir``'s latest checkpoint.
+        cfg: loaded config (``server`` section: address, timeouts, keys, TLS, status port;
+            ``training``: round timeout and retries).
+        core: the PS core (:meth:`byzps.job.Job.ps_core`): replica, robust pipeline, round
+            machine and after-close step; its ``rounds`` is the absolute last round + 1.
 
     Raises:
-        byzps.data.DatasetNotFound: no MNIST copy found.
-        byzps.auth.AuthError: the secrets file is unusable or lacks a worker's key.
-        byzps.checkpoint.CheckpointError: ``resume`` without a usable, matching checkpoint.
+        byzps.net.auth.AuthError: the secrets file is unusable or lacks a worker's key.
     """
 
-    def __init__(self, cfg: Config, data_root: str, rounds: Optional[int] = None,
-                 resume: bool = False):
+    def __init__(self, cfg: Config, core: PsCore):
         self.cfg = cfg
-        t = cfg.training
-        self.rounds = rounds if rounds is not None else t.rounds
+        self.core = core
+        self.rounds = core.rounds
         self.keys = self._load_keys()
-        core = build_ps_core(cfg, data_root, self.rounds,
-                             t.checkpoint_dir if resume else None)
         self.replica, self.aggregator, self.machine = core.replica, core.aggregator, core.machine
-        self.test_x, self.test_y = core.test_x, core.test_y
         d, mac = self.replica.d, self.keys is not None
         self.limits_hello = Limits(d, frozenset({MsgType.HELLO}))
         self.limits_auth = Limits(d, frozenset({MsgType.AUTH}))
         self.limits = Limits(d, frozenset({MsgType.GRADIENT, MsgType.RESYNC}), mac=mac)
         self.peers: dict[int, _Peer] = {}
         self.events: asyncio.Queue = asyncio.Queue()
-        self.metrics = JsonlWriter(t.metrics_file)
         self.port: Optional[int] = None
-        #: connection caps and descriptor budget (byzps.admission); run() sets it up
+        #: connection caps and descriptor budget (byzps.net.admission); run() sets it up
         self.admission: Optional[Admission] = None
         #: rate-limited log of refused connections and of strangers' failed handshakes
         self.refusals = RateLimitedLog(log, interval=10.0, burst=5)
@@ -214,6 +162,9 @@ class ParameterServer:
                                          worker_ids=self.machine.worker_ids,
                                          rounds=self.rounds, start_round=self.machine.round,
                                          max_connections=cfg.server.metrics_max_connections)
+            status = self.status
+            core.listeners.append(lambda record: status.update(
+                record, live_workers=self.machine.live))
 
     def _load_keys(self) -> Optional[dict[int, bytes]]:
         path = auth.secrets_path(self.cfg.server.secrets_file)
@@ -259,8 +210,11 @@ class ParameterServer:
 
     async def _accept(self, sock: socket.socket, tls_kw: dict) -> None:
         """Accept connections on the listening socket ``sock`` until cancelled, admitting each
-        through :attr:`admission` (caps and descriptor budget, see :mod:`byzps.admission`);
+        through :attr:`admission` (caps and descriptor budget, see :mod:`byzps.net.admission`);
         a refused connection is reset at once, unread."""
+        admission = self.admission
+        if admission is None:
+            raise RuntimeError("_accept before run() set up the admission control")
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -271,11 +225,11 @@ class ParameterServer:
                 await asyncio.sleep(0.1)
                 continue
             host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
-            ticket, reason = self.admission.admit(host)
+            ticket, reason = admission.admit(host)
             if ticket is None:
                 reset_socket(conn)
                 self._stranger(None, reason, f"connection from {host} refused ({reason}: "
-                               f"{self.admission.pending} pending, {self.admission.open} open)")
+                               f"{admission.pending} pending, {admission.open} open)")
                 continue
             task = loop.create_task(self._serve(conn, addr, ticket, tls_kw))
             self._handlers.add(task)
@@ -324,7 +278,8 @@ class ParameterServer:
         addr = stream.get_extra_info("peername")
         set_keepalive(stream.get_extra_info("socket"))
         task = asyncio.current_task()
-        self._handlers.add(task)
+        if task is not None:
+            self._handlers.add(task)
         peer: Optional[_Peer] = None
         who = f"peer {addr}"
         try:
@@ -444,7 +399,7 @@ class ParameterServer:
             TrainingFailed: too few workers registered in time, or a round without a quorum
                 after ``training.round_retries`` retries.
             ListenError: the port cannot be bound.
-            byzps.transport.TlsError: ``server.tls`` is set but its files are unusable.
+            byzps.net.transport.TlsError: ``server.tls`` is set but its files are unusable.
         """
         s = self.cfg.server
         ssl_ctx = server_ssl_context(s.tls.cert, s.tls.key) if s.tls else None
@@ -479,7 +434,7 @@ class ParameterServer:
     def _admission(self) -> Admission:
         """Connection caps from the config and the descriptor budget: the open-file soft
         limit minus the descriptors open now, ``server.fd_reserve`` and the status
-        endpoint's connection cap (:func:`byzps.admission.descriptor_budget`)."""
+        endpoint's connection cap (:func:`byzps.net.admission.descriptor_budget`)."""
         s = self.cfg.server
         reserve = s.fd_reserve + (s.metrics_max_connections if self.status is not None else 0)
         budget = descriptor_budget(reserve)
@@ -494,7 +449,7 @@ class ParameterServer:
                  s.max_pending_connections, s.max_pending_per_address, budget)
         return Admission(s.max_pending_connections, s.max_pending_per_address, budget)
 
-    async def _shutdown(self, server: "_Listeners") -> None:
+    async def _shutdown(self, server: _Listeners) -> None:
         """Tell every worker to stop, give them a moment to hang up, then close everything."""
         if not self.machine.finished:
             self._execute([Broadcast(Stop("server shutting down", ok=False))])
@@ -513,7 +468,7 @@ class ParameterServer:
             task.cancel()
         await asyncio.gather(*self._handlers, *pending, return_exceptions=True)
         self.refusals.flush()
-        self.metrics.close()
+        self.core.close()
 
     async def _wait_for_workers(self) -> None:
         s = self.cfg.server
@@ -530,70 +485,32 @@ class ParameterServer:
             log.warning("starting without workers %s (not registered within %g s)", missing,
                         s.connect_timeout)
 
-    def _checkpoint(self) -> bool:
-        """Write the checkpoint of the current round; a failure (disk full, no descriptor
-        left, folder not writable) is logged and training goes on: the next checkpoint
-        tries again. Returns whether it was written."""
-        t = self.cfg.training
-        try:
-            path = checkpoint.save(t.checkpoint_dir, checkpoint.Checkpoint(
-                self.machine.round, self.replica.state(), self.aggregator.state_dict(),
-                torch.random.get_rng_state(), checkpoint.fingerprint(self.cfg)))
-        except (OSError, RuntimeError) as e:   # torch's file writer raises RuntimeError
-            log.error("checkpoint of round %d could not be written to %s: %s; training goes "
-                      "on and the next checkpoint (every %d rounds) tries again",
-                      self.machine.round, t.checkpoint_dir, str(e).splitlines()[0][:300],
-                      t.checkpoint_every)
-            return False
-        log.info("checkpoint of round %d written to %s", self.machine.round, path)
-        return True
-
     async def _train(self) -> ServerResult:
         await self._wait_for_workers()
         try:
             return await self._rounds()
         except TrainingFailed as e:
-            _, acc = self.replica.evaluate(self.test_x, self.test_y)
+            acc = self.core.evaluate().accuracy
             raise TrainingFailed(f"{e}. Test accuracy of the model after round "
                                  f"{self.machine.round - 1}: {acc:.4f}") from None
 
     async def _rounds(self) -> ServerResult:
         t = self.cfg.training
-        start = time.perf_counter()
-        first_round = self.machine.round
-        test_loss, test_acc = float("nan"), float("nan")
         while not self.machine.finished:
             r = self.machine.round
             round_start = time.perf_counter()
             log.debug("round %d begins; live workers %s", r, sorted(self.machine.live))
             # hash the replica off the event loop, which meanwhile sends the last UPDATE
             await asyncio.to_thread(self.machine.digest)
-            self._execute(self.machine.begin_round())
+            self._execute(self.core.begin_round())
             closed = await self._await_close(r, t.round_timeout)
-            evaluate = (r + 1) % t.eval_every == 0 or self.machine.finished
-            if evaluate:
-                test_loss, test_acc = self.replica.evaluate(self.test_x, self.test_y)
             latencies, nbytes, closed_at = self._round_io.pop(r, ({}, {}, None))
-            record = round_record(closed, worker_ids=self.machine.worker_ids,
-                                  latencies=latencies, bytes_received=nbytes, now=closed_at,
-                                  seconds_round=time.perf_counter() - round_start,
-                                  test_loss=test_loss if evaluate else None,
-                                  test_accuracy=test_acc if evaluate else None)
-            if evaluate:
-                log.info("round %d/%d: test accuracy %.4f, test loss %.4f, %.3f s/round, "
-                         "accepted %s%s", r + 1, self.rounds, test_acc, test_loss,
-                         (time.perf_counter() - start) / (r + 1 - first_round),
-                         list(closed.accepted),
-                         f", rejected {closed.rejected}" if closed.rejected else "")
-            self.metrics.write(record)
-            if self.status is not None:
-                self.status.update(record, live_workers=self.machine.live)
-            if t.checkpoint_every and (r + 1) % t.checkpoint_every == 0:
-                self._checkpoint()
+            self.core.after_close(closed, round_started=round_start,
+                                  latencies=latencies, bytes_received=nbytes, now=closed_at)
         digest = self.replica.digest()
         log.info("training finished; PS replica digest %s", digest)
-        return ServerResult(self.rounds, test_acc, test_loss, time.perf_counter() - start,
-                            digest)
+        last = self.core.last
+        return ServerResult(self.rounds, last.accuracy, last.loss, self.core.seconds(), digest)
 
     async def _await_close(self, r: int, timeout: float) -> RoundClosed:
         retries = 0

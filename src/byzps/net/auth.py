@@ -28,13 +28,13 @@ import logging
 import os
 import secrets
 import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Union
 
 import yaml
 
-from byzps.safeio import MAX_SECRETS_BYTES, FileRefused, first_line, load_yaml, read_text, \
-    shorten
+from byzps.safeio import MAX_SECRETS_BYTES, FileRefused, first_line, load_yaml, read_text, shorten
 
 KEY_BYTES = 32
 NONCE_BYTES = 32

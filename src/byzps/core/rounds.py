@@ -1,7 +1,7 @@
 """The round logic as sans-IO state machines: messages in, actions out.
 
 :class:`ServerRounds` is what the parameter server does with what arrived; the network layer
-(:mod:`byzps.server`) only moves validated messages to it and carries out the actions it
+(:mod:`byzps.net.server`) only moves validated messages to it and carries out the actions it
 returns. :class:`WorkerRounds` is the same for a worker. Tests drive both without sockets, and
 an in-process simulator can wire them together directly.
 
@@ -38,15 +38,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 
 from byzps.aggregators import all_finite
+from byzps.core.messages import Gradient, Message, Resync, RoundStart, State, Stop, Update
 from byzps.logutil import RateLimitedLog
-from byzps.training import Replica
-from byzps.wire import Gradient, Message, Resync, RoundStart, State, Stop, Update
+from byzps.replica import Replica
 
 log = logging.getLogger(__name__)
 #: peer-triggered lines (rejections, stale gradients, refused STATEs) are rate-limited

@@ -1,6 +1,6 @@
 """Moving frames over asyncio: read one validated message, write one message.
 
-All validation lives in :mod:`byzps.wire`; this module only reads the bytes it is told to
+All validation lives in :mod:`byzps.net.wire`; this module only reads the bytes it is told to
 read, with a time limit per frame, so a peer that trickles a frame or stops mid-frame is cut
 off after ``timeout`` seconds.
 
@@ -19,14 +19,26 @@ import socket
 import sys
 import time
 from collections import deque
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional, Union, cast
 
 import torch
 
-from byzps.auth import MacSession
+from byzps.net.auth import MacSession
+from byzps.net.wire import (
+    MAC_BYTES,
+    PREFIX_BYTES,
+    FrameError,
+    Limits,
+    Message,
+    Prefix,
+    build_message,
+    encode,
+    parse_header,
+    parse_prefix,
+    tensor_bytes,
+)
 from byzps.safeio import MAX_TLS_BYTES, FileRefused, check_file, first_line, read_text
-from byzps.wire import MAC_BYTES, PREFIX_BYTES, FrameError, Limits, Message, Prefix, \
-    build_message, encode, parse_header, parse_prefix, tensor_bytes
 
 #: bytes read ahead into a connection's staging buffer (prefixes, headers, trailers)
 STAGE_BYTES = 1 << 16
@@ -76,9 +88,9 @@ class FrameStream(asyncio.BufferedProtocol):
         frame_arrived: ``time.perf_counter()`` when its last byte arrived.
     """
 
-    def __init__(self, on_connect: Optional[Callable[["FrameStream"], None]] = None):
+    def __init__(self, on_connect: Optional[Callable[[FrameStream], None]] = None):
         self._on_connect = on_connect
-        self.transport: Optional[asyncio.BaseTransport] = None
+        self.transport: Optional[asyncio.Transport] = None
         self._stage = bytearray(STAGE_BYTES)
         self._view = memoryview(self._stage)
         self._start = 0                   # unread staging bytes are _stage[_start:_end]
@@ -100,15 +112,22 @@ class FrameStream(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Store the transport and hand the stream to ``on_connect``."""
-        self.transport = transport
-        if transport.get_extra_info("sslcontext") is None:
+        # a stream connection's transport (plain or TLS) is always a full asyncio.Transport
+        self.transport = tr = cast(asyncio.Transport, transport)
+        if tr.get_extra_info("sslcontext") is None:
             # write the next chunk only once the transport holds nothing: a chunk then mostly
             # goes straight into the kernel instead of being copied into the transport's
             # buffer (measured: a 16 x 44 MB broadcast in about half the wall time). Not over
             # TLS, whose layer may keep a few bytes pending and never report an empty buffer.
-            transport.set_write_buffer_limits(high=0)
+            tr.set_write_buffer_limits(high=0)
         if self._on_connect is not None:
             self._on_connect(self)
+
+    def _connected(self) -> asyncio.Transport:
+        """The transport. Raises ConnectionResetError before the connection is made."""
+        if self.transport is None:
+            raise ConnectionResetError("not connected")
+        return self.transport
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Where the transport writes the next bytes: the rest of the payload being received,
@@ -134,7 +153,7 @@ class FrameStream(asyncio.BufferedProtocol):
             self._end += nbytes
             if self._end - self._start >= STAGE_BYTES and not self._reading_paused:
                 self._reading_paused = True
-                self.transport.pause_reading()
+                self._connected().pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -182,7 +201,7 @@ class FrameStream(asyncio.BufferedProtocol):
     def _resume_reading(self) -> None:
         if self._reading_paused and not self._lost:
             self._reading_paused = False
-            self.transport.resume_reading()
+            self._connected().resume_reading()
 
     def _ended(self) -> bool:
         return self._eof or self._lost
@@ -251,7 +270,7 @@ class FrameStream(asyncio.BufferedProtocol):
             hbytes = bytearray(prefix.header_len)
             await self._fill(memoryview(hbytes))
             header = parse_header(prefix, bytes(hbytes), limits)
-            payload: object = b""
+            payload: Union[bytes, torch.Tensor] = b""
             pview = memoryview(b"")
             if prefix.payload_len:
                 dest = sink(prefix, header) if sink is not None else None
@@ -274,7 +293,7 @@ class FrameStream(asyncio.BufferedProtocol):
             if session is None:
                 raise FrameError("a MAC'd frame but no authenticated session")
             session.verify([bytes(raw) + bytes(hbytes), pview], trailer)
-        if prefix.payload_len and sys.byteorder != "little":
+        if isinstance(payload, torch.Tensor) and sys.byteorder != "little":
             payload.numpy().byteswap(inplace=True)   # the wire is little-endian
         return build_message(prefix, header, payload)
 
@@ -298,7 +317,7 @@ class FrameStream(asyncio.BufferedProtocol):
             ConnectionError: the connection broke with an error (e.g. reset by the peer).
             FrameError: a malformed or oversized frame, a stream cut inside one, or a stream
                 left out of step by an earlier interrupted read.
-            byzps.auth.AuthError: the MAC does not verify.
+            byzps.net.auth.AuthError: the MAC does not verify.
             TimeoutError: the frame did not arrive in time (the stream is then out of step).
         """
         if timeout is None:
@@ -318,12 +337,13 @@ class FrameStream(asyncio.BufferedProtocol):
     async def _write(self, buffers: list) -> None:
         views = [memoryview(b).cast("B") for b in buffers]
         if sum(len(v) for v in views) <= JOIN_BYTES:
-            views = [b"".join(views)]
+            views = [memoryview(b"".join(views))]
+        transport = self._connected()
         for v in views:
             for off in range(0, len(v), WRITE_CHUNK):
-                if self._lost or self.transport.is_closing():
+                if self._lost or transport.is_closing():
                     raise ConnectionResetError("connection lost")
-                self.transport.write(v[off:off + WRITE_CHUNK])
+                transport.write(v[off:off + WRITE_CHUNK])
                 await self._drain()
 
     async def _send(self, msg: Message | list, session: Optional[MacSession]) -> None:

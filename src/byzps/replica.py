@@ -11,12 +11,14 @@ momentum), so replicas that start equal and receive the same aggregate stay bit-
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import Union
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from byzps.models import build_model
+from byzps.models import builder, seeded
 
 DIGEST_BYTES = 16
 
@@ -25,7 +27,10 @@ class Replica:
     """One copy of the model and its optimizer state.
 
     Args:
-        model_name: see :func:`byzps.models.build_model`.
+        model: a model name (:func:`byzps.models.model_names`) or a function that builds a
+            fresh ``nn.Module`` from torch's global RNG (a task's ``build_model``); it is
+            called with that RNG seeded by ``seed``, so equal seeds give bit-identical
+            initial weights.
         seed: initial-weight seed.
         learning_rate: SGD step size.
         momentum: SGD momentum (PyTorch convention: buf = momentum * buf + a; theta -= lr * buf).
@@ -35,8 +40,9 @@ class Replica:
         d: number of parameters.
     """
 
-    def __init__(self, model_name: str, seed: int, learning_rate: float, momentum: float):
-        self.module = build_model(model_name, seed)
+    def __init__(self, model: Union[str, Callable[[], nn.Module]], seed: int,
+                 learning_rate: float, momentum: float):
+        self.module = seeded(builder(model) if isinstance(model, str) else model, seed)
         self.module.requires_grad_(False)
         named = list(self.module.named_parameters())
         flat = torch.cat([p.detach().reshape(-1) for _, p in named]).to(torch.float32)
@@ -60,14 +66,15 @@ class Replica:
         return views
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, 10)`` for inputs ``(B, 1, 28, 28)`` float32."""
+        """The model's output ``(B, C)`` (logits of C classes) for a batch of inputs
+        ``(B, *input_shape)``."""
         return functional_call(self.module, self._views(), (x,))
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Cross-entropy gradient on one minibatch.
 
         Args:
-            x: ``(B, 1, 28, 28)`` float32 inputs.
+            x: ``(B, *input_shape)`` inputs.
             y: ``(B,)`` int64 labels.
 
         Returns:
@@ -141,14 +148,15 @@ class Replica:
         the digest is that of [theta, momentum buffer] exactly as before issue 14.
         """
         h = hashlib.blake2b(digest_size=DIGEST_BYTES)
-        h.update(memoryview(self.theta.detach().contiguous().numpy()).cast("B"))  # no copy
+        h.update(self.theta.detach().contiguous().numpy().data.cast("B"))  # no copy
         if self.optimizer.defaults["momentum"] != 0:
-            h.update(memoryview(self.momentum_buffer().contiguous().numpy()).cast("B"))
+            h.update(self.momentum_buffer().contiguous().numpy().data.cast("B"))
         return h.hexdigest()
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> tuple[float, float]:
-        """Mean cross-entropy loss and accuracy in [0, 1] on ``(m, 1, 28, 28)`` / ``(m,)`` data."""
+        """Mean cross-entropy loss and accuracy in [0, 1] on ``(m, *input_shape)`` inputs and
+        ``(m,)`` int64 labels, in batches of ``batch`` items."""
         total_loss, correct = 0.0, 0
         for i in range(0, len(y), batch):
             logits = self.forward(x[i:i + batch])

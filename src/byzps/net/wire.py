@@ -7,7 +7,7 @@ Frame layout (all little-endian)::
     4      1    protocol version (1)
     5      1    message type (:class:`MsgType`)
     6      2    flags: bit 0 = a 32-byte MAC trailer follows (authenticated sessions,
-                see :mod:`byzps.auth`); other bits must be 0
+                see :mod:`byzps.net.auth`); other bits must be 0
     8      4    header length H (bytes, <= MAX_HEADER_BYTES)
     12     8    payload length P (bytes)
     20     H    header: UTF-8 JSON object, strict schema per message type
@@ -31,6 +31,20 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from byzps.core.messages import (
+    Auth,
+    Challenge,
+    Gradient,
+    Hello,
+    Message,
+    Refuse,
+    Resync,
+    RoundStart,
+    State,
+    Stop,
+    Update,
+)
 
 MAGIC = b"BZPS"
 VERSION = 1
@@ -60,83 +74,6 @@ class MsgType(enum.IntEnum):
 class FrameError(ValueError):
     """A frame that breaks the format or the limits; the message names what and why."""
 
-
-# ---------------------------------------------------------------------------------------------
-# Messages
-
-
-@dataclass(frozen=True)
-class Hello:
-    """Worker -> PS, first frame of a connection; ``nonce`` (64 hex chars) when authenticating."""
-    worker_id: int
-    nonce: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class Challenge:
-    """PS -> worker: the server nonce (64 hex chars) to answer with :class:`Auth`."""
-    nonce: str
-
-
-@dataclass(frozen=True)
-class Auth:
-    """Worker -> PS: the response tag (64 hex chars), see :func:`byzps.auth.auth_tag`."""
-    tag: str
-
-
-@dataclass(frozen=True)
-class State:
-    """PS -> worker: ``tensor`` is ``(2, d)`` float32 = [theta, momentum buffer] before ``round``."""
-    round: int
-    tensor: torch.Tensor
-
-
-@dataclass(frozen=True)
-class RoundStart:
-    """PS -> worker: compute a gradient for ``round``; ``digest`` is the PS replica's digest."""
-    round: int
-    digest: str
-
-
-@dataclass(frozen=True)
-class Gradient:
-    """Worker -> PS: ``tensor`` ``(d,)`` float32 for ``round``; ``loss`` as reported (untrusted)."""
-    round: int
-    worker_id: int
-    tensor: torch.Tensor
-    loss: Optional[float] = None
-
-
-@dataclass(frozen=True)
-class Update:
-    """PS -> worker: the aggregate ``(d,)`` float32 of ``round``; every replica applies it."""
-    round: int
-    tensor: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Stop:
-    """PS -> worker: training ended; ``ok`` False means the PS aborted."""
-    reason: str
-    ok: bool = True
-
-
-@dataclass(frozen=True)
-class Resync:
-    """Worker -> PS: my digest differs in ``round``; please send STATE."""
-    round: int
-
-
-@dataclass(frozen=True)
-class Refuse:
-    """PS -> peer: the connection is refused for ``reason`` and will be closed; ``retry``: the
-    cause may pass (e.g. the PS still holds this id's previous connection)."""
-    reason: str
-    retry: bool = False
-
-
-Message = Union[Hello, Challenge, Auth, State, RoundStart, Gradient, Update, Stop, Resync,
-                Refuse]
 
 # ---------------------------------------------------------------------------------------------
 # Header schemas (strict: unknown keys, wrong types, bools for ints are all refused)
@@ -314,13 +251,19 @@ def parse_header(prefix: Prefix, raw: bytes, limits: Limits) -> dict[str, Any]:
     return header
 
 
+def _tensor(t: Optional[torch.Tensor]) -> torch.Tensor:
+    if t is None:
+        raise FrameError("a tensor-carrying frame without its tensor")
+    return t
+
+
 def build_message(prefix: Prefix, header: dict[str, Any],
                   payload: Union[bytes, bytearray, memoryview, torch.Tensor]) -> Message:
     """Assemble the message object from a validated prefix, header and payload.
 
     The payload is either the raw little-endian bytes (a writable ``bytearray`` or memoryview
     of one is wrapped without a copy; read-only bytes are copied), or a float32 tensor that
-    already holds the values (what :class:`byzps.transport.FrameStream` received straight into
+    already holds the values (what :class:`byzps.net.transport.FrameStream` received straight into
     the caller's buffer); that tensor becomes the message's tensor, viewed as the header's
     shape, without a copy.
 
@@ -328,6 +271,7 @@ def build_message(prefix: Prefix, header: dict[str, Any],
         FrameError: payload length (bytes, or 4 * numel for a tensor) differs from the prefix.
     """
     t = prefix.mtype
+    tensor: Optional[torch.Tensor] = None
     if isinstance(payload, torch.Tensor):
         size = payload.numel() * 4 if payload.dtype == torch.float32 else -1
         if size != prefix.payload_len or (size and not payload.is_contiguous()):
@@ -348,14 +292,16 @@ def build_message(prefix: Prefix, header: dict[str, Any],
         return Challenge(header["nonce"])
     if t is MsgType.AUTH:
         return Auth(header["tag"])
+    if t in _TENSOR_SHAPES and tensor is None:   # cannot happen: the branches above set it
+        raise FrameError(f"a {t.name} frame without its tensor")
     if t is MsgType.STATE:
-        return State(header["round"], tensor)
+        return State(header["round"], _tensor(tensor))
     if t is MsgType.ROUND:
         return RoundStart(header["round"], header["digest"])
     if t is MsgType.GRADIENT:
-        return Gradient(header["round"], header["worker_id"], tensor, header["loss"])
+        return Gradient(header["round"], header["worker_id"], _tensor(tensor), header["loss"])
     if t is MsgType.UPDATE:
-        return Update(header["round"], tensor)
+        return Update(header["round"], _tensor(tensor))
     if t is MsgType.STOP:
         return Stop(header["reason"], header["ok"])
     if t is MsgType.RESYNC:
@@ -373,7 +319,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
         raise ValueError(f"a receive buffer must be a contiguous float32 CPU tensor, got "
                          f"{t.dtype} on {t.device}, contiguous={t.is_contiguous()}")
-    return memoryview(t.detach().numpy()).cast("B")
+    return t.detach().numpy().data.cast("B")
 
 
 def decode_frame(data: bytes, limits: Limits, session=None) -> Message:
@@ -382,12 +328,12 @@ def decode_frame(data: bytes, limits: Limits, session=None) -> Message:
     Args:
         data: the frame's bytes.
         limits: what is accepted.
-        session: a :class:`byzps.auth.MacSession` that checks the MAC trailer (when
+        session: a :class:`byzps.net.auth.MacSession` that checks the MAC trailer (when
             ``limits.mac``).
 
     Raises:
         FrameError: anything wrong, including trailing bytes or a frame cut short.
-        byzps.auth.AuthError: a MAC that does not verify.
+        byzps.net.auth.AuthError: a MAC that does not verify.
     """
     prefix = parse_prefix(bytes(data[:PREFIX_BYTES]), limits)
     end = PREFIX_BYTES + prefix.header_len
@@ -417,7 +363,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
         raise ValueError(f"tensors go on the wire as float32, got {arr.dtype}")
     if sys.byteorder != "little":
         arr = arr.astype("<f4")
-    return memoryview(arr).cast("B")
+    return arr.data.cast("B")
 
 
 def encode(msg: Message, mac: bool = False) -> list[Union[bytes, memoryview]]:
@@ -430,6 +376,7 @@ def encode(msg: Message, mac: bool = False) -> list[Union[bytes, memoryview]]:
         ValueError: a tensor that is not float32, or a reason longer than 1000 characters.
     """
     payload: Union[bytes, memoryview] = b""
+    header: dict[str, Any]
     if isinstance(msg, Hello):
         mtype, header = MsgType.HELLO, {"worker_id": msg.worker_id, "nonce": msg.nonce}
     elif isinstance(msg, Challenge):

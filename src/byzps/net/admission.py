@@ -29,7 +29,6 @@ import logging
 import os
 import socket
 import struct
-import time
 from typing import Optional
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ def descriptor_budget(reserve: int) -> Optional[int]:
 class Ticket:
     """One admitted connection's place in :class:`Admission` (promote once, release once)."""
 
-    def __init__(self, admission: "Admission", host: str):
+    def __init__(self, admission: Admission, host: str):
         self._admission, self.host = admission, host
         self.registered = False
         self.released = False

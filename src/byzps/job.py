@@ -1,0 +1,394 @@
+"""The job builder: the one place that reads a whole :class:`byzps.config.Config` and turns it
+into the objects of a run.
+
+* :func:`load_config` / :func:`parse_config`: the schema (:mod:`byzps.config`) plus the checks
+  that need the registries, all at load time: the aggregator's and every pre-aggregator's name,
+  parameters and precondition on n and f, every worker's attack (built once and checked on n
+  and f), the learning-rate schedule's ranges. Errors are :class:`byzps.config.ConfigError`
+  lines naming the field.
+* :func:`check_over_tcp`: what a config needs to run over TCP (no omniscient attack).
+* :class:`Job`: the data of the run (a task object that carries its data root), the replicas,
+  the robust pipeline and quorum, the PS core (:class:`byzps.core.ps.PsCore`) and the worker
+  cores (:class:`byzps.core.worker.WorkerCore`). The TCP server and worker
+  (:mod:`byzps.net`) and the simulator (:mod:`byzps.simulate`) get everything from here.
+
+Today the task is the built-in MNIST task (:class:`byzps.tasks.mnist.MnistTask`) with
+``training.model``; turning ``cfg.task`` into a :class:`byzps.task.Task`, and
+``training.optimizer``/``lr_schedule`` into the replicas' step, happens in :meth:`Job.__init__`
+and :meth:`Job.replica` (issue 13).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from byzps import aggregators, attacks, checkpoint, optimizers
+from byzps.config import Config, ConfigError, WorkerConfig, read_config, validate_config
+from byzps.core.ps import PsCore
+from byzps.core.rounds import ServerRounds
+from byzps.core.worker import WorkerCore
+from byzps.metrics import JsonlWriter
+from byzps.partition import make_shards
+from byzps.replica import Replica
+from byzps.robust import RobustPipeline, build_pipeline, quorum_for
+from byzps.task import LabeledTensors, Task, TaskError
+from byzps.tasks.mnist import MnistTask
+
+log = logging.getLogger(__name__)
+
+#: Why a config with omniscient attacks cannot run over TCP (``ids``: the worker ids, e.g.
+#: "3, 4").
+OMNISCIENT_ONLY_IN_SIMULATION = (
+    "attack_params.omniscient is true for worker id(s) {ids}, which needs the honest workers' "
+    "gradients; over TCP a worker never sees them. Run this config with `byzps simulate` or "
+    "`byzps grid`, or remove attack_params.omniscient")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the config's registry-backed fields
+
+
+def aggregator_params(cfg: Config) -> dict[str, Any]:
+    """Keyword parameters for ``aggregators.build(aggregation.method, **params)``: the
+    configured ``params``, ``f`` (the config's f) when the rule takes one, and ``q`` from
+    ``krum_q``."""
+    a = cfg.aggregation
+    params = dict(a.params)
+    if "f" in aggregators.params(a.method):
+        params.setdefault("f", cfg.f)
+    if a.krum_q is not None:
+        params["q"] = a.krum_q
+    return params
+
+
+def build_robust(cfg: Config) -> RobustPipeline:
+    """The config's pipeline: ``aggregation.pre_aggregators`` then ``aggregation.method``
+    (:func:`byzps.robust.build_pipeline`); a callable ``(m, d) -> (d,)`` with ``check(n)``,
+    ``warning(n)``, ``state_dict()``/``load_state_dict()``.
+
+    Raises:
+        ValueError: a stage cannot be built (cannot happen for a config that loaded).
+    """
+    a = cfg.aggregation
+    return build_pipeline(a.method, aggregator_params(cfg), a.pre_aggregators or [], cfg.f)
+
+
+def default_quorum(cfg: Config, rule: Any) -> int:
+    """The quorum of a round: ``training.quorum`` (default n - f), never fewer than ``rule``
+    needs (:func:`byzps.robust.quorum_for`)."""
+    return quorum_for(cfg.n, cfg.f, cfg.training.quorum, rule)
+
+
+def build_attack(worker: WorkerConfig) -> attacks.Attack:
+    """The attack a worker entry runs when Byzantine (:meth:`WorkerConfig.attack_spec`, built).
+
+    Raises:
+        ValueError: unknown attack or bad parameter (from :func:`byzps.attacks.build`).
+    """
+    name, params = worker.attack_spec()
+    return attacks.build(name, **params)
+
+
+def omniscient_workers(cfg: Config) -> list[int]:
+    """Ids of the Byzantine workers whose attack is omniscient (``attack_params.omniscient``):
+    such a config runs only in simulation (``byzps simulate`` / ``byzps grid``)."""
+    return [w.id for w in cfg.workers if w.type == "byzantine" and build_attack(w).omniscient]
+
+
+def check_over_tcp(cfg: Config, source: str = "<config>") -> None:
+    """Refuse a config that cannot run over TCP: an omniscient attack needs the honest
+    workers' vectors, which a worker over TCP never sees.
+
+    Raises:
+        ConfigError: naming the workers and what to do instead.
+    """
+    ids = omniscient_workers(cfg)
+    if ids:
+        raise ConfigError(source, [OMNISCIENT_ONLY_IN_SIMULATION.format(
+            ids=", ".join(map(str, ids)))])
+
+
+def registry_problems(cfg: Config) -> list[str]:
+    """The load-time checks that need the registries, in order; the first problem found
+    (one line naming the field), or an empty list.
+
+    Checks: ``aggregation.method`` is a known rule; the rule builds with its parameters and
+    accepts n and f; the pre-aggregator chain builds and runs on n rows; every worker's attack
+    fields agree, the attack builds and accepts n and f; the learning-rate schedule's ranges.
+    """
+    a = cfg.aggregation
+    if a.method not in aggregators.names():
+        return [f"aggregation.method: unknown aggregator {a.method!r}; expected one of "
+                f"{', '.join(aggregators.names())}"]
+    try:
+        aggregators.build(a.method, **aggregator_params(cfg)).check(cfg.n)
+    except ValueError as e:
+        return [f"aggregation: {e}"]
+    if a.pre_aggregators:
+        try:
+            build_robust(cfg).check(cfg.n)
+        except ValueError as e:
+            return [f"aggregation.{e}" if str(e).startswith("pre_aggregators.")
+                    else f"aggregation.pre_aggregators: {e}"]
+    for k, w in enumerate(cfg.workers):
+        problem = _attack_problem(cfg, k, w)
+        if problem:
+            return [problem]
+    try:
+        lr_schedule(cfg)
+    except optimizers.OptimizerError as e:
+        return [f"training.lr_schedule: {e}"]
+    return []
+
+
+def lr_schedule(cfg: Config) -> optimizers.LrSchedule:
+    """The learning-rate schedule of ``training.lr_schedule`` (constant when none is
+    configured), a pure function of the round (:mod:`byzps.optimizers`).
+
+    Raises:
+        byzps.optimizers.OptimizerError: a parameter out of range.
+    """
+    sched = cfg.training.lr_schedule
+    if sched is None:
+        return optimizers.build_schedule("constant")
+    return optimizers.build_schedule(sched.name, **sched.params())
+
+
+def _attack_problem(cfg: Config, k: int, w: WorkerConfig) -> Optional[str]:
+    """Worker ``k``'s attack fields, and its attack built once and checked on n and f."""
+    if w.attack is None and w.attack_params:
+        return (f"workers.{k}.attack_params: given without workers.{k}.attack; name the attack "
+                f"(one of {', '.join(attacks.names())})")
+    explicit_scale = "attack_scale" in w.model_fields_set
+    if w.attack is not None and w.attack != "sign_flip" and explicit_scale:
+        return (f"workers.{k}.attack_scale: only used by sign_flip, but attack is "
+                f"{w.attack!r}; remove it (parameters go in attack_params)")
+    if w.attack == "sign_flip" and explicit_scale and "scale" in w.attack_params:
+        return (f"workers.{k}.attack_params.scale: sign_flip's scale is also given as "
+                f"workers.{k}.attack_scale; give it once")
+    try:
+        build_attack(w).check(cfg.n, cfg.f)
+    except ValueError as e:
+        return f"workers.{k}.attack: {e}"
+    return None
+
+
+def parse_config(data: Any, source: str = "<config>", allow_not_wired: bool = False) -> Config:
+    """Validate an already-parsed mapping: the schema (:func:`byzps.config.validate_config`),
+    then :func:`registry_problems`.
+
+    Args:
+        data: the object from ``yaml.safe_load`` / ``json.load``.
+        source: name used in error lines (usually the file path).
+        allow_not_wired: accept fields validated but not run yet (see
+            :meth:`byzps.config.Config.not_wired`).
+
+    Raises:
+        ConfigError: one line per problem, naming the field and what was expected.
+    """
+    cfg = validate_config(data, source, allow_not_wired)
+    problems = registry_problems(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def load_config(path: str | Path, allow_not_wired: bool = False) -> Config:
+    """Read a YAML or JSON config file (:func:`byzps.config.read_config`) and run
+    :func:`registry_problems` on it.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not valid YAML/JSON, or fails validation.
+    """
+    cfg = read_config(path, allow_not_wired)
+    problems = registry_problems(cfg)
+    if problems:
+        raise ConfigError(str(Path(path)), problems)
+    return cfg
+
+
+def shards(cfg: Config, labels: np.ndarray) -> list[np.ndarray]:
+    """The shards of a config: :func:`byzps.partition.make_shards` with
+    ``training.distribution``, ``training.seed``, ``training.train_limit`` and
+    ``min_size = training.batch_size``. Shard k belongs to the worker whose
+    ``cfg.shard_of(id) == k``.
+
+    Args:
+        labels: ``(N,)`` integer labels of the whole training set.
+
+    Raises:
+        ValueError: a shard smaller than one batch (the message says which and why).
+    """
+    t = cfg.training
+    dist = t.distribution
+    return make_shards(labels, cfg.n, t.seed, t.train_limit, distribution=dist.name,
+                       alpha=dist.alpha, gamma=dist.gamma, min_size=t.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The objects of a run
+
+
+class Job:
+    """A loaded config turned into the objects of a run.
+
+    Args:
+        cfg: a config from :func:`load_config` / :func:`parse_config`.
+        data_root: the folder searched first for the task's data (carried by the task object;
+            see :mod:`byzps.data`).
+        task: the task to run instead of the config's (tests, programmatic use); its
+            ``train_data()``/``test_data()`` must be :class:`byzps.task.LabeledTensors`-like
+            (``targets``, ``batch(indices)``).
+
+    Attributes:
+        cfg: the config.
+        task: the task whose model, data and loss the run uses (today
+            :class:`byzps.tasks.mnist.MnistTask` with ``training.model``).
+
+    Data is loaded on first use (the PS loads only the test split, a TCP worker only the
+    training split).
+    """
+
+    def __init__(self, cfg: Config, data_root: str = "./data", task: Optional[Task] = None):
+        self.cfg = cfg
+        self.task: Task = task if task is not None else MnistTask(model=cfg.training.model,
+                                                                  data_root=data_root)
+        self._shards: Optional[list[np.ndarray]] = None
+
+    def _split(self, which: str) -> LabeledTensors:
+        """The task's ``train`` or ``test`` data.
+
+        Raises:
+            byzps.task.TaskError: the split is not a :class:`byzps.task.LabeledTensors` (the
+                sampler and the PS gather batches with its ``batch`` and ``targets``; other
+                map-style datasets come with issue 13).
+        """
+        ds = self.task.train_data() if which == "train" else self.task.test_data()
+        if not isinstance(ds, LabeledTensors):
+            raise TaskError(type(self.task).__name__,
+                            f"{which}_data() returned {type(ds).__name__}; this version runs "
+                            f"tasks whose data are byzps.task.LabeledTensors")
+        return ds
+
+    def replica(self) -> Replica:
+        """A fresh replica: the task's model with the seeded initial weights and the
+        configured optimizer step; every replica of a job is bit-identical at start.
+
+        Raises:
+            byzps.task.TaskError: the task's model cannot be built.
+        """
+        t = self.cfg.training
+        return Replica(self.task.build_model, t.seed, t.learning_rate, t.momentum)
+
+    def pipeline(self) -> RobustPipeline:
+        """The robust pipeline (:func:`build_robust`); logs its warnings (paper guarantee not
+        met for this n and f) once."""
+        robust = build_robust(self.cfg)
+        warning = robust.warning(self.cfg.n)
+        if warning:
+            log.warning("%s", warning)
+        return robust
+
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The evaluation set, cut to ``training.test_limit``: ``(m, *input_shape)`` inputs and
+        ``(m,)`` int64 labels.
+
+        Raises:
+            byzps.data.DatasetNotFound / IdxFormatError: no usable copy of the data.
+        """
+        test = self._split("test")
+        limit = min(self.cfg.training.test_limit or len(test), len(test))
+        return test.batch(torch.arange(limit))
+
+    def shard_indices(self) -> list[np.ndarray]:
+        """Every worker's shard as indices into the training set (:func:`shards`), computed
+        once.
+
+        Raises:
+            ValueError: a shard smaller than one batch.
+            byzps.data.DatasetNotFound / IdxFormatError: no usable copy of the data.
+        """
+        if self._shards is None:
+            self._shards = shards(self.cfg, self._split("train").targets.numpy())
+        return self._shards
+
+    def ps_core(self, rounds: Optional[int] = None, resume: bool = False,
+                close_at: Optional[str] = None, metrics_file: Optional[str] = None,
+                checkpoints: bool = True) -> PsCore:
+        """The PS's replica, robust pipeline, round machine, test set and after-close step.
+
+        Args:
+            rounds: total rounds R (absolute; default ``training.rounds``).
+            resume: continue from ``training.checkpoint_dir``'s latest checkpoint.
+            close_at: overrides ``training.close_at`` (the simulator, which has no arrival
+                times, passes ``"all"``).
+            metrics_file: JSON Lines output (default ``training.metrics_file``; None there =
+                no file).
+            checkpoints: write ``training.checkpoint_every``'s checkpoints (the simulator,
+                which cannot resume, passes False).
+
+        Raises:
+            byzps.data.DatasetNotFound: no copy of the test data.
+            byzps.checkpoint.CheckpointError: no usable checkpoint, or one of another config.
+        """
+        cfg, t = self.cfg, self.cfg.training
+        rounds = t.rounds if rounds is None else rounds
+        test_x, test_y = self.test_set()
+        replica = self.replica()
+        robust = self.pipeline()
+        start_round = 0
+        if resume:
+            ckpt = checkpoint.load(t.checkpoint_dir, cfg, replica.d)
+            replica.load_state(ckpt.state)
+            try:
+                robust.load_state_dict(ckpt.aggregator_state)
+            except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+                raise checkpoint.CheckpointError(
+                    f"{t.checkpoint_dir}/{checkpoint.FILENAME}: field aggregator_state: "
+                    f"{str(e)[:300]}") from None
+            torch.random.set_rng_state(ckpt.rng_state)
+            start_round = ckpt.round
+            log.info("resumed from %s/%s at round %d", t.checkpoint_dir, checkpoint.FILENAME,
+                     start_round)
+        machine = ServerRounds([w.id for w in cfg.workers], replica, robust, rounds,
+                               default_quorum(cfg, robust), start_round=start_round,
+                               max_missed=t.max_missed_rounds,
+                               close_at=t.close_at if close_at is None else close_at)
+        return PsCore(replica, robust, machine, test_x, test_y, rounds=rounds,
+                      eval_every=t.eval_every,
+                      metrics=JsonlWriter(metrics_file if metrics_file is not None
+                                          else t.metrics_file),
+                      checkpoint_every=t.checkpoint_every if checkpoints else 0,
+                      checkpoint_dir=t.checkpoint_dir,
+                      fingerprint=checkpoint.fingerprint(cfg))
+
+    def worker_core(self, worker_id: int, worker_type: Optional[str] = None) -> WorkerCore:
+        """Worker ``worker_id``'s core: its replica, shard, sampler, momentum and attack.
+
+        Args:
+            worker_id: one of the config's worker ids.
+            worker_type: ``honest`` or ``byzantine`` (overrides the config's type), or None.
+
+        Raises:
+            KeyError: unknown worker id.
+            ValueError: a shard smaller than one batch.
+            byzps.data.DatasetNotFound: no copy of the training data.
+        """
+        cfg, t = self.cfg, self.cfg.training
+        wcfg = cfg.worker(worker_id)
+        kind = worker_type or wcfg.type
+        train = self._split("train")
+        idx = torch.from_numpy(self.shard_indices()[cfg.shard_of(worker_id)])
+        shard = train.batch(idx)
+        attack = None
+        if kind == "byzantine":
+            attack = build_attack(wcfg)
+            log.info("worker %d is Byzantine: attack %s %s", worker_id, *wcfg.attack_spec())
+        return WorkerCore(worker_id, self.replica(), shard, t.batch_size, t.seed, cfg.n, cfg.f,
+                          worker_momentum=t.worker_momentum, attack=attack,
+                          pipeline=build_robust(cfg))
