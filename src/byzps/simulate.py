@@ -28,12 +28,12 @@ that every worker's replica digest equals the PS's and fails if one differs.
 
 Omniscient attacks (``attack_params: {omniscient: true}``) exist only here: when a config has
 one, each ROUND goes first to the other workers, and the vectors the honest workers sent are
-stacked ``(h, d)`` into :attr:`byzps.core.worker.WorkerCore.omniscient_view` of the omniscient Byzantine
-workers before they answer (with threads: the others' replies are all computed first, then the
-omniscient workers'), with the PS pipeline's state of the round in
-:attr:`byzps.core.worker.WorkerCore.pipeline_state` (for attacks that run the rule themselves). The
-aggregate does not depend on the order in which gradients arrive (rows are stacked by worker
-id).
+stacked ``(h, d)`` into :attr:`byzps.core.worker.WorkerCore.omniscient_view` of the omniscient
+Byzantine workers before they answer (with threads: the others' replies are all computed
+first, then the omniscient workers'), with the PS pipeline's state of the round in
+:attr:`byzps.core.worker.WorkerCore.pipeline_state` (for attacks that run the rule
+themselves). The aggregate does not depend on the order in which gradients arrive (rows are
+stacked by worker id).
 
     result = simulate(cfg, data_root="./data", rounds=20, metrics_file="m.jsonl")
     result.digest, result.test_accuracy

@@ -35,7 +35,8 @@ class Auth:
 
 @dataclass(frozen=True)
 class State:
-    """PS -> worker: ``tensor`` is ``(2, d)`` float32 = [theta, momentum buffer] before ``round``."""
+    """PS -> worker: ``tensor`` is ``(2, d)`` float32 = [theta, momentum buffer] before
+    ``round``."""
     round: int
     tensor: torch.Tensor
 
