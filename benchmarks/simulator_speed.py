@@ -78,7 +78,10 @@ def child(args: argparse.Namespace) -> dict:
 
     import byzps
     from byzps.grid import load_grid
-    from byzps.job import parse_config
+    try:
+        from byzps.job import parse_config
+    except ImportError:     # a version before issue 12's job builder
+        from byzps.config import parse_config
     from byzps.simulate import Simulation, simulate
 
     logging.getLogger("byzps").setLevel(logging.ERROR)
