@@ -50,6 +50,10 @@ MODEL_NAMES = ("cnn_mnist", "small_cnn", "mlp", "logreg")
 #: longest line of a :class:`ConfigError` (characters), and most lines shown
 MAX_PROBLEM_CHARS = 400
 MAX_PROBLEMS = 20
+#: most workers a config may list (``workers``); also the bound on n of a grid cell
+MAX_WORKERS = 4096
+#: bound (exclusive) of worker ids and seeds: the wire's 31-bit worker id, torch's seed range
+ID_LIMIT = 2**31
 
 
 class ConfigError(ValueError):
@@ -243,7 +247,7 @@ class TrainingConfig(_Strict):
             Both momenta apply when both are set: the PS aggregates the worker momenta and
             every replica takes its SGD step with server momentum ``momentum`` on top of that
             aggregate. With worker momentum the papers usually set ``momentum: 0.0``.
-        seed: seeds the initial model, the data split and the workers' sampling.
+        seed: seeds the initial model, the data split and the workers' sampling (0 <= seed < 2**31).
         model: model name (``cnn_mnist``, ``small_cnn``, ``mlp``, ``logreg``).
         eval_every: the PS evaluates on the test set every this many rounds and at the end.
         round_timeout: seconds the PS waits for gradients before closing a round with a quorum.
@@ -286,7 +290,7 @@ class TrainingConfig(_Strict):
     learning_rate: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     worker_momentum: float = Field(0.0, ge=0, lt=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=ID_LIMIT)
     model: Literal["cnn_mnist", "small_cnn", "mlp", "logreg"] = "cnn_mnist"
     eval_every: int = Field(10, ge=1)
     round_timeout: float = Field(60.0, gt=0)
@@ -423,7 +427,7 @@ class WorkerConfig(_Strict):
     """One entry of ``workers``.
 
     Attributes:
-        id: worker id (>= 0, unique).
+        id: worker id (0 <= id < 2**31, the wire's range; unique).
         type: ``honest`` or ``byzantine``.
         data_shard: index of this worker's iid shard in 0..n-1 (default: its list position).
         attack_scale: for a Byzantine worker, the factor s of the sign-flip attack (it sends s
@@ -446,7 +450,7 @@ class WorkerConfig(_Strict):
             whole number (Ray's rule for resource amounts), at most 1e9. Ignored by local runs.
     """
 
-    id: int = Field(ge=0)
+    id: int = Field(ge=0, lt=ID_LIMIT)
     type: Literal["honest", "byzantine"] = "honest"
     data_shard: Optional[int] = Field(None, ge=0)
     attack_scale: float = -1.0
@@ -487,13 +491,14 @@ class Config(_Strict):
     :func:`byzps.job.parse_config` (schema and registry checks).
 
     ``task`` (optional, :class:`TaskConfig`) names the task to train; without it the job is
-    today's MNIST job with ``training.model``.
+    today's MNIST job with ``training.model``. ``workers`` holds 1 to :data:`MAX_WORKERS`
+    entries.
     """
 
     training: TrainingConfig
     aggregation: AggregationConfig
     server: ServerConfig
-    workers: list[WorkerConfig] = Field(min_length=1)
+    workers: list[WorkerConfig] = Field(min_length=1, max_length=MAX_WORKERS)
     task: Optional[TaskConfig] = None
 
     def not_wired(self) -> list[str]:

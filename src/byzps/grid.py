@@ -30,6 +30,7 @@ rule and f) and PNGs (``heatmap_*.png``: rule x attack final accuracy; ``curves_
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import copy
 import csv
@@ -47,10 +48,18 @@ from typing import Any, Optional, TextIO
 
 import yaml
 
-from byzps.config import ConfigError
+from byzps.config import MAX_WORKERS, ConfigError
 from byzps.job import parse_config
 from byzps.progress import Progress
-from byzps.safeio import MAX_GRID_BYTES, FileRefused, clip, first_line, load_yaml, read_text
+from byzps.safeio import (
+    MAX_GRID_BYTES,
+    FileRefused,
+    clip,
+    first_line,
+    load_yaml,
+    read_text,
+    shorten,
+)
 
 
 class GridError(ValueError):
@@ -63,6 +72,12 @@ class GridError(ValueError):
 
 #: longest :class:`GridError` message, characters
 MAX_MESSAGE_CHARS = 600
+#: most cells one grid may expand to (the product of the sweep lists' lengths)
+MAX_CELLS = 10_000
+#: longest ``label`` of a sweep entry, characters
+MAX_LABEL_CHARS = 64
+#: longest cell key (its folder name under ``OUT/cells/``), characters
+MAX_KEY_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,11 @@ def _entries(value: Any, key: str, name_key: str) -> list[dict]:
         if not isinstance(v, dict) or not isinstance(v.get(name_key), str):
             raise GridError(f"sweep.{key}.{k}: expected a name or a mapping with {name_key!r}, "
                             f"got {v!r}")
+        label = v.get("label")
+        if label is not None and (not isinstance(label, str) or not label
+                                  or len(label) > MAX_LABEL_CHARS):
+            raise GridError(f"sweep.{key}.{k}.label: expected a non-empty string of at most "
+                            f"{MAX_LABEL_CHARS} characters, got {shorten(label)}")
         out.append(dict(v))
     return out
 
@@ -185,11 +205,16 @@ class Grid:
 def parse_grid(data: Any, source: str = "<grid>") -> Grid:
     """Validate a grid mapping (see the module docstring) and expand its cells.
 
-    Every cell's config is validated (rule preconditions, attack parameters) up front.
+    Every cell's config is validated (rule preconditions, attack parameters) up front. Sizes
+    are bounded before anything is expanded: ``honest`` + each ``f`` at most
+    :data:`byzps.config.MAX_WORKERS` workers, at most :data:`MAX_CELLS` cells, labels at most
+    :data:`MAX_LABEL_CHARS` characters and cell keys (folder names) at most
+    :data:`MAX_KEY_CHARS`.
 
     Raises:
-        GridError: a missing or malformed key, or a cell whose config is invalid (the message
-            names the cell and the config problem).
+        GridError: a missing or malformed key, a size over its bound (the message names the
+            field), or a cell whose config is invalid (the message names the cell and the
+            config problem).
     """
     if not isinstance(data, dict):
         raise GridError(f"{source}: expected a mapping with base, honest, sweep")
@@ -201,8 +226,9 @@ def parse_grid(data: Any, source: str = "<grid>") -> Grid:
     if not isinstance(base, dict):
         raise GridError(f"{source}: base: expected a config mapping")
     honest = data.get("honest")
-    if isinstance(honest, bool) or not isinstance(honest, int) or honest < 1:
-        raise GridError(f"{source}: honest: expected an integer >= 1, got {honest!r}")
+    if isinstance(honest, bool) or not isinstance(honest, int) or not 1 <= honest <= MAX_WORKERS:
+        raise GridError(f"{source}: honest: expected an integer in 1..{MAX_WORKERS}, got "
+                        f"{shorten(honest)}")
     sweep = data.get("sweep")
     if not isinstance(sweep, dict):
         raise GridError(f"{source}: sweep: expected a mapping")
@@ -221,6 +247,10 @@ def parse_grid(data: Any, source: str = "<grid>") -> Grid:
                                                      not isinstance(f, bool) and f >= 0
                                                      for f in fs):
         raise GridError(f"{source}: sweep.f: expected a non-empty list of integers >= 0")
+    too_many = [f for f in fs if honest + f > MAX_WORKERS]
+    if too_many:
+        raise GridError(f"{source}: sweep.f: expected at most {MAX_WORKERS - honest} (honest + f "
+                        f"workers, at most {MAX_WORKERS}), got {shorten(too_many[0])}")
     dists = _entries(sweep.get("distribution", ["iid"]), "distribution", "name")
     base_seed = (base.get("training") or {}).get("seed", 0)
     seeds = sweep.get("seed", [base_seed])
@@ -228,7 +258,11 @@ def parse_grid(data: Any, source: str = "<grid>") -> Grid:
         raise GridError(f"{source}: sweep.seed: expected a non-empty list of integers")
     rounds = data.get("rounds", (base.get("training") or {}).get("rounds", 50))
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise GridError(f"{source}: rounds: expected an integer >= 1, got {rounds!r}")
+        raise GridError(f"{source}: rounds: expected an integer >= 1, got {shorten(rounds)}")
+    count = math.prod(len(x) for x in (rules, chains, attacks, fs, dists, seeds))
+    if count > MAX_CELLS:
+        raise GridError(f"{source}: sweep: {count} cells (aggregator x pre_aggregators x attack "
+                        f"x f x distribution x seed); expected at most {MAX_CELLS}")
     cells = []
     for rule, chain, atk, f, dist, seed in itertools.product(rules, chains, attacks, fs, dists,
                                                              seeds):
@@ -254,8 +288,13 @@ def parse_grid(data: Any, source: str = "<grid>") -> Grid:
             parse_config(grid.config(cell), f"cell {cell.key}")
         except ConfigError as e:
             raise GridError(str(e)) from None
-    keys = [c.key for c in cells]
-    dup = sorted({k for k in keys if keys.count(k) > 1})
+    long_keys = [c.key for c in cells if len(c.key) > MAX_KEY_CHARS]
+    if long_keys:
+        raise GridError(f"{source}: cell {shorten(long_keys[0])}: its key (the folder name) is "
+                        f"{len(long_keys[0])} characters, expected at most {MAX_KEY_CHARS}; "
+                        f"give the rule or attack a shorter label")
+    counts = collections.Counter(c.key for c in cells)
+    dup = sorted(k for k, m in counts.items() if m > 1)
     if dup:
         raise GridError(f"{source}: cells {dup} appear twice; give the rules distinct labels")
     return grid

@@ -1,0 +1,81 @@
+"""Bounds on what a user's files and flags may ask for: sizes that would exhaust memory, numbers
+that overflow later, duplicate keys; each refused at load time with a one-line message naming
+the field (issue: fresh-user hardening)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from byzps.config import MAX_WORKERS, ConfigError, validate_config
+from byzps.grid import MAX_CELLS, GridError, parse_grid
+
+from conftest import BASE_CONFIG
+
+
+def tiny_grid() -> dict:
+    base = {k: copy.deepcopy(v) for k, v in BASE_CONFIG.items()
+            if k not in ("workers", "aggregation")}
+    base["training"] = dict(base["training"], model="logreg", rounds=2)
+    return {"base": base, "honest": 3,
+            "sweep": {"aggregator": ["mean"], "attack": ["sign_flip"], "f": [1]}}
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"honest": 100_000_000}, rf"honest: expected an integer in 1\.\.{MAX_WORKERS}"),
+    ({"honest": MAX_WORKERS + 1}, rf"honest: expected an integer in 1\.\.{MAX_WORKERS}"),
+    ({"sweep": {"f": [MAX_WORKERS - 2]}}, rf"sweep\.f: expected at most {MAX_WORKERS - 3}"),
+    ({"sweep": {"f": [1_000_000_000]}}, rf"sweep\.f: expected at most {MAX_WORKERS - 3}"),
+    ({"sweep": {"seed": list(range(MAX_CELLS + 1))}}, rf"{MAX_CELLS + 1} cells .*at most "
+                                                      rf"{MAX_CELLS}"),
+    ({"sweep": {"aggregator": [{"method": "mean", "label": "x" * 5000}]}},
+     r"sweep\.aggregator\.0\.label: expected a non-empty string of at most 64"),
+    ({"sweep": {"attack": [{"name": "sign_flip", "params": {"scale": -1.0},
+                            "label": "y" * 64}],
+                "aggregator": [{"method": "mean", "label": "x" * 64}],
+                "distribution": [{"name": "dirichlet", "alpha": 0.5}] * 1}},
+     None),
+])
+def test_grid_sizes_are_bounded_at_load(change, match):
+    g = tiny_grid()
+    for k, v in change.items():
+        if k == "sweep":
+            g["sweep"].update(v)
+        else:
+            g[k] = v
+    if match is None:      # long but legal labels: the key stays a valid folder name
+        assert all(len(c.key) <= 200 for c in parse_grid(g).cells)
+        return
+    with pytest.raises(GridError, match=match) as e:
+        parse_grid(g, "g.yaml")
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+def test_grid_key_too_long_for_a_folder_name():
+    g = tiny_grid()
+    g["sweep"]["attack"] = [{"name": "sign_flip", "params": {"scale": -1.0 - 1e-12}}]
+    g["sweep"]["pre_aggregators"] = [[{"name": "clipping"}] * 30]
+    with pytest.raises(GridError, match="expected at most 200; give the rule or attack a shorter"):
+        parse_grid(g, "g.yaml")
+
+
+@pytest.mark.parametrize("path, value, match", [
+    (("workers", 0, "id"), 10**19, r"workers\.0\.id: Input should be less than 2147483648"),
+    (("training", "seed"), 2**63, r"training\.seed: Input should be less than 2147483648"),
+])
+def test_ids_and_seeds_fit_the_wire_and_torch(path, value, match):
+    cfg = copy.deepcopy(BASE_CONFIG)
+    node = cfg
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=match):
+        validate_config(cfg)
+
+
+def test_too_many_workers_is_one_short_line():
+    cfg = copy.deepcopy(BASE_CONFIG)
+    cfg["workers"] = [{"id": i} for i in range(MAX_WORKERS + 1)]
+    with pytest.raises(ConfigError, match=rf"workers: List should have at most {MAX_WORKERS}"):
+        validate_config(cfg)
