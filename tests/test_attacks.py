@@ -84,7 +84,7 @@ def test_names_and_params():
     (lambda: attacks.build("sign_flip", scale=True), "scale must be a number"),
     (lambda: attacks.build("gaussian", sigma=-1.0), "sigma must be >= 0"),
     (lambda: attacks.build("gaussian", collude_seed=-3), "collude_seed must be >= 0"),
-    (lambda: attacks.build("alie", estimate_batches=1), "estimate_batches must be >= 2"),
+    (lambda: attacks.build("alie", estimate_batches=1), "estimate_batches must be in 2..64"),
     (lambda: attacks.build("alie", z="big"), "z must be a number"),
     (lambda: attacks.build("ipm", epsilon=0.0), "epsilon must be > 0"),
     (lambda: attacks.build("ipm", estimate_batches=2.5), "estimate_batches must be an integer"),

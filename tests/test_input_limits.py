@@ -79,3 +79,26 @@ def test_too_many_workers_is_one_short_line():
     cfg["workers"] = [{"id": i} for i in range(MAX_WORKERS + 1)]
     with pytest.raises(ConfigError, match=rf"workers: List should have at most {MAX_WORKERS}"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("name", ["alie", "ipm", "mimic", "minmax", "fang"])
+def test_estimate_batches_has_an_upper_bound(name):
+    from byzps import attacks
+    from byzps.attacks.base import MAX_ESTIMATE_BATCHES
+
+    assert attacks.build(name, estimate_batches=MAX_ESTIMATE_BATCHES).estimate_batches == 64
+    with pytest.raises(ValueError, match=r"estimate_batches must be in \d\.\.64, got 1000000000"):
+        attacks.build(name, estimate_batches=10**9)
+
+
+def test_estimate_batches_bound_names_the_worker_field(tmp_path):
+    from byzps.job import load_config
+
+    from conftest import write_config
+
+    cfg = copy.deepcopy(BASE_CONFIG)
+    cfg["workers"][3] = {"id": 3, "type": "byzantine", "attack": "alie",
+                         "attack_params": {"estimate_batches": 10**9}}
+    with pytest.raises(ConfigError, match=r"workers\.3\.attack: attack 'alie': estimate_batches "
+                                          r"must be in 2\.\.64"):
+        load_config(write_config(tmp_path / "c.yaml", cfg))

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from byzps.attacks import _estimate
-from byzps.attacks.base import Attack, AttackContext, flag, int_at_least, optional_seed
+from byzps.attacks.base import Attack, AttackContext, estimate_batches_param, flag, optional_seed
 
 #: the context fields a non-omniscient attack reads to build its stand-in vectors
 SHARD_FIELDS = frozenset({"honest_gradient", "batch", "gradient", "sample_batch"})
@@ -28,7 +28,7 @@ class HonestVectorsAttack(Attack):
     """Base of attacks on the honest vectors of a round (see the module docstring).
 
     Args:
-        estimate_batches: stand-in vectors when not omniscient (int >= ``min_rows``), or None
+        estimate_batches: stand-in vectors when not omniscient (int ``min_rows``..64), or None
             for n - f.
         collude_seed: shared sampling seed, or None.
         omniscient: use the true honest vectors of the round (simulation only).
@@ -46,7 +46,7 @@ class HonestVectorsAttack(Attack):
                  extra_needs: frozenset[str] = frozenset()):
         self.estimate_batches: Optional[int] = (
             None if estimate_batches is None
-            else int_at_least("estimate_batches", estimate_batches, max(self.min_rows, 1)))
+            else estimate_batches_param(estimate_batches, max(self.min_rows, 1)))
         self.collude_seed = optional_seed("collude_seed", collude_seed)
         self.is_omniscient = flag("omniscient", omniscient)
         if self.is_omniscient:

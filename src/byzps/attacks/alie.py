@@ -17,7 +17,7 @@ Omniscient variant (``omniscient: true``, simulation only, as in the paper and B
 sigma are the coordinate-wise mean and Bessel-corrected standard deviation of the vectors the
 honest workers actually send this round; every ALIE worker then sends the same vector.
 
-Parameters: ``z`` (finite float or None = from n and f), ``estimate_batches`` (int >= 2,
+Parameters: ``z`` (finite float or None = from n and f), ``estimate_batches`` (int 2..64,
 default 5), ``collude_seed`` (int >= 0 or None), ``omniscient`` (bool, default false).
 Needs: ``honest_gradient``, ``batch``, ``gradient``, ``sample_batch`` (omniscient:
 ``honest_gradients`` instead), and ``n``, ``f`` when z is not given.
@@ -38,9 +38,9 @@ from byzps.attacks import _estimate
 from byzps.attacks.base import (
     Attack,
     AttackContext,
+    estimate_batches_param,
     finite_float,
     flag,
-    int_at_least,
     optional_seed,
 )
 
@@ -67,7 +67,7 @@ class Alie(Attack):
 
     Args:
         z: the shift in standard deviations; None derives it from n and f.
-        estimate_batches: minibatches k used for mu_hat and sigma_hat (>= 2).
+        estimate_batches: minibatches k used for mu_hat and sigma_hat (2..64).
         collude_seed: shared sampling seed of colluding workers; None = own seed.
         omniscient: use the honest workers' true vectors of the round (simulation only).
 
@@ -81,7 +81,7 @@ class Alie(Attack):
     def __init__(self, z: Optional[float] = None, estimate_batches: int = 5,
                  collude_seed: Optional[int] = None, omniscient: bool = False):
         self.z = None if z is None else finite_float("z", z)
-        self.estimate_batches = int_at_least("estimate_batches", estimate_batches, 2)
+        self.estimate_batches = estimate_batches_param(estimate_batches, 2)
         self.collude_seed = optional_seed("collude_seed", collude_seed)
         self.is_omniscient = flag("omniscient", omniscient)
         needs = frozenset({"honest_gradients", "n", "f"}) if omniscient else Alie.needs

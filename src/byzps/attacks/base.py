@@ -206,17 +206,32 @@ def finite_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def int_at_least(name: str, value: Any, low: int) -> int:
-    """``value`` as an int >= ``low``.
+def int_at_least(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
+    """``value`` as an int >= ``low`` (and <= ``high`` when given).
 
     Raises:
-        ValueError: a bool, a non-int or a value below ``low``.
+        ValueError: a bool, a non-int, a value below ``low`` or above ``high``.
     """
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+        raise ValueError(f"{name} must be an integer, got {value!r:.80}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be {bound}, got {value!r:.80}")
     return value
+
+
+#: most minibatches an attack may draw per round for its estimate (``estimate_batches``):
+#: each is one forward/backward pass and one (d,) row held at once
+MAX_ESTIMATE_BATCHES = 64
+
+
+def estimate_batches_param(value: Any, low: int) -> int:
+    """``estimate_batches`` as an int in ``low``..:data:`MAX_ESTIMATE_BATCHES`.
+
+    Raises:
+        ValueError: not an integer, or out of that range (the message names the parameter).
+    """
+    return int_at_least("estimate_batches", value, low, MAX_ESTIMATE_BATCHES)
 
 
 def flag(name: str, value: Any) -> bool:

@@ -30,7 +30,7 @@ Randomness: the uniform draws come from a generator seeded by (seed, round), see
 ``collude_seed`` if given, else the worker's own seed: by default every Byzantine worker sends
 its own draw, as in the paper; with a shared ``collude_seed`` they send the same vector.
 
-Parameters: ``b`` (finite > 1, default 2.0), ``estimate_batches`` (int >= 2, default 5),
+Parameters: ``b`` (finite > 1, default 2.0), ``estimate_batches`` (int 2..64, default 5),
 ``collude_seed`` (int >= 0 or None), ``omniscient`` (bool, default false).
 Needs: ``honest_gradients`` (omniscient) or the own-shard fields. Shapes: ``(d,)`` float32 out.
 Errors: ValueError for bad parameters or too few honest vectors.

@@ -15,7 +15,7 @@ within their (different) shards; the same epsilon is shared through the config.
 Omniscient variant (``omniscient: true``, simulation only, as in the paper and ByzFL): mu is
 the mean of the vectors the honest workers actually send this round.
 
-Parameters: ``epsilon`` (finite float > 0, default 0.1), ``estimate_batches`` (int >= 1,
+Parameters: ``epsilon`` (finite float > 0, default 0.1), ``estimate_batches`` (int 1..64,
 default 5), ``collude_seed`` (int >= 0 or None), ``omniscient`` (bool, default false).
 Needs: ``honest_gradient``, ``batch``, ``gradient``, and ``sample_batch`` unless
 ``estimate_batches = 1`` (omniscient: ``honest_gradients`` only).
@@ -33,9 +33,9 @@ from byzps.attacks import _estimate
 from byzps.attacks.base import (
     Attack,
     AttackContext,
+    estimate_batches_param,
     finite_float,
     flag,
-    int_at_least,
     optional_seed,
 )
 
@@ -45,7 +45,7 @@ class Ipm(Attack):
 
     Args:
         epsilon: positive factor.
-        estimate_batches: minibatches k used for mu_hat (>= 1).
+        estimate_batches: minibatches k used for mu_hat (1..64).
         collude_seed: shared sampling seed of colluding workers; None = own seed.
         omniscient: use the honest workers' true vectors of the round (simulation only).
 
@@ -61,7 +61,7 @@ class Ipm(Attack):
         self.epsilon = finite_float("epsilon", epsilon)
         if self.epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
-        self.estimate_batches = int_at_least("estimate_batches", estimate_batches, 1)
+        self.estimate_batches = estimate_batches_param(estimate_batches, 1)
         self.collude_seed = optional_seed("collude_seed", collude_seed)
         self.is_omniscient = flag("omniscient", omniscient)
         if self.is_omniscient:

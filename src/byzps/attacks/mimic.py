@@ -19,7 +19,7 @@ is a raw gradient, so with worker momentum the worker runs it through its own mo
 
 Parameters: ``target_class`` (int in 0..num_classes-1 or None: ``collude_seed mod num_classes``
 if ``collude_seed`` is set, else the worker's own seed mod num_classes), ``num_classes`` (int >=
-2, default 10), ``estimate_batches`` (int >= 1, default 5), ``collude_seed`` (int >= 0 or None).
+2, default 10), ``estimate_batches`` (int 1..64, default 5), ``collude_seed`` (int >= 0 or None).
 Needs: ``batch``, ``gradient``, and ``sample_batch`` unless ``estimate_batches = 1``.
 Shapes: minibatches ``(B, *input_shape)`` / ``(B,)`` int64; ``(d,)`` float32 out.
 Errors: ValueError for bad parameters.
@@ -31,7 +31,14 @@ from typing import Optional
 
 import torch
 
-from byzps.attacks.base import Attack, AttackContext, int_at_least, optional_seed, round_generator
+from byzps.attacks.base import (
+    Attack,
+    AttackContext,
+    estimate_batches_param,
+    int_at_least,
+    optional_seed,
+    round_generator,
+)
 
 
 class Mimic(Attack):
@@ -40,7 +47,7 @@ class Mimic(Attack):
     Args:
         target_class: the class c to over-represent; None derives it from the seed.
         num_classes: number of classes C.
-        estimate_batches: minibatches pooled to find examples of class c (>= 1).
+        estimate_batches: minibatches pooled to find examples of class c (1..64).
         collude_seed: shared seed of colluding workers (sampling, and c when not given).
 
     Raises:
@@ -59,7 +66,7 @@ class Mimic(Attack):
         if self.target_class is not None and self.target_class >= self.num_classes:
             raise ValueError(f"target_class must be < num_classes={self.num_classes}, "
                              f"got {target_class}")
-        self.estimate_batches = int_at_least("estimate_batches", estimate_batches, 1)
+        self.estimate_batches = estimate_batches_param(estimate_batches, 1)
         self.collude_seed = optional_seed("collude_seed", collude_seed)
         if self.estimate_batches == 1:
             self.needs = Mimic.needs - {"sample_batch"}
