@@ -5,6 +5,7 @@ the field (issue: fresh-user hardening)."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 
@@ -102,3 +103,102 @@ def test_estimate_batches_bound_names_the_worker_field(tmp_path):
     with pytest.raises(ConfigError, match=r"workers\.3\.attack: attack 'alie': estimate_batches "
                                           r"must be in 2\.\.64"):
         load_config(write_config(tmp_path / "c.yaml", cfg))
+
+
+# -- metrics files: read incrementally and with bounds ------------------------------------------
+
+def test_line_follower_reads_only_what_was_appended(tmp_path):
+    from byzps.safeio import LineFollower
+
+    p = tmp_path / "m.jsonl"
+    f = LineFollower(p, max_line_bytes=100)
+    assert f.read_new() == []                       # not there yet
+    p.write_bytes(b'{"round": 0}\n{"round": 1')     # a partial last line waits
+    assert f.read_new() == [b'{"round": 0}']
+    with p.open("ab") as fh:
+        fh.write(b'}\n' + b"x" * 150)               # a line over the limit, still growing
+    assert f.read_new() == [b'{"round": 1}']
+    with p.open("ab") as fh:
+        fh.write(b"x" * 150 + b'\n{"round": 2}\n')
+    assert f.read_new() == [b'{"round": 2}'] and f.skipped == 1
+    offset = f.offset
+    assert offset == p.stat().st_size and f.read_new() == []
+    p.write_bytes(b'{"round": 9}\n')                # replaced by a shorter file: from the start
+    assert f.read_new() == [b'{"round": 9}']
+
+
+def test_jsonl_follower_parses_new_records_only(tmp_path):
+    from byzps.metrics import JsonlFollower
+
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"round": 0}\nnot json\n')
+    f = JsonlFollower(p)
+    assert f.read_new() == [{"round": 0}]
+    with p.open("r+") as fh:                        # earlier bytes are never read again
+        fh.write('{"round": 7}')
+        fh.seek(0, 2)
+        fh.write('{"round": 1}\n')
+    assert f.read_new() == [{"round": 1}]
+
+
+def test_launcher_watch_prints_each_evaluated_round_once(tmp_path):
+    """A real process appends records (one in two writes) while watch() polls the file."""
+    import io
+    import subprocess
+    import sys
+
+    from byzps.launcher import LocalNode, watch
+
+    script = (
+        "import json, time, sys\n"
+        "p = sys.argv[1]\n"
+        "for r in range(4):\n"
+        "    line = json.dumps({'round': r, 'seconds_round': 0.1, 'rejected': {},\n"
+        "                       'test_accuracy': 0.5 + r / 10 if r % 2 else None})\n"
+        "    with open(p, 'a') as fh:\n"
+        "        fh.write(line[:5]); fh.flush(); time.sleep(0.05)\n"
+        "        fh.write(line[5:] + '\\n')\n"
+        "    time.sleep(0.05)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "metrics.jsonl")],
+                            start_new_session=True)
+    out = io.StringIO()
+    assert watch({"server": LocalNode(proc)}, tmp_path, 4, out, poll=0.02) is False
+    text = out.getvalue()
+    assert text.count("round 2/4") == 1 and text.count("round 4/4") == 1
+    assert "acc 0.6000" in text and "acc 0.8000" in text
+
+
+@pytest.mark.parametrize("target, match", [
+    ("/dev/zero", r"metrics file /dev/zero: is a character device; expected a regular file"),
+    ("DIR", r"is a folder; expected a regular file"),
+    ("LONG", r"line 2 is longer than the limit of"),
+])
+def test_plot_refuses_what_it_cannot_read_whole(tmp_path, capsys, target, match):
+    from byzps.cli import byzps_main
+    from byzps.metrics import MAX_RECORD_BYTES
+
+    if target == "DIR":
+        target = str(tmp_path)
+    elif target == "LONG":
+        p = tmp_path / "m.jsonl"
+        p.write_bytes(b'{"round": 0}\n' + b" " * (MAX_RECORD_BYTES + 1) + b"\n")
+        target = str(p)
+    assert byzps_main(["plot", target, "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(match, err)
+
+
+def test_plot_into_a_folder_says_the_file_it_wrote(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from byzps.cli import byzps_main
+
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"round": 0, "test_accuracy": 0.5, "reported_loss": 1.0}\n')
+    out_dir = tmp_path / "plots"
+    out_dir.mkdir()
+    assert byzps_main(["plot", str(m), "-o", str(out_dir)]) == 0
+    assert capsys.readouterr().out == f"wrote {out_dir / 'curves.png'}\n"
+    assert (out_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert byzps_main(["plot", str(m), "-o", str(tmp_path / "noext")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'noext.png'}\n"
+    assert (tmp_path / "noext.png").exists()

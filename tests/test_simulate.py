@@ -57,8 +57,9 @@ def test_simulate_equals_tcp_run_bit_for_bit(tmp_path, base_config):
 def test_simulation_records_rejections_and_distances(tmp_path, base_config):
     base_config["workers"][3] = {"id": 3, "type": "byzantine", "attack": "nan"}
     base_config["training"]["rounds"] = 2
-    res = simulate(parse_config(base_config), "./data")
+    res = simulate(parse_config(base_config), "./data", keep_records=True)
     rec = res.records[-1]
+    assert rec == res.last_record and len(res.records) == 2
     assert rec["accepted"] == [0, 1, 2]
     assert rec["rejected"] == {"3": "non-finite values (NaN or Inf)"}
     w = rec["workers"]
@@ -117,7 +118,8 @@ def test_worker_threads_do_not_change_the_result(base_config):
     base_config["aggregation"] = {"method": "coordinate_wise_median", "f": 1}
     base_config["training"]["worker_momentum"] = 0.5
     cfg = parse_config(base_config)
-    one, three = simulate(cfg, "./data", threads=1), simulate(cfg, "./data", threads=3)
+    one = simulate(cfg, "./data", threads=1, keep_records=True)
+    three = simulate(cfg, "./data", threads=3, keep_records=True)
     assert one.digest == three.digest and one.rounds == three.rounds == 3
     for a, b in zip(one.records, three.records):
         assert (a["workers"], a["reported_loss"], a["test_accuracy"]) == \
@@ -143,7 +145,7 @@ def test_simulation_fails_when_a_worker_replica_diverges(base_config):
 def test_summary_seconds_leave_out_the_evaluations(base_config):
     """SimResult.seconds (and so s/round) excludes the test-set evaluations, which the
     records' seconds_round include (every round is evaluated here)."""
-    res = simulate(parse_config(base_config), "./data")
+    res = simulate(parse_config(base_config), "./data", keep_records=True)
     assert res.seconds_eval > 0
     assert res.seconds < sum(r["seconds_round"] for r in res.records)
     assert res.seconds_per_round == res.seconds / res.rounds
@@ -166,3 +168,14 @@ def test_simulate_ignores_tls_and_secrets_of_the_config(tmp_path, base_config):
                                     "ca": str(tmp_path / "no-ca.pem")}
     secured = simulate(parse_config(base_config), "./data")
     assert secured.digest == plain.digest and secured.rounds == 2
+
+
+def test_records_are_not_kept_unless_asked(base_config):
+    """A long simulation's memory does not grow with its rounds: by default only the last
+    record, the count and the best accuracy are kept."""
+    base_config["training"].update(rounds=3, eval_every=1)
+    seen = []
+    res = simulate(parse_config(base_config), "./data", on_record=seen.append)
+    assert res.records == [] and res.rounds == 3
+    assert res.last_record == seen[-1] and res.last_record["round"] == 2
+    assert res.best_accuracy == max(r["test_accuracy"] for r in seen)

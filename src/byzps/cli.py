@@ -510,12 +510,16 @@ def _cmd_list(args) -> int:
 
 def _cmd_plot(args) -> int:
     from byzps.plotting import PlottingUnavailable, plot_metrics
+    from byzps.safeio import FileRefused
 
     try:
         out = plot_metrics(args.metrics, args.out)
     except PlottingUnavailable as e:
         print(f"plot: {e}", file=sys.stderr)
         return 1
+    except FileRefused as e:   # not a regular file, too large, a line too long
+        print(f"plot: {e}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as e:
         print(f"plot: {e}", file=sys.stderr)
         return 1

@@ -361,14 +361,13 @@ def run_cell(config: dict, cell_dir: str, data_root: str, spec: dict) -> dict:
                               "rounds_planned": cfg.training.rounds}
     try:
         res = simulate(cfg, data_root, metrics_file=str(metrics), threads=1)
-        accs = [r["test_accuracy"] for r in res.records if r.get("test_accuracy") is not None]
         result.update(status="ok", final_accuracy=res.test_accuracy, final_loss=res.test_loss,
-                      best_accuracy=max(accs) if accs else None, rounds=res.rounds,
+                      best_accuracy=res.best_accuracy, rounds=res.rounds,
                       seconds=res.seconds, seconds_per_round=res.seconds_per_round,
                       digest=res.digest, error=None)
     except SimulationFailed as e:
-        from byzps.metrics import read_jsonl
-        recs = read_jsonl(metrics) if metrics.exists() else []
+        from byzps.metrics import iter_jsonl
+        recs = (list(iter_jsonl(metrics, ("test_accuracy",))) if metrics.exists() else [])
         accs = [r["test_accuracy"] for r in recs if r.get("test_accuracy") is not None]
         result.update(status="failed", final_accuracy=None, final_loss=None,
                       best_accuracy=max(accs) if accs else None, rounds=len(recs),
@@ -751,7 +750,7 @@ def write_reports(grid: Grid, results: list[dict], out: Path, plots: bool = True
     if not plots or not rows:
         return
     try:
-        from byzps.metrics import read_jsonl
+        from byzps.metrics import iter_jsonl
         from byzps.plotting import PlottingUnavailable, plot_curves, plot_heatmap
         rules = list(dict.fromkeys(r["rule"] for r in rows))
         attacks = list(dict.fromkeys(r["attack"] for r in rows))
@@ -776,7 +775,8 @@ def write_reports(grid: Grid, results: list[dict], out: Path, plots: bool = True
                 for r in sub:
                     p = out / "cells" / r["key"] / "metrics.jsonl"
                     if p.exists():
-                        curves[f"{r['rule']} / {r['attack']}"] = read_jsonl(p)
+                        curves[f"{r['rule']} / {r['attack']}"] = list(iter_jsonl(
+                            p, ("round", "test_accuracy")))
                 if curves:
                     try:
                         plot_curves(curves, out / f"curves_{tag}.png",

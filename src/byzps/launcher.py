@@ -31,7 +31,7 @@ from typing import Any, Optional, Protocol, TextIO
 import yaml
 
 from byzps.job import check_over_tcp, load_config
-from byzps.metrics import read_jsonl, round_status
+from byzps.metrics import JsonlFollower, iter_jsonl, round_status
 from byzps.nodeproc import free_port, node_cmd, node_env  # noqa: F401 - public here too
 from byzps.progress import Progress
 from byzps.safeio import MAX_CONFIG_BYTES, load_yaml, read_text
@@ -232,7 +232,9 @@ def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: Text
 
     Args:
         nodes: node name (``server``, ``worker-<id>``) -> its process.
-        run_dir: the run folder; its ``metrics.jsonl`` is read every ``poll`` seconds.
+        run_dir: the run folder; every ``poll`` seconds the records appended to its
+            ``metrics.jsonl`` since the last read are read (from the last offset, lines of at
+            most :data:`byzps.metrics.MAX_RECORD_BYTES`; a partial last line waits).
         total: rounds planned (for the progress line).
         out: where the progress goes.
         poll: seconds between reads.
@@ -244,8 +246,9 @@ def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: Text
     """
     progress = Progress(total, out)
     interrupted = False
-    last_printed_round, acc = -1, None
-    metrics = run_dir / "metrics.jsonl"
+    acc = None
+    seconds, timed = 0.0, 0      # sum and count of the records' seconds_round
+    follower = JsonlFollower(run_dir / "metrics.jsonl")
     try:
         refresh()
         while any(p.poll() is None for p in nodes.values()):
@@ -255,24 +258,21 @@ def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: Text
             # instead of letting the workers wait out server.connect_timeout
             if nodes["server"].poll() not in (None, 0):
                 break
-            if not metrics.exists():
-                continue
-            records = read_jsonl(metrics)
+            records = follower.read_new()   # only what the PS appended since the last poll
             if not records:
                 continue
             for r in records:
+                if r.get("seconds_round"):
+                    seconds += float(r["seconds_round"])
+                    timed += 1
+            spr = seconds / timed if timed else None
+            for r in records:
                 if r.get("test_accuracy") is not None:
                     acc = r["test_accuracy"]
-            rec = records[-1]
-            times = [float(r["seconds_round"]) for r in records if r.get("seconds_round")]
-            spr = sum(times) / len(times) if times else None
-            progress.advance_to(int(rec["round"]) + 1,
-                                round_status(rec, total, spr, acc, show_round=False))
-            if not progress.tty:   # one line per evaluated round, also those a poll skipped
-                for r in records:
-                    if r.get("test_accuracy") is not None and r["round"] > last_printed_round:
+                    if not progress.tty:   # one line per evaluated round
                         progress.line(round_status(r, total, spr, None))
-                        last_printed_round = r["round"]
+            progress.advance_to(int(records[-1]["round"]) + 1,
+                                round_status(records[-1], total, spr, acc, show_round=False))
     except KeyboardInterrupt:
         interrupted = True
         _signal_all(nodes, signal.SIGINT)
@@ -295,13 +295,17 @@ def finish(codes: dict[str, Optional[int]], run_dir: Path, started: float, total
         interrupted, min_accuracy: see :class:`RunSummary`.
     """
     ended: dict[str, int] = {name: -1 if c is None else c for name, c in codes.items()}
-    metrics = run_dir / "metrics.jsonl"
-    records = read_jsonl(metrics) if metrics.exists() else []
-    acc = None
-    for r in records:
-        if r.get("test_accuracy") is not None:
-            acc = r["test_accuracy"]
-    summary = RunSummary(ended, len(records), acc, time.perf_counter() - started, run_dir,
+    rounds, acc = 0, None
+    try:
+        for r in iter_jsonl(run_dir / "metrics.jsonl", keys=("test_accuracy",)):
+            rounds += 1
+            if r.get("test_accuracy") is not None:
+                acc = r["test_accuracy"]
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:   # FileRefused is a ValueError
+        print(f"byzps run: cannot read the metrics file: {e}", file=out, flush=True)
+    summary = RunSummary(ended, rounds, acc, time.perf_counter() - started, run_dir,
                          interrupted, [n for n, c in ended.items() if c != 0], min_accuracy)
     _print_summary(summary, total, out)
     return summary
@@ -364,12 +368,24 @@ def _print_summary(s: RunSummary, total: int, out: TextIO) -> None:
                   file=out, flush=True)
             continue
         log = s.run_dir / f"{name}.log"
-        tail = ""
-        if log.exists():
-            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-            tail = lines[-1] if lines else ""
+        tail = last_line(log)
         print(f"  {name} exited {s.exit_codes[name]}: {tail}  (see {log})", file=out,
               flush=True)
+
+
+def last_line(path: Path, window: int = 64 << 10) -> str:
+    """The last non-blank line among the last ``window`` bytes of ``path`` ("" when the file
+    is missing, unreadable or blank), cut to 500 characters: a long run's log is not read
+    whole."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - window))
+            text = fh.read(window).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else ""
 
 
 def final_digest(run_dir: str | Path) -> Optional[str]:

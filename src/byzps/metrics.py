@@ -12,9 +12,11 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
+
+from byzps.safeio import LineFollower, iter_lines
 
 #: largest reported training loss taken as sane: losses are non-negative (cross-entropy,
 #: squared error) and a diverging run is obvious long before this; a worker's value outside
@@ -199,22 +201,78 @@ def round_record(closed: Any, *, worker_ids: Optional[Iterable[int]] = None,
     return record
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete JSON line of ``path`` (a last line still being written is skipped).
+#: largest metrics file read whole (``byzps plot``, the grid's curves), bytes
+MAX_METRICS_BYTES = 1 << 30
+#: longest line (one round's record) of a metrics file, bytes; a record's size is bounded by n
+#: (at most 4096 workers, a few hundred bytes each)
+MAX_RECORD_BYTES = 8 << 20
+
+
+def iter_jsonl(path: str | Path, keys: Optional[Iterable[str]] = None
+               ) -> Iterator[dict[str, Any]]:
+    """Every complete JSON object line of ``path``, one at a time (a last line that is not
+    valid JSON, e.g. still being written, and blank or non-object lines are skipped).
+
+    The file is read through :func:`byzps.safeio.iter_lines`: it must be a regular file of at
+    most :data:`MAX_METRICS_BYTES` bytes with lines of at most :data:`MAX_RECORD_BYTES` bytes.
+
+    Args:
+        path: a metrics JSON Lines file.
+        keys: keep only these keys of each record (bounds memory for callers that keep them
+            all); None keeps every key.
 
     Raises:
+        byzps.safeio.FileRefused: not a regular file (a folder, ``/dev/zero``), too large, or a
+            line too long; the message names the file.
         OSError: the file cannot be read.
     """
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    wanted = None if keys is None else tuple(keys)
+    for _, line in iter_lines(path, MAX_METRICS_BYTES, MAX_RECORD_BYTES, "metrics file"):
+        rec = _parse_line(line)
+        if rec is not None:
+            yield rec if wanted is None else {k: rec[k] for k in wanted if k in rec}
+
+
+def _parse_line(line: bytes) -> Optional[dict[str, Any]]:
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete JSON line of ``path`` as a list (:func:`iter_jsonl`, same limits).
+
+    Raises:
+        byzps.safeio.FileRefused, OSError: see :func:`iter_jsonl`.
+    """
+    return list(iter_jsonl(path))
+
+
+class JsonlFollower:
+    """The records appended to a metrics file someone is writing (the PS's), read from the last
+    offset on each call (:class:`byzps.safeio.LineFollower`, lines up to
+    :data:`MAX_RECORD_BYTES`): a poll costs what was appended, not the whole file.
+
+    Args:
+        path: the metrics file (it need not exist yet).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._lines = LineFollower(path, MAX_RECORD_BYTES)
+
+    def read_new(self) -> list[dict[str, Any]]:
+        """The complete records appended since the last call, in file order.
+
+        Raises:
+            byzps.safeio.FileRefused: the path is not a regular file.
+            OSError: it cannot be read.
+        """
+        return [r for r in map(_parse_line, self._lines.read_new()) if r is not None]
 
 
 def round_status(record: Mapping[str, Any], rounds: int, seconds_per_round: Optional[float],

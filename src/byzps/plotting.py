@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from byzps.metrics import read_jsonl
+from byzps.metrics import iter_jsonl
 
 
 class PlottingUnavailable(RuntimeError):
@@ -51,19 +51,26 @@ def plot_metrics(paths: Sequence[str | Path], out: str | Path,
     Args:
         paths: metrics JSON Lines files (:func:`byzps.metrics.round_record` layout); one line
             per file in each panel.
-        out: PNG path (parent folders created).
+        out: PNG path (parent folders created); an existing folder gets ``curves.png``
+            in it, a name without a suffix gets ``.png`` (the path returned is the one
+            written).
         labels: legend labels (default: each file's parent folder name).
 
     Returns:
-        the PNG path.
+        the path of the PNG written.
 
     Raises:
         ValueError: no file holds any round.
+        byzps.safeio.FileRefused: a file is not a regular file, is larger than
+            :data:`byzps.metrics.MAX_METRICS_BYTES` or has a line longer than
+            :data:`byzps.metrics.MAX_RECORD_BYTES` (the message names it; a ValueError).
         PlottingUnavailable: no matplotlib.
         OSError: a file cannot be read.
     """
-    runs = [(str(labels[k]) if labels else Path(p).parent.name or str(p), read_jsonl(p))
-            for k, p in enumerate(paths)]
+    # only the plotted keys of each record are kept: memory grows with rounds, not with n
+    keys = ("round", "test_accuracy", "reported_loss", "test_loss")
+    runs = [(str(labels[k]) if labels else Path(p).parent.name or str(p),
+             list(iter_jsonl(p, keys))) for k, p in enumerate(paths)]
     if not any(recs for _, recs in runs):
         raise ValueError(f"no round records in {', '.join(map(str, paths))}")
     plt = _pyplot()
@@ -144,6 +151,10 @@ def plot_heatmap(rows: Sequence[str], cols: Sequence[str],
 
 def _save(fig, out: str | Path, plt) -> Path:
     out = Path(out)
+    if out.is_dir():
+        out = out / "curves.png"
+    elif not out.suffix:   # matplotlib would add .png itself: return the real name
+        out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+from collections.abc import Iterator
 from typing import Any, BinaryIO, Union
 
 import yaml
@@ -127,6 +128,105 @@ def read_text(path: PathLike, max_bytes: int, what: str = "file") -> str:
         UnicodeDecodeError: not UTF-8.
     """
     return read_file(path, max_bytes, what).decode("utf-8")
+
+
+def iter_lines(path: PathLike, max_bytes: int, max_line_bytes: int,
+               what: str = "file") -> Iterator[tuple[int, bytes]]:
+    """The lines of the regular file ``path`` (without their newline), read in chunks, so
+    memory stays bounded by ``max_line_bytes`` whatever the file holds. A last line without a
+    newline is yielded too (a caller following a growing file uses :class:`LineFollower`).
+
+    Yields:
+        ``(line number from 1, bytes of the line)``.
+
+    Raises:
+        FileRefused: not a regular file, larger than ``max_bytes`` (also if it grows past it
+            while read), or a line longer than ``max_line_bytes`` (the message names the file
+            and the line number).
+        OSError: the file cannot be opened or read.
+    """
+    with open_checked(path, max_bytes, what) as fh:
+        buf = b""
+        number, total = 0, 0
+        while True:
+            chunk = fh.read(1 << 20)
+            total += len(chunk)
+            if total > max_bytes:
+                raise FileRefused(f"{what} {path}: more than the limit of {max_bytes} bytes")
+            if not chunk:
+                if buf:
+                    yield number + 1, buf
+                return
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                number += 1
+                if len(line) > max_line_bytes:
+                    raise FileRefused(f"{what} {path}: line {number} is longer than the limit "
+                                      f"of {max_line_bytes} bytes")
+                yield number, line
+            if len(buf) > max_line_bytes:
+                raise FileRefused(f"{what} {path}: line {number + 1} is longer than the limit "
+                                  f"of {max_line_bytes} bytes")
+
+
+class LineFollower:
+    """The complete lines appended to a growing file since the last call, read from the last
+    offset (a file someone else is writing, e.g. the PS's ``metrics.jsonl``): each call costs
+    what was appended, not the whole file.
+
+    A last line without its newline waits for the next call. A line longer than
+    ``max_line_bytes`` is skipped (up to its newline) and counted in :attr:`skipped`, so a
+    hostile or broken writer cannot make the reader hold more than ``max_line_bytes``. A file
+    that shrank (replaced by a new one) is read again from its start.
+
+    Args:
+        path: the file (it need not exist yet).
+        max_line_bytes: the longest line kept, bytes.
+        max_read: most bytes read per call (the rest waits for the next call).
+    """
+
+    def __init__(self, path: PathLike, max_line_bytes: int, max_read: int = 16 << 20) -> None:
+        self.path = path
+        self.max_line_bytes = max_line_bytes
+        self.max_read = max_read
+        self.offset = 0
+        self.skipped = 0
+        self._partial = b""
+        self._skipping = False
+
+    def read_new(self) -> list[bytes]:
+        """The complete lines appended since the last call (without newlines; possibly none).
+
+        Raises:
+            FileRefused: the path is not a regular file.
+            OSError: it exists but cannot be read.
+        """
+        try:
+            fh = open_checked(self.path, 1 << 62, "file")
+        except FileNotFoundError:
+            return []
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < self.offset:      # replaced or truncated: start again
+                self.offset, self._partial, self._skipping = 0, b"", False
+            fh.seek(self.offset)
+            data = fh.read(min(self.max_read, size - self.offset))
+        self.offset += len(data)
+        out = []
+        *lines, rest = (self._partial + data).split(b"\n")
+        for line in lines:
+            if self._skipping or len(line) > self.max_line_bytes:
+                self.skipped += 1
+                self._skipping = False
+                continue
+            out.append(line)
+        if len(rest) > self.max_line_bytes:
+            self._skipping, rest = True, b""
+        elif self._skipping:
+            rest = b""
+        self._partial = rest
+        return out
 
 
 def check_file(path: PathLike, max_bytes: int, what: str = "file") -> None:

@@ -78,10 +78,14 @@ class SimResult:
         test_loss: final mean cross-entropy.
         seconds: wall seconds of the round loop, set-up and the test-set evaluations excluded.
         digest: the PS replica's digest (:meth:`byzps.replica.Replica.digest`), 32 hex chars.
-        records: the per-round metrics records (:func:`byzps.metrics.round_record`); their
-            ``seconds_round`` includes an evaluation in the rounds that had one, as the PS's do.
+        records: every per-round metrics record (:func:`byzps.metrics.round_record`) when
+            the run was asked to keep them (``keep_records``), else empty: a long run's memory
+            does not grow with its rounds. Their ``seconds_round`` includes an evaluation in
+            the rounds that had one, as the PS's do.
         seconds_eval: wall seconds of the test-set evaluations (and the replica checks done
             with them).
+        last_record: the last round's record (None if no round ran).
+        best_accuracy: the highest evaluated test accuracy over the run, or None.
     """
 
     rounds: int
@@ -91,6 +95,8 @@ class SimResult:
     digest: str
     records: list[dict[str, Any]] = field(repr=False, default_factory=list)
     seconds_eval: float = 0.0
+    last_record: Optional[dict[str, Any]] = field(repr=False, default=None)
+    best_accuracy: Optional[float] = None
 
     @property
     def seconds_per_round(self) -> float:
@@ -234,11 +240,14 @@ class Simulation:
 
     # -- the run ------------------------------------------------------------------------------
 
-    def run(self, on_record: Optional[Callable[[dict[str, Any]], None]] = None) -> SimResult:
+    def run(self, on_record: Optional[Callable[[dict[str, Any]], None]] = None,
+            keep_records: bool = False) -> SimResult:
         """Connect every worker, run every round, evaluate as the PS does.
 
         Args:
             on_record: called with each round's record as soon as it is written.
+            keep_records: return every round's record in :attr:`SimResult.records` (memory
+                grows with the rounds); False keeps only the last record and the summary.
 
         Raises:
             SimulationFailed: a round could not close (e.g. too few usable gradients, or the
@@ -246,6 +255,7 @@ class Simulation:
                 from the PS's.
         """
         records: list[dict[str, Any]] = []
+        count, last_record, best = 0, None, None
         seconds_eval = 0.0
         if on_record is not None:
             self.core.listeners.append(on_record)
@@ -270,9 +280,15 @@ class Simulation:
                 eval_start = time.perf_counter()
                 if evaluated:
                     self._check_replicas(r)
-                records.append(self.core.after_close(
+                last_record = self.core.after_close(
                     closed, round_started=round_start, rows=self._rows,
-                    aggregate=self._aggregate))
+                    aggregate=self._aggregate)
+                count += 1
+                acc = last_record.get("test_accuracy")
+                if acc is not None and (best is None or acc > best):
+                    best = acc
+                if keep_records:
+                    records.append(last_record)
                 if evaluated:
                     seconds_eval += time.perf_counter() - eval_start
             seconds = time.perf_counter() - start - seconds_eval
@@ -286,8 +302,8 @@ class Simulation:
         digest = self.replica.digest()
         log.info("training finished; PS replica digest %s", digest)
         last = self.core.last
-        return SimResult(len(records), last.accuracy, last.loss, seconds, digest, records,
-                         seconds_eval)
+        return SimResult(count, last.accuracy, last.loss, seconds, digest, records,
+                         seconds_eval, last_record, best)
 
     def _check_replicas(self, r: int) -> None:
         """Every live worker's replica digest equals the PS's after round r (what the workers'
@@ -313,7 +329,8 @@ class Simulation:
 
 def simulate(cfg: Config, data_root: str = "./data", rounds: Optional[int] = None,
              metrics_file: Optional[str] = None, threads: Optional[int] = None,
-             on_record: Optional[Callable[[dict[str, Any]], None]] = None) -> SimResult:
+             on_record: Optional[Callable[[dict[str, Any]], None]] = None,
+             keep_records: bool = False) -> SimResult:
     """Build a :class:`Simulation` and run it.
 
     Args:
@@ -327,6 +344,8 @@ def simulate(cfg: Config, data_root: str = "./data", rounds: Optional[int] = Non
             while the simulation runs (restored after), as every TCP node does under the
             launcher, so the result is bit-identical to a TCP run for every ``threads``.
         on_record: called with each round's metrics record.
+        keep_records: keep every record in :attr:`SimResult.records` (default off: only the
+            last record and the summary, so memory does not grow with the rounds).
 
     Raises:
         SimulationFailed: a round could not close.
@@ -336,4 +355,5 @@ def simulate(cfg: Config, data_root: str = "./data", rounds: Optional[int] = Non
     if threads is None:
         threads = default_threads(len(cfg.workers))
     with torch_threads(1):
-        return Simulation(cfg, data_root, rounds, metrics_file, threads).run(on_record)
+        return Simulation(cfg, data_root, rounds, metrics_file, threads).run(on_record,
+                                                                             keep_records)
