@@ -101,9 +101,11 @@ def child(args: argparse.Namespace) -> dict:
     Simulation.run = run_and_keep
     kwargs = {} if args.threads is None else {"threads": args.threads}
     cpu_at: list[float] = []
+    records: list[dict] = []   # collected here: SimResult keeps them only when asked to
 
     def on_record(rec: dict) -> None:
         cpu_at.append(time.process_time())
+        records.append(rec)
         done = rec["round"] + 1
         if args.block and done % args.block == 0 and done < args.rounds:
             sys.stdout.write("tick\n")          # my turn is over: wait for the next one
@@ -118,13 +120,13 @@ def child(args: argparse.Namespace) -> dict:
     h = hashlib.blake2b(digest_size=16)
     h.update(replica.theta.detach().contiguous().numpy().tobytes())
     h.update(replica.momentum_buffer().contiguous().numpy().tobytes())
-    steady = [r["seconds_round"] for r in res.records
+    steady = [r["seconds_round"] for r in records
               if r.get("test_accuracy") is None and r["round"] > 0]
     return {"package": str(Path(byzps.__file__).parent), "rounds": res.rounds,
             "s_per_round": statistics.fmean(steady), "s_per_round_median": statistics.median(steady),
             "summary_s_per_round": res.seconds_per_round, "wall_s": wall,
             "cpu_s_per_round": (cpu_at[-2] - cpu_at[0]) / (len(cpu_at) - 2),
-            "per_round": [r["seconds_round"] for r in res.records],
+            "per_round": [r["seconds_round"] for r in records],
             "theta_buf_hash": h.hexdigest(), "digest": res.digest,
             "accuracy": res.test_accuracy, "torch_threads_after": torch.get_num_threads()}
 
