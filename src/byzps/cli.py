@@ -14,7 +14,7 @@
 Exit codes: 0 success; 1 the run failed (no quorum, PS unreachable, refused, aborted, a node
 failed, a port in use, or ``byzps run --min-accuracy`` not reached); 2 bad usage or config (one
 line per problem, no traceback; also a task whose code fails, :class:`byzps.task.TaskError`);
-130 interrupted.
+130 interrupted; 143 ``byzps run`` got SIGTERM (its nodes were stopped too).
 """
 
 from __future__ import annotations
@@ -304,6 +304,8 @@ def _cmd_run(args) -> int:
         except (RayPlacementError, RayLoopbackError, ConnectionError, RuntimeError) as e:
             print(f"run error: {e}", file=sys.stderr)
             return 1
+    if summary.terminated:
+        return 143
     if summary.interrupted:
         return 130
     return 0 if summary.ok else 1

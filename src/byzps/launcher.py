@@ -5,6 +5,9 @@
 ``python -m byzps.cli --role ...`` process (the same entry as ``ps_node.py``) per node, each with
 ``OMP_NUM_THREADS=1`` and its log in the folder, shows one progress line read from the PS's
 metrics file, forwards Ctrl-C (SIGINT) to every node, and returns a :class:`RunSummary`.
+SIGTERM to the launcher (``kill``, ``timeout``, a job scheduler) is handled like Ctrl-C
+(:class:`SigtermGuard`): every node gets SIGTERM, and SIGKILL after
+:data:`TERM_KILL_AFTER` seconds if it is still there, so no node outlives the launcher.
 
 Run folder layout::
 
@@ -22,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -94,7 +98,8 @@ class RunSummary:
         test_accuracy: the last evaluated accuracy, or None.
         seconds: wall seconds from launch to the last exit.
         run_dir: the run folder.
-        interrupted: Ctrl-C was pressed.
+        interrupted: Ctrl-C was pressed, or the launcher got SIGTERM.
+        terminated: the launcher got SIGTERM (``interrupted`` is set too).
         failed: names of the nodes that exited non-zero.
         min_accuracy: the accuracy the run had to reach (``--min-accuracy``), or None.
     """
@@ -107,6 +112,7 @@ class RunSummary:
     interrupted: bool = False
     failed: list[str] = field(default_factory=list)
     min_accuracy: Optional[float] = None
+    terminated: bool = False
 
     @property
     def accuracy_ok(self) -> bool:
@@ -119,6 +125,39 @@ class RunSummary:
         """Every node exited 0, nothing was interrupted, and ``min_accuracy`` was reached."""
         return (not self.interrupted and all(c == 0 for c in self.exit_codes.values())
                 and self.accuracy_ok)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the launcher (raised by :class:`SigtermGuard`'s handler); handled where
+    Ctrl-C is, except that the nodes get SIGTERM instead of SIGINT."""
+
+
+class SigtermGuard:
+    """While active (``with SigtermGuard() as guard:``), the first SIGTERM to this process
+    raises :class:`Terminated` in the main thread and sets :attr:`fired`; later ones are
+    ignored (the shutdown under way escalates by itself). Outside the main thread it does
+    nothing. The previous handler is restored on exit."""
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._old: Any = None
+        self._installed = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if not self.fired:
+            self.fired = True
+            raise Terminated()
+
+    def __enter__(self) -> SigtermGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._old)
+            self._installed = False
 
 
 class NodeProcess(Protocol):
@@ -169,7 +208,9 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
 
     Returns:
         the :class:`RunSummary`; on Ctrl-C every node gets SIGINT (again after 5 s, SIGTERM
-        after 10 s) and the summary has ``interrupted`` set.
+        after 10 s, SIGKILL after 15 s) and the summary has ``interrupted`` set; on SIGTERM
+        every node gets SIGTERM (SIGKILL after :data:`TERM_KILL_AFTER` s) and the summary has
+        ``interrupted`` and ``terminated`` set.
 
     Raises:
         byzps.config.ConfigError: invalid config.
@@ -195,22 +236,25 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
           f"run folder {run_dir}", file=out, flush=True)
     print_status_hint(cfg, out)
     interrupted = False
-    try:
+    with SigtermGuard() as guard:
         try:
-            start("server", node_cmd(cfg_path, "server", data_root, rounds))
-            for w in cfg.workers:
-                start(f"worker-{w.id}", node_cmd(cfg_path, "worker", data_root, rounds, w.id))
-        except KeyboardInterrupt:
-            interrupted = True
-            _signal_all(nodes, signal.SIGINT)
-            _wait_all(nodes, interrupted=True)
-        else:
-            interrupted = watch(nodes, run_dir, total, out, poll)
-    finally:
-        for fh in logs:
-            fh.close()
+            try:
+                start("server", node_cmd(cfg_path, "server", data_root, rounds))
+                for w in cfg.workers:
+                    start(f"worker-{w.id}", node_cmd(cfg_path, "worker", data_root, rounds,
+                                                     w.id))
+            except KeyboardInterrupt as e:   # Ctrl-C or SIGTERM while starting the nodes
+                interrupted = True
+                term = isinstance(e, Terminated)
+                _signal_all(nodes, signal.SIGTERM if term else signal.SIGINT)
+                _wait_all(nodes, interrupted=True, terminated=term)
+            else:
+                interrupted = watch(nodes, run_dir, total, out, poll)
+        finally:
+            for fh in logs:
+                fh.close()
     return finish({name: node.poll() for name, node in nodes.items()}, run_dir, t0, total, out,
-                  interrupted, min_accuracy)
+                  interrupted, min_accuracy, terminated=guard.fired)
 
 
 def print_status_hint(cfg: Any, out: TextIO, where: str = "") -> None:
@@ -228,7 +272,8 @@ def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: Text
     A progress bar (:class:`byzps.progress.Progress`; round, test accuracy, reported loss,
     rejected gradients, s/round, see :func:`byzps.metrics.round_status`) on a terminal, else one
     line per evaluated round. If the PS (node ``server``) fails, the others get SIGTERM after a grace
-    period; Ctrl-C sends SIGINT to every node and waits for them.
+    period; Ctrl-C sends SIGINT to every node and waits for them; :class:`Terminated` (SIGTERM
+    under a :class:`SigtermGuard`) sends SIGTERM, then SIGKILL to what is left.
 
     Args:
         nodes: node name (``server``, ``worker-<id>``) -> its process.
@@ -242,10 +287,10 @@ def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: Text
             what the nodes wrote into ``run_dir`` and fetches their states there).
 
     Returns:
-        True if Ctrl-C interrupted the run.
+        True if Ctrl-C or SIGTERM interrupted the run.
     """
     progress = Progress(total, out)
-    interrupted = False
+    interrupted = terminated = False
     acc = None
     seconds, timed = 0.0, 0      # sum and count of the records' seconds_round
     follower = JsonlFollower(run_dir / "metrics.jsonl")
@@ -273,18 +318,19 @@ def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: Text
                         progress.line(round_status(r, total, spr, None))
             progress.advance_to(int(records[-1]["round"]) + 1,
                                 round_status(records[-1], total, spr, acc, show_round=False))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM under a SigtermGuard
         interrupted = True
-        _signal_all(nodes, signal.SIGINT)
+        terminated = isinstance(e, Terminated)
+        _signal_all(nodes, signal.SIGTERM if terminated else signal.SIGINT)
     finally:
-        _wait_all(nodes, refresh=refresh, interrupted=interrupted)
+        _wait_all(nodes, refresh=refresh, interrupted=interrupted, terminated=terminated)
         progress.close()
     return interrupted
 
 
 def finish(codes: dict[str, Optional[int]], run_dir: Path, started: float, total: int,
            out: TextIO, interrupted: bool = False,
-           min_accuracy: Optional[float] = None) -> RunSummary:
+           min_accuracy: Optional[float] = None, terminated: bool = False) -> RunSummary:
     """The :class:`RunSummary` of an ended run, printed to ``out``.
 
     Args:
@@ -292,7 +338,7 @@ def finish(codes: dict[str, Optional[int]], run_dir: Path, started: float, total
         run_dir: the run folder (``metrics.jsonl`` and ``<node>.log`` are read).
         started: ``time.perf_counter()`` at launch.
         total: rounds planned.
-        interrupted, min_accuracy: see :class:`RunSummary`.
+        interrupted, min_accuracy, terminated: see :class:`RunSummary`.
     """
     ended: dict[str, int] = {name: -1 if c is None else c for name, c in codes.items()}
     rounds, acc = 0, None
@@ -306,7 +352,8 @@ def finish(codes: dict[str, Optional[int]], run_dir: Path, started: float, total
     except (OSError, ValueError) as e:   # FileRefused is a ValueError
         print(f"byzps run: cannot read the metrics file: {e}", file=out, flush=True)
     summary = RunSummary(ended, rounds, acc, time.perf_counter() - started, run_dir,
-                         interrupted, [n for n, c in ended.items() if c != 0], min_accuracy)
+                         interrupted or terminated, [n for n, c in ended.items() if c != 0],
+                         min_accuracy, terminated)
     _print_summary(summary, total, out)
     return summary
 
@@ -317,25 +364,34 @@ def _signal_all(nodes: Mapping[str, NodeProcess], sig: int) -> None:
             node.signal(sig)
 
 
-#: after Ctrl-C: seconds until the nodes still running get SIGINT again, and SIGTERM
-INTERRUPT_AGAIN, INTERRUPT_TERM = 5.0, 10.0
+#: after Ctrl-C: seconds until the nodes still running get SIGINT again, SIGTERM, and SIGKILL
+INTERRUPT_AGAIN, INTERRUPT_TERM, INTERRUPT_KILL = 5.0, 10.0, 15.0
+#: exit codes of a node stopped by the launcher's SIGINT, SIGTERM or SIGKILL
+STOPPED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL)
+#: after SIGTERM to the launcher: seconds until the nodes still running get SIGKILL
+TERM_KILL_AFTER = 3.0
 
 
 def _wait_all(nodes: Mapping[str, NodeProcess], grace: float = 2.0,
               refresh: Callable[[], None] = lambda: None, interrupted: bool = False,
-              again: float = INTERRUPT_AGAIN, term: float = INTERRUPT_TERM) -> None:
+              again: float = INTERRUPT_AGAIN, term: float = INTERRUPT_TERM,
+              terminated: bool = False) -> None:
     """Wait for every node; if the PS failed, the workers get SIGTERM after ``grace`` s.
 
     After Ctrl-C (``interrupted``: every node already got SIGINT) the nodes still running get
     SIGINT again after ``again`` s (a second SIGINT interrupts ``asyncio.run`` even where the
     first one's cancellation was lost, as Python 3.11's ``asyncio.wait_for`` can lose it when
-    its inner future completes at the same moment) and SIGTERM after ``term`` s. A node still
-    shutting down when the second SIGINT comes may end by it (exit code -2) instead of 130.
+    its inner future completes at the same moment), SIGTERM after ``term`` s and SIGKILL after
+    :data:`INTERRUPT_KILL` s. A node still shutting down when the second SIGINT comes may end by
+    it (exit code -2) instead of 130. After SIGTERM to the launcher (``terminated``: every node
+    already got SIGTERM) the nodes still running get SIGKILL after :data:`TERM_KILL_AFTER` s.
     """
     start = time.monotonic()
     deadline = start + grace
     server = nodes.get("server")
-    steps = [(again, signal.SIGINT), (term, signal.SIGTERM)] if interrupted else []
+    steps = ([(TERM_KILL_AFTER, signal.SIGKILL)] if terminated
+             else [(again, signal.SIGINT), (term, signal.SIGTERM),
+                   (max(term, INTERRUPT_KILL), signal.SIGKILL)] if interrupted else [])
     while True:
         try:
             refresh()
@@ -354,7 +410,8 @@ def _wait_all(nodes: Mapping[str, NodeProcess], grace: float = 2.0,
 
 def _print_summary(s: RunSummary, total: int, out: TextIO) -> None:
     acc = f"{s.test_accuracy:.4f}" if s.test_accuracy is not None else "n/a"
-    status = "interrupted" if s.interrupted else ("OK" if s.ok else "FAILED")
+    status = ("terminated (SIGTERM)" if s.terminated else "interrupted" if s.interrupted
+              else "OK" if s.ok else "FAILED")
     threshold = ""
     if s.min_accuracy is not None:
         threshold = f" ({'>=' if s.accuracy_ok else 'below'} --min-accuracy {s.min_accuracy:g})"
@@ -363,6 +420,10 @@ def _print_summary(s: RunSummary, total: int, out: TextIO) -> None:
           flush=True)
     ps_failed = s.exit_codes.get("server") not in (None, 0)
     for name in sorted(s.failed, key=lambda n: n != "server"):   # the PS's reason first
+        if s.interrupted and s.exit_codes[name] in STOPPED_CODES:   # stopped on purpose
+            print(f"  {name} exited {s.exit_codes[name]}: "
+                  f"{'terminated' if s.terminated else 'interrupted'}", file=out, flush=True)
+            continue
         if ps_failed and name != "server":
             print(f"  {name} exited {s.exit_codes[name]}: stopped because the PS failed",
                   file=out, flush=True)

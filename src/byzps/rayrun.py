@@ -25,7 +25,9 @@ Logs and metrics: the driver copies each node's output (``server.log``, ``worker
 the PS's ``metrics.jsonl`` into the run folder as they grow (at most :data:`SYNC_CHUNK` bytes
 per file per poll) and shows the progress and summary of a local run
 (:func:`byzps.launcher.watch`, :func:`byzps.launcher.finish`). Stopping: Ctrl-C sends SIGINT to
-every node process; a PS that fails stops the workers (SIGTERM), as in a local run; an actor
+every node process, SIGTERM to the driver sends SIGTERM (:class:`byzps.launcher.SigtermGuard`)
+and the actors are stopped either way; a PS that fails stops the workers (SIGTERM), as in a
+local run; an actor
 that dies (``ray.kill``, its Ray node lost) takes its node process with it (Ray 2.60's raylet
 ends a dead worker's child processes; and the node process asked the kernel for SIGKILL when its
 actor's process ends, ``PR_SET_PDEATHSIG``, which also holds when the raylet is gone) and counts
@@ -52,7 +54,14 @@ import yaml
 
 from byzps.config import Config
 from byzps.job import check_over_tcp, load_config
-from byzps.launcher import RunSummary, config_data, finish, print_status_hint, watch
+from byzps.launcher import (
+    RunSummary,
+    SigtermGuard,
+    config_data,
+    finish,
+    print_status_hint,
+    watch,
+)
 from byzps.net import auth
 from byzps.net.transport import TlsError
 from byzps.raycluster import LOCAL, cluster_summary, ray_session
@@ -315,7 +324,8 @@ def launch_ray(config: str | Path, run_dir: str | Path, address: Optional[str] =
     t0 = time.perf_counter()
     nodes: dict[str, RayNode] = {}
     interrupted = False
-    with ray_session(address, num_cpus=cpus if local else None) as ray:
+    with SigtermGuard() as guard, \
+            ray_session(address, num_cpus=cpus if local else None) as ray:
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -367,7 +377,7 @@ def launch_ray(config: str | Path, run_dir: str | Path, address: Optional[str] =
             _stop(ray, nodes)
             remove_placement_group(pg)
     return finish({n: (nodes[n].poll() if n in nodes else None) for n in names}, run_dir, t0,
-                  total, out, interrupted, min_accuracy)
+                  total, out, interrupted, min_accuracy, terminated=guard.fired)
 
 
 def _write_placement(run_dir: Path, places: dict[str, dict]) -> None:
