@@ -202,3 +202,45 @@ def test_plot_into_a_folder_says_the_file_it_wrote(tmp_path, capsys):
     assert byzps_main(["plot", str(m), "-o", str(tmp_path / "noext")]) == 0
     assert capsys.readouterr().out == f"wrote {tmp_path / 'noext.png'}\n"
     assert (tmp_path / "noext.png").exists()
+
+
+# -- messages instead of tracebacks ----------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_5000_digit_number_is_a_config_error(tmp_path, suffix):
+    import json
+
+    from byzps.config import read_config
+
+    p = tmp_path / f"c{suffix}"
+    p.write_text(json.dumps(BASE_CONFIG).replace('"rounds": 3', '"rounds": ' + "9" * 5000))
+    with pytest.raises(ConfigError, match="a number has more digits than Python converts"):
+        read_config(p)
+
+
+def test_a_5000_digit_number_in_a_grid_file_is_a_grid_error(tmp_path):
+    from byzps.grid import load_grid
+
+    p = tmp_path / "g.yaml"
+    p.write_text("honest: " + "9" * 5000 + "\n")
+    with pytest.raises(GridError, match="a number has more digits than Python converts"):
+        load_grid(p)
+
+
+@pytest.mark.parametrize("target", ["DIR", "/dev/full"])
+def test_simulate_metrics_that_cannot_be_written(tmp_path, capsys, target):
+    import os
+
+    from byzps.cli import byzps_main
+
+    from conftest import write_config
+
+    if target == "/dev/full" and not os.path.exists(target):
+        pytest.skip("no /dev/full here")
+    target = str(tmp_path) if target == "DIR" else target
+    cfg = copy.deepcopy(BASE_CONFIG)
+    cfg["training"].update(rounds=1, model="logreg", train_limit=200, test_limit=50)
+    path = write_config(tmp_path / "c.yaml", cfg)
+    assert byzps_main(["simulate", str(path), "--metrics", target]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("simulate: cannot ") and f"metrics file {target}: " in err[-1]

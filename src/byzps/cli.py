@@ -312,7 +312,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
-    from byzps.metrics import round_status
+    from byzps.metrics import MetricsWriteError, round_status
     from byzps.progress import Progress
     from byzps.simulate import SimulationFailed, simulate
 
@@ -344,6 +344,10 @@ def _cmd_simulate(args) -> int:
     except ValueError as e:   # a data shard smaller than one batch
         progress.close()
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except MetricsWriteError as e:   # --metrics (or training.metrics_file) a folder, /dev/full
+        progress.close()
+        print(f"simulate: {e}", file=sys.stderr)
         return 2
     progress.close()
     print(f"final test accuracy: {result.test_accuracy:.4f} (loss {result.test_loss:.4f}) "

@@ -696,7 +696,8 @@ def read_config(path: str | Path, allow_not_wired: bool = False) -> Config:
 
     Raises:
         ConfigError: the file is missing, unreadable, not a regular file, too large, not valid
-            YAML/JSON, or fails validation.
+            YAML/JSON (also: a number of more than 4300 digits, or a duplicate key), or fails
+            validation.
     """
     p = Path(path)
     src = str(p)
@@ -719,4 +720,15 @@ def read_config(path: str | Path, allow_not_wired: bool = False) -> Config:
                                     f".yaml, .yml or .json"])
     except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as e:
         raise ConfigError(src, [f"not valid {suffix[1:].upper()}: {first_line(e)}"]) from None
+    except ValueError as e:   # Python's cap on int-from-str digits (sys.int_info)
+        raise ConfigError(src, [f"not usable {suffix[1:].upper()}: {number_problem(e)}"]) from None
     return validate_config(data, src, allow_not_wired)
+
+
+def number_problem(err: ValueError) -> str:
+    """The one line for a ValueError from parsing a file: a number too long to convert
+    (Python refuses int strings of more than 4300 digits) gets a plain message."""
+    if "digits" in str(err):
+        return "a number has more digits than Python converts (at most 4300); no config value " \
+               "needs that many"
+    return first_line(err)

@@ -48,7 +48,7 @@ from typing import Any, Optional, TextIO
 
 import yaml
 
-from byzps.config import MAX_WORKERS, ConfigError
+from byzps.config import MAX_WORKERS, ConfigError, number_problem
 from byzps.job import parse_config
 from byzps.progress import Progress
 from byzps.safeio import (
@@ -321,6 +321,8 @@ def load_grid(path: str | Path) -> Grid:
         raise GridError(f"{p}: not UTF-8 text") from None
     except (yaml.YAMLError, RecursionError) as e:
         raise GridError(f"{p}: not valid YAML: {first_line(e)}") from None
+    except ValueError as e:   # e.g. an integer of more than 4300 digits
+        raise GridError(f"{p}: not usable YAML: {number_problem(e)}") from None
     return parse_grid(data, str(p))
 
 

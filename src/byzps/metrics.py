@@ -59,6 +59,11 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+class MetricsWriteError(OSError):
+    """The metrics file cannot be created or written (a folder, a full disk, ``/dev/full``);
+    the message names the file and the reason."""
+
+
 class JsonlWriter:
     """Append one JSON object per line to ``path`` (created with its parent folders).
 
@@ -69,27 +74,44 @@ class JsonlWriter:
         path: file path, or None for a writer that drops everything.
 
     Raises:
-        OSError: the file cannot be created.
+        MetricsWriteError: the file cannot be created (an OSError naming the file).
     """
 
     def __init__(self, path: Optional[str | Path]):
         self._fh = None
-        if path is not None:
-            p = Path(path)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = p.open("a", encoding="utf-8")
+        self.path = None if path is None else Path(path)
+        if self.path is not None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = self.path.open("a", encoding="utf-8")
+            except OSError as e:
+                raise MetricsWriteError(
+                    f"cannot open the metrics file {self.path}: "
+                    f"{e.strerror or e}") from None
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` (a JSON-serialisable mapping) as one line."""
+        """Append ``record`` (a JSON-serialisable mapping) as one line.
+
+        Raises:
+            MetricsWriteError: the write failed (e.g. no space left); names the file.
+        """
         if self._fh is not None:
-            self._fh.write(json.dumps(strict_json(record), sort_keys=True) + "\n")
-            self._fh.flush()
+            try:
+                self._fh.write(json.dumps(strict_json(record), sort_keys=True) + "\n")
+                self._fh.flush()
+            except OSError as e:
+                raise MetricsWriteError(
+                    f"cannot write the metrics file {self.path}: "
+                    f"{e.strerror or e}") from None
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Close the file (idempotent; a failing last flush is not raised again)."""
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError:
+                pass
 
 
 def _distances(rows: Mapping[int, Any], aggregate: Any) -> dict[int, Optional[float]]:
