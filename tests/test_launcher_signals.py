@@ -79,3 +79,43 @@ def test_sigterm_to_byzps_run_stops_every_node(tmp_path, base_config):
                 os.kill(k, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_shard_smaller_than_a_batch_stops_byzps_run_before_any_node(tmp_path, base_config,
+                                                                       capsys):
+    from byzps.cli import byzps_main
+
+    base_config["training"].update(train_limit=40, batch_size=32)   # 10 examples a shard
+    cfg = write_config(tmp_path / "c.yaml", base_config)
+    run_dir = tmp_path / "run"
+    assert byzps_main(["run", str(cfg), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"config error: {cfg}: ") and "batch" in err[0]
+    assert not (run_dir / "server.log").exists()
+
+
+def test_when_every_worker_fails_the_launcher_says_so_and_stops_the_ps(tmp_path, base_config):
+    """The only worker stops on its own local error (label_flip with 5 classes refuses MNIST's
+    labels): the launcher stops the PS at once and blames the worker, not the PS."""
+    import io
+
+    from byzps.launcher import launch
+
+    base_config["training"].update(model="logreg", rounds=20, eval_every=20, train_limit=400,
+                                   test_limit=100)
+    base_config["server"]["connect_timeout"] = 600.0
+    base_config["training"]["round_timeout"] = 600.0
+    base_config["aggregation"] = {"method": "mean", "f": 0}
+    base_config["workers"] = [{"id": 3, "type": "byzantine", "data_shard": 0,
+                               "attack": "label_flip", "attack_params": {"num_classes": 5}}]
+    out = io.StringIO()
+    started = time.monotonic()
+    summary = launch(write_config(tmp_path / "c.yaml", base_config), tmp_path / "run",
+                     out=out, poll=0.2)
+    text = out.getvalue()
+    assert not summary.ok and summary.stopped == ["server"], text
+    assert "byzps run: every worker has exited (exit status: worker-3 1); stopping the PS" in text
+    assert "server exited -15: stopped by byzps run after every worker had exited" in text
+    assert "worker-3 exited 1: worker error: worker 3 (byzantine): ValueError" in text
+    assert "because the PS failed" not in text
+    assert time.monotonic() - started < 300   # far below the 600 s timeouts

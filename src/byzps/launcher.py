@@ -34,7 +34,8 @@ from typing import Any, Optional, Protocol, TextIO
 
 import yaml
 
-from byzps.job import check_over_tcp, load_config
+from byzps.config import ConfigError
+from byzps.job import Job, check_over_tcp, load_config
 from byzps.metrics import JsonlFollower, iter_jsonl, round_status
 from byzps.nodeproc import free_port, node_cmd, node_env  # noqa: F401 - public here too
 from byzps.progress import Progress
@@ -100,6 +101,8 @@ class RunSummary:
         run_dir: the run folder.
         interrupted: Ctrl-C was pressed, or the launcher got SIGTERM.
         terminated: the launcher got SIGTERM (``interrupted`` is set too).
+        stopped: nodes the launcher stopped because the others had ended (the PS once every
+            worker had exited with an error).
         failed: names of the nodes that exited non-zero.
         min_accuracy: the accuracy the run had to reach (``--min-accuracy``), or None.
     """
@@ -113,6 +116,7 @@ class RunSummary:
     failed: list[str] = field(default_factory=list)
     min_accuracy: Optional[float] = None
     terminated: bool = False
+    stopped: list[str] = field(default_factory=list)
 
     @property
     def accuracy_ok(self) -> bool:
@@ -213,13 +217,16 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
         ``interrupted`` and ``terminated`` set.
 
     Raises:
-        byzps.config.ConfigError: invalid config.
+        byzps.config.ConfigError: invalid config, or a worker's data shard smaller than one
+            batch (:func:`check_shards`; no node is started).
+        byzps.data.DatasetNotFound, byzps.data.IdxFormatError: no usable copy of the data.
     """
     out = out or sys.stderr
     run_dir = Path(run_dir)
     cfg_path = prepare_run_dir(config, run_dir)
     cfg = load_config(cfg_path)
     check_over_tcp(cfg, str(config))
+    check_shards(cfg, str(config), data_root)
     total = rounds or cfg.training.rounds
     env = node_env()
     nodes: dict[str, LocalNode] = {}
@@ -236,6 +243,7 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
           f"run folder {run_dir}", file=out, flush=True)
     print_status_hint(cfg, out)
     interrupted = False
+    stopped: set[str] = set()
     with SigtermGuard() as guard:
         try:
             try:
@@ -249,12 +257,30 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
                 _signal_all(nodes, signal.SIGTERM if term else signal.SIGINT)
                 _wait_all(nodes, interrupted=True, terminated=term)
             else:
-                interrupted = watch(nodes, run_dir, total, out, poll)
+                interrupted = watch(nodes, run_dir, total, out, poll, stopped=stopped)
         finally:
             for fh in logs:
                 fh.close()
     return finish({name: node.poll() for name, node in nodes.items()}, run_dir, t0, total, out,
-                  interrupted, min_accuracy, terminated=guard.fired)
+                  interrupted, min_accuracy, terminated=guard.fired, stopped=stopped)
+
+
+def check_shards(cfg: Any, source: str, data_root: str) -> None:
+    """Run the job's shard check (:meth:`byzps.job.Job.shard_indices`) here, before any node
+    starts: a shard smaller than one batch would make every worker exit at once while the PS
+    waits out ``server.connect_timeout``.
+
+    Raises:
+        byzps.config.ConfigError: a shard is too small (the job's message, naming the worker
+            and the sizes).
+        byzps.data.DatasetNotFound, byzps.data.IdxFormatError: no usable copy of the data.
+    """
+    try:
+        Job(cfg, data_root).shard_indices()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(source, [str(e)]) from None
 
 
 def print_status_hint(cfg: Any, out: TextIO, where: str = "") -> None:
@@ -266,14 +292,17 @@ def print_status_hint(cfg: Any, out: TextIO, where: str = "") -> None:
 
 
 def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: TextIO,
-          poll: float = 0.5, refresh: Callable[[], None] = lambda: None) -> bool:
+          poll: float = 0.5, refresh: Callable[[], None] = lambda: None,
+          stopped: Optional[set[str]] = None) -> bool:
     """Show progress from ``run_dir/metrics.jsonl`` until every node has ended.
 
     A progress bar (:class:`byzps.progress.Progress`; round, test accuracy, reported loss,
     rejected gradients, s/round, see :func:`byzps.metrics.round_status`) on a terminal, else one
     line per evaluated round. If the PS (node ``server``) fails, the others get SIGTERM after a grace
-    period; Ctrl-C sends SIGINT to every node and waits for them; :class:`Terminated` (SIGTERM
-    under a :class:`SigtermGuard`) sends SIGTERM, then SIGKILL to what is left.
+    period; if every worker has ended and one of them failed while the PS runs, the PS gets
+    SIGTERM (it would wait out its timeouts) and a line says why. Ctrl-C sends SIGINT to every
+    node and waits for them; :class:`Terminated` (SIGTERM under a :class:`SigtermGuard`) sends
+    SIGTERM, then SIGKILL to what is left.
 
     Args:
         nodes: node name (``server``, ``worker-<id>``) -> its process.
@@ -285,11 +314,14 @@ def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: Text
         poll: seconds between reads.
         refresh: called before each look at the nodes and the metrics file (a Ray run copies
             what the nodes wrote into ``run_dir`` and fetches their states there).
+        stopped: if given, the names of the nodes the launcher stopped because the others
+            had ended are added to it (for :func:`finish`).
 
     Returns:
         True if Ctrl-C or SIGTERM interrupted the run.
     """
     progress = Progress(total, out)
+    stopped = set() if stopped is None else stopped
     interrupted = terminated = False
     acc = None
     seconds, timed = 0.0, 0      # sum and count of the records' seconds_round
@@ -302,6 +334,10 @@ def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: Text
             # the PS failed (e.g. its port or metrics port is taken): stop the rest now
             # instead of letting the workers wait out server.connect_timeout
             if nodes["server"].poll() not in (None, 0):
+                break
+            if _workers_all_failed(nodes, out):
+                stopped.add("server")
+                nodes["server"].signal(signal.SIGTERM)
                 break
             records = follower.read_new()   # only what the PS appended since the last poll
             if not records:
@@ -328,9 +364,25 @@ def watch(nodes: Mapping[str, NodeProcess], run_dir: Path, total: int, out: Text
     return interrupted
 
 
+def _workers_all_failed(nodes: Mapping[str, NodeProcess], out: TextIO) -> bool:
+    """True (and a line on ``out``) when the PS runs but every worker has ended, one of them
+    with a non-zero status: nothing will connect to the PS any more."""
+    workers = {n: p.poll() for n, p in nodes.items() if n != "server"}
+    if (not workers or nodes["server"].poll() is not None
+            or any(c is None for c in workers.values())
+            or all(c == 0 for c in workers.values())):
+        return False
+    codes = ", ".join(f"{n} {c}" for n, c in sorted(workers.items())[:8])
+    more = f" and {len(workers) - 8} more" if len(workers) > 8 else ""
+    print(f"byzps run: every worker has exited (exit status: {codes}{more}); stopping the PS",
+          file=out, flush=True)
+    return True
+
+
 def finish(codes: dict[str, Optional[int]], run_dir: Path, started: float, total: int,
            out: TextIO, interrupted: bool = False,
-           min_accuracy: Optional[float] = None, terminated: bool = False) -> RunSummary:
+           min_accuracy: Optional[float] = None, terminated: bool = False,
+           stopped: Optional[set[str]] = None) -> RunSummary:
     """The :class:`RunSummary` of an ended run, printed to ``out``.
 
     Args:
@@ -338,7 +390,7 @@ def finish(codes: dict[str, Optional[int]], run_dir: Path, started: float, total
         run_dir: the run folder (``metrics.jsonl`` and ``<node>.log`` are read).
         started: ``time.perf_counter()`` at launch.
         total: rounds planned.
-        interrupted, min_accuracy, terminated: see :class:`RunSummary`.
+        interrupted, min_accuracy, terminated, stopped: see :class:`RunSummary`.
     """
     ended: dict[str, int] = {name: -1 if c is None else c for name, c in codes.items()}
     rounds, acc = 0, None
@@ -353,7 +405,7 @@ def finish(codes: dict[str, Optional[int]], run_dir: Path, started: float, total
         print(f"byzps run: cannot read the metrics file: {e}", file=out, flush=True)
     summary = RunSummary(ended, rounds, acc, time.perf_counter() - started, run_dir,
                          interrupted or terminated, [n for n, c in ended.items() if c != 0],
-                         min_accuracy, terminated)
+                         min_accuracy, terminated, sorted(stopped or ()))
     _print_summary(summary, total, out)
     return summary
 
@@ -418,11 +470,16 @@ def _print_summary(s: RunSummary, total: int, out: TextIO) -> None:
     print(f"byzps run: {status}: {s.rounds}/{total} rounds, final test accuracy {acc}"
           f"{threshold}, {s.seconds:.1f} s; logs and metrics.jsonl in {s.run_dir}", file=out,
           flush=True)
-    ps_failed = s.exit_codes.get("server") not in (None, 0)
-    for name in sorted(s.failed, key=lambda n: n != "server"):   # the PS's reason first
+    ps_failed = s.exit_codes.get("server") not in (None, 0) and "server" not in s.stopped
+    # the PS's reason first, unless the launcher stopped it
+    for name in sorted(s.failed, key=lambda n: (n in s.stopped, n != "server")):
         if s.interrupted and s.exit_codes[name] in STOPPED_CODES:   # stopped on purpose
             print(f"  {name} exited {s.exit_codes[name]}: "
                   f"{'terminated' if s.terminated else 'interrupted'}", file=out, flush=True)
+            continue
+        if name in s.stopped:
+            print(f"  {name} exited {s.exit_codes[name]}: stopped by byzps run after every "
+                  f"worker had exited", file=out, flush=True)
             continue
         if ps_failed and name != "server":
             print(f"  {name} exited {s.exit_codes[name]}: stopped because the PS failed",

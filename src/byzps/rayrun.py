@@ -324,6 +324,7 @@ def launch_ray(config: str | Path, run_dir: str | Path, address: Optional[str] =
     t0 = time.perf_counter()
     nodes: dict[str, RayNode] = {}
     interrupted = False
+    stopped: set[str] = set()
     with SigtermGuard() as guard, \
             ray_session(address, num_cpus=cpus if local else None) as ray:
         from ray.util.placement_group import placement_group, remove_placement_group
@@ -372,12 +373,13 @@ def launch_ray(config: str | Path, run_dir: str | Path, address: Optional[str] =
                 interrupted = True
             else:
                 interrupted = watch(nodes, run_dir, total, out, poll,
-                                    refresh=lambda: _sync_all(ray, nodes))
+                                    refresh=lambda: _sync_all(ray, nodes), stopped=stopped)
         finally:
             _stop(ray, nodes)
             remove_placement_group(pg)
     return finish({n: (nodes[n].poll() if n in nodes else None) for n in names}, run_dir, t0,
-                  total, out, interrupted, min_accuracy, terminated=guard.fired)
+                  total, out, interrupted, min_accuracy, terminated=guard.fired,
+                  stopped=stopped)
 
 
 def _write_placement(run_dir: Path, places: dict[str, dict]) -> None:
