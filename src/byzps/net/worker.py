@@ -20,11 +20,21 @@ from typing import NoReturn, Optional
 
 from byzps.config import Config
 from byzps.core.worker import WorkerCore
+from byzps.logutil import RateLimitedLog
 from byzps.net import auth
 from byzps.net.transport import FrameStream, PeerClosed, client_ssl_context, set_keepalive
 from byzps.net.wire import Auth, Challenge, FrameError, Hello, Limits, MsgType, Refuse
 
 log = logging.getLogger(__name__)
+
+#: first wait before reconnecting, and the cap of its doubling (seconds)
+RETRY_FIRST, RETRY_CAP = 0.5, 10.0
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds to wait before reconnecting after ``failures`` (>= 1) lost or refused
+    connections in a row: :data:`RETRY_FIRST` doubling up to :data:`RETRY_CAP`."""
+    return min(RETRY_FIRST * 2 ** min(max(failures - 1, 0), 30), RETRY_CAP)
 
 
 class WorkerFailed(RuntimeError):
@@ -154,15 +164,24 @@ class Worker:
         """Work until the PS says STOP, reconnecting (with backoff, for up to
         ``server.connect_timeout`` seconds each time) when the connection drops.
 
+        A connection lost or refused for now (REFUSE with retry: e.g. the PS still holds this
+        id's previous connection) before the PS took this worker again counts as a failure in
+        a row: the wait before the next try doubles from :data:`RETRY_FIRST` to
+        :data:`RETRY_CAP` seconds, the warning is rate-limited (3 lines a minute, then a count),
+        and after ``server.connect_timeout`` seconds of failures in a row the worker gives up.
+
         Returns:
             number of rounds whose update this worker applied.
 
         Raises:
-            WorkerFailed: refused, PS unreachable, authentication failure, the PS aborted, or
+            WorkerFailed: refused, PS unreachable, still refused or dropped after
+                ``server.connect_timeout`` s of retries, authentication failure, the PS aborted, or
                 an error in this worker's own computation (the message is that error's,
                 prefixed with the worker id and its type).
         """
         timeout = self.cfg.server.connect_timeout
+        failures, failing_since = 0, 0.0    # lost or refused connections in a row, since when
+        lost_log = RateLimitedLog(log, interval=60.0, burst=3)
         while True:
             stream = await self._connect(time.monotonic() + timeout)
             set_keepalive(stream.get_extra_info("socket"))
@@ -172,6 +191,7 @@ class Worker:
             self.machine.synced = False
             try:
                 session = await self._handshake(stream)
+                failures = 0                # the PS took us: a later loss starts afresh
                 limits = self.limits if session is None else self.limits_mac
                 log.info("worker %d (%s) connected to the PS%s", self.id, self.type,
                          " (authentication sent)" if session else "")
@@ -187,9 +207,20 @@ class Worker:
                                    f"{err}") from err
             except (PeerClosed, ConnectionError, OSError, FrameError, auth.AuthError,
                     asyncio.TimeoutError, TimeoutError) as e:
-                log.warning("worker %d: connection to the PS lost (%s); reconnecting", self.id,
-                            e or type(e).__name__)
-                await asyncio.sleep(0.5)
+                now = time.monotonic()
+                failures += 1
+                if failures == 1:
+                    failing_since = now
+                elif now - failing_since > timeout:
+                    raise WorkerFailed(
+                        f"worker {self.id}: could not rejoin the PS within "
+                        f"server.connect_timeout={timeout:g} s ({failures} tries; last: "
+                        f"{e or type(e).__name__})") from None
+                delay = retry_delay(failures)
+                lost_log.log(logging.WARNING, "lost", "worker %d: connection to the PS lost "
+                             "(%s); reconnecting in %.1f s", self.id, e or type(e).__name__,
+                             delay)
+                await asyncio.sleep(delay)
                 continue
             finally:
                 stream.close()
