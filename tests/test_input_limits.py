@@ -244,3 +244,36 @@ def test_simulate_metrics_that_cannot_be_written(tmp_path, capsys, target):
     assert byzps_main(["simulate", str(path), "--metrics", target]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("simulate: cannot ") and f"metrics file {target}: " in err[-1]
+
+
+# -- duplicate keys ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, text, match", [
+    ("c.yaml", "DOC\ntraining:\n  rounds: 5\n",
+     r"not valid YAML: duplicate key 'training' at line \d+ \(first at line 1\)"),
+    ("c.yaml", "DOC_NO_TRAINING\ntraining: {rounds: 1, rounds: 2}\n",
+     r"duplicate key 'rounds' at line \d+ \(first at line \d+\)"),
+    ("c.json", '{"training": {"rounds": 1}, "training": {"rounds": 2}}',
+     r"not usable JSON: duplicate key 'training'"),
+])
+def test_duplicate_keys_in_a_config_are_refused(tmp_path, name, text, match):
+    import yaml
+
+    from byzps.config import read_config
+
+    doc = yaml.safe_dump(BASE_CONFIG, sort_keys=False)
+    no_training = yaml.safe_dump({k: v for k, v in BASE_CONFIG.items() if k != "training"})
+    p = tmp_path / name
+    p.write_text(text.replace("DOC_NO_TRAINING", no_training).replace("DOC", doc))
+    with pytest.raises(ConfigError, match=match) as e:
+        read_config(p)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_duplicate_keys_in_a_grid_file_are_refused(tmp_path):
+    from byzps.grid import load_grid
+
+    p = tmp_path / "g.yaml"
+    p.write_text("honest: 3\nsweep:\n  f: [1]\n  f: [2]\n")
+    with pytest.raises(GridError, match=r"duplicate key 'f' at line 4 \(first at line 3\)"):
+        load_grid(p)

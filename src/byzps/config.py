@@ -37,10 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from byzps.safeio import (
     MAX_CONFIG_BYTES,
+    DuplicateKey,
     FileRefused,
     NoAliasLoader,
     clip,
     first_line,
+    load_json,
     load_yaml,
     read_text,
     shorten,
@@ -712,7 +714,7 @@ def read_config(path: str | Path, allow_not_wired: bool = False) -> Config:
     suffix = p.suffix.lower()
     try:
         if suffix == ".json":
-            data = json.loads(text)
+            data = load_json(text)
         elif suffix in (".yaml", ".yml"):
             data = load_yaml(text, _StrictLoader)
         else:
@@ -720,6 +722,8 @@ def read_config(path: str | Path, allow_not_wired: bool = False) -> Config:
                                     f".yaml, .yml or .json"])
     except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as e:
         raise ConfigError(src, [f"not valid {suffix[1:].upper()}: {first_line(e)}"]) from None
+    except DuplicateKey as e:
+        raise ConfigError(src, [f"not usable JSON: {e}"]) from None
     except ValueError as e:   # Python's cap on int-from-str digits (sys.int_info)
         raise ConfigError(src, [f"not usable {suffix[1:].upper()}: {number_problem(e)}"]) from None
     return validate_config(data, src, allow_not_wired)

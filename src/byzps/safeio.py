@@ -21,6 +21,7 @@ Imports nothing of byzps (a leaf: config, auth, checkpoint, data, grid and trans
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -254,10 +255,14 @@ def shorten(value: Any, limit: int = ECHO_CHARS) -> str:
 
 
 class NoAliasLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses aliases (``*name``, also in ``<<: *name`` merges).
+    """``yaml.SafeLoader`` that refuses aliases (``*name``, also in ``<<: *name`` merges) and
+    duplicate keys in a mapping (``training:`` twice would otherwise be merged silently, the
+    last one winning).
 
     Raises (from ``yaml.load``):
         yaml.composer.ComposerError: the document uses an alias; the message names its line.
+        yaml.constructor.ConstructorError: a key appears twice in one mapping; the message
+            names the key and both lines.
     """
 
     def compose_node(self, parent, index):  # noqa: D401 - PyYAML's hook
@@ -270,14 +275,61 @@ class NoAliasLoader(yaml.SafeLoader):
                 f"expand without bound); write the value out", event.start_mark)
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):  # noqa: D401 - PyYAML's hook
+        """Construct a mapping, refusing a key that appears twice in it (PyYAML would keep
+        the last one silently)."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:   # an unhashable key: the base class says so
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {shorten(key, 40)} at line {line} (first "
+                        f"at line {first}); each key may appear once in a mapping",
+                        key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
 
 def load_yaml(text: str, loader: type = NoAliasLoader) -> Any:
     """Parse one YAML document with ``loader`` (default :class:`NoAliasLoader`).
 
     Raises:
-        yaml.YAMLError: not valid YAML, or an alias.
+        yaml.YAMLError: not valid YAML, an alias, or a duplicate key.
     """
     return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class DuplicateKey(ValueError):
+    """A JSON object with a key twice (:func:`load_json`); the message names the key."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKey(f"duplicate key {shorten(k, 40)}; each key may appear once in "
+                               f"an object")
+        out[k] = v
+    return out
+
+
+def load_json(text: str) -> Any:
+    """Parse JSON, refusing an object with a key twice (``json.loads`` keeps the last).
+
+    Raises:
+        json.JSONDecodeError: not valid JSON.
+        DuplicateKey: a key appears twice in one object.
+        ValueError: a number too long to convert (more than 4300 digits).
+    """
+    return json.loads(text, object_pairs_hook=_unique_pairs)
 
 
 def clip(text: str, limit: int) -> str:
