@@ -277,3 +277,15 @@ def test_duplicate_keys_in_a_grid_file_are_refused(tmp_path):
     p.write_text("honest: 3\nsweep:\n  f: [1]\n  f: [2]\n")
     with pytest.raises(GridError, match=r"duplicate key 'f' at line 4 \(first at line 3\)"):
         load_grid(p)
+
+
+@pytest.mark.parametrize("value, hint", [("1e3", "1.0e+3"), ("5E-4", "5.0e-4"),
+                                         ("2.5e6", "2.5e+6")])
+def test_exponent_hint_is_valid_yaml_1_1(value, hint):
+    import yaml
+
+    cfg = copy.deepcopy(BASE_CONFIG)
+    cfg["training"]["learning_rate"] = value
+    with pytest.raises(ConfigError, match=rf"write {re.escape(hint)}$"):
+        validate_config(cfg)
+    assert isinstance(yaml.safe_load(f"x: {hint}")["x"], float)

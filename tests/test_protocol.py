@@ -543,3 +543,18 @@ def test_gradient_per_layer_is_bit_identical_to_the_gradient_through_theta():
         want, want_loss = _gradient_through_theta(rep, xb, yb)
         assert got.shape == (rep.d,) and got.is_contiguous() and got_loss == want_loss
         assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_stale_gradient_log_line_says_whether_a_round_is_open(caplog):
+    import logging
+
+    m = machine()
+    for w in range(3):
+        m.connect(w)
+    caplog.set_level(logging.INFO, logger="byzps")
+    assert m.on_message(0, grad(m, 0, 1.0, r=5)) == []     # no round open yet
+    m.begin_round()
+    assert m.on_message(1, grad(m, 1, 1.0, r=7)) == []
+    lines = [r.getMessage() for r in caplog.records if "stale gradient" in r.getMessage()]
+    assert lines == ["worker 0: stale gradient for round 5 ignored (no round is open)",
+                     "worker 1: stale gradient for round 7 ignored (the open round is 0)"]

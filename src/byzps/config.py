@@ -637,7 +637,8 @@ def _describe(err: Mapping[str, Any]) -> str:
         shown = shorten(val) if not isinstance(val, (dict, list)) else type(val).__name__
         line += f" (got {shown})"
         if isinstance(val, str) and len(val) < 100 and _looks_numeric(val):
-            line += "; YAML reads an exponent without a dot (1e-3) as a string: write 1.0e-3"
+            line += ("; YAML 1.1 reads a number with an exponent as a string unless it has a "
+                     f"dot and a signed exponent: write {_yaml_float(val)}")
         if isinstance(val, bool):
             line += "; YAML reads on/off/yes/no as booleans"
     return line
@@ -649,6 +650,20 @@ def _known_fields() -> list[str]:
     for model in _Strict.__subclasses__():
         names.update(model.model_fields)
     return sorted(names)
+
+
+def _yaml_float(text: str) -> str:
+    """``text`` (a number PyYAML left a string, e.g. ``1e3`` or ``5E-4``) written as YAML 1.1
+    reads a float: a dot in the mantissa and a signed exponent (``1.0e+3``, ``5.0e-4``)."""
+    t = text.strip().lower()
+    if "e" not in t:
+        return t if "." in t else f"{t}.0"
+    mantissa, exp = t.split("e", 1)
+    if "." not in mantissa:
+        mantissa += ".0"
+    if not exp.startswith(("+", "-")):
+        exp = "+" + exp
+    return f"{mantissa}e{exp}"
 
 
 def _looks_numeric(s: str) -> bool:

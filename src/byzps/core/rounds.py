@@ -360,8 +360,9 @@ class ServerRounds:
         cur = self.current
         if cur is None or msg.round != cur.round:
             _peer_log.log(logging.INFO, ("stale", worker_id),
-                          "worker %d: stale gradient for round %d ignored (current %s)",
-                          worker_id, msg.round, None if cur is None else cur.round)
+                          "worker %d: stale gradient for round %d ignored (%s)",
+                          worker_id, msg.round, "no round is open" if cur is None
+                          else f"the open round is {cur.round}")
             return []
         t = msg.tensor
         detail = ""
