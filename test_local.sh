@@ -5,16 +5,18 @@
 # run folder runs/<config>-<time>-<pid>/ with config.yaml, metrics.jsonl and one log per node).
 #
 #   ./test_local.sh [CONFIG] [--rounds R] [other `byzps run` options, e.g. --run-dir DIR]
-#   env: MIN_ACC (default 0.97), DATA_ROOT (default ./data)
+#   env: MIN_ACC (default 0.97), DATA_ROOT (default: byzps run's, ./data or the packaged copy)
 #
-# Exits non-zero if any process fails or the final test accuracy is below MIN_ACC.
+# Relative paths (CONFIG, --run-dir, DATA_ROOT, the default runs/) are the caller's: from the
+# folder the script is called in. Exits non-zero if any process fails or the final test
+# accuracy is below MIN_ACC.
 set -euo pipefail
-cd "$(dirname "$0")"
-CONFIG=nodes_example.yaml
+REPO=$(cd "$(dirname "$0")" && pwd)
+CONFIG=$REPO/nodes_example.yaml
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     --rounds|--run-dir|--data-root|--min-accuracy)
       [ $# -ge 2 ] || { echo "test_local: $1 needs a value" >&2; exit 2; }
       EXTRA+=("$1" "$2"); shift 2 ;;
@@ -24,10 +26,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 MIN_ACC=${MIN_ACC:-0.97}
-DATA_ROOT=${DATA_ROOT:-./data}
 [ -f "$CONFIG" ] || { echo "test_local: no config file $CONFIG" >&2; exit 2; }
+ROOT_ARGS=()
+[ -z "${DATA_ROOT:-}" ] || ROOT_ARGS=(--data-root "$DATA_ROOT")
 
-bash scripts/setup_env.sh
+bash "$REPO/scripts/setup_env.sh"
 # --data-root and --min-accuracy given on the command line come later and win
-exec .venv/bin/byzps run "$CONFIG" --data-root "$DATA_ROOT" \
+exec "$REPO/.venv/bin/byzps" run "$CONFIG" ${ROOT_ARGS[@]+"${ROOT_ARGS[@]}"} \
   --min-accuracy "$MIN_ACC" ${EXTRA[@]+"${EXTRA[@]}"}

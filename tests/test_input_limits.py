@@ -289,3 +289,14 @@ def test_exponent_hint_is_valid_yaml_1_1(value, hint):
     with pytest.raises(ConfigError, match=rf"write {re.escape(hint)}$"):
         validate_config(cfg)
     assert isinstance(yaml.safe_load(f"x: {hint}")["x"], float)
+
+
+@pytest.mark.parametrize("command", ["simulate", "run", "grid"])
+def test_a_data_root_that_does_not_exist_is_an_error(tmp_path, capsys, command):
+    from byzps.cli import byzps_main
+
+    missing = tmp_path / "dta"
+    assert byzps_main([command, "nodes_example.yaml", "--data-root", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"usage error: --data-root: {missing}: no such folder (expected the folder " \
+                  f"holding the dataset's files)\n"

@@ -119,3 +119,17 @@ def test_when_every_worker_fails_the_launcher_says_so_and_stops_the_ps(tmp_path,
     assert "worker-3 exited 1: worker error: worker 3 (byzantine): ValueError" in text
     assert "because the PS failed" not in text
     assert time.monotonic() - started < 300   # far below the 600 s timeouts
+
+
+def test_test_local_sh_reads_relative_paths_from_the_callers_folder(tmp_path, base_config):
+    from conftest import ROOT
+
+    cfg = tiny(base_config, rounds=1)
+    cfg["aggregation"] = {"method": "mean", "f": 0}
+    write_config(tmp_path / "mine.yaml", cfg)
+    env = dict(node_env(), MIN_ACC="0")
+    res = subprocess.run([str(ROOT / "test_local.sh"), "mine.yaml", "--run-dir", "r"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "r" / "metrics.jsonl").exists()
+    assert "byzps run: OK: 1/1 rounds" in res.stderr

@@ -45,20 +45,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-type", choices=["honest", "byzantine"],
                    help="override the config's type for this worker")
     p.add_argument("--rounds", type=int, help="override training.rounds")
-    p.add_argument("--data-root", default="./data", help="MNIST folder (default ./data)")
+    p.add_argument("--data-root", help="MNIST folder (default ./data; the packaged copy "
+                   "where it has no MNIST)")
     p.add_argument("--resume", action="store_true",
                    help="server: continue from training.checkpoint_dir's latest checkpoint")
     return p
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: where the data is looked for first when --data-root is not given (it need not exist)
+DEFAULT_DATA_ROOT = "./data"
+DATA_ROOT_HELP = ("MNIST folder (default ./data, which need not exist; a folder given here "
+                  "must exist)")
+
+
+def resolve_data_root(given: Optional[str]) -> str:
+    """The data folder: :data:`DEFAULT_DATA_ROOT` when ``--data-root`` was not given, else the
+    folder given, which must exist (a mistyped one would silently fall back to the packaged
+    MNIST copy).
+
+    Raises:
+        ConfigError: the given folder does not exist or is not a folder.
+    """
+    if given is None:
+        return DEFAULT_DATA_ROOT
+    if not os.path.isdir(given):
+        raise ConfigError("--data-root", [f"{given}: no such folder (expected the folder "
+                                          f"holding the dataset's files)"])
+    return given
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     """The arguments every job-running subcommand shares: CONFIG, --rounds, --data-root."""
     p.add_argument("config")
     p.add_argument("--rounds", type=int, help="override training.rounds")
-    p.add_argument("--data-root", default="./data", help="MNIST folder (default ./data)")
+    p.add_argument("--data-root", help=DATA_ROOT_HELP)
 
 
 def log_level(text: str) -> str:
@@ -109,6 +130,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    # not checked here: the launchers pass their folder on, and a Ray node without it reads
+    # the packaged copy (``byzps`` checks a folder the user gives)
+    args.data_root = args.data_root or DEFAULT_DATA_ROOT
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
@@ -250,7 +274,7 @@ def build_byzps_parser() -> argparse.ArgumentParser:
                         "local Ray instance bound to 127.0.0.1; with HOST:PORT (the head's "
                         "GCS port) on that cluster, from one of its nodes")
     g.add_argument("--out", help="output folder (default runs/grid-<grid file stem>)")
-    g.add_argument("--data-root", default="./data", help="MNIST folder (default ./data)")
+    g.add_argument("--data-root", help=DATA_ROOT_HELP)
     g.add_argument("--rounds", type=int, help="override the grid's rounds")
     g.add_argument("--no-plots", action="store_true", help="skip the PNGs")
 
@@ -278,6 +302,12 @@ def byzps_main(argv: Optional[list[str]] = None) -> int:
                         datefmt="%H:%M:%S", stream=sys.stderr)
     if getattr(args, "rounds", None) is not None and args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if hasattr(args, "data_root"):
+        try:
+            args.data_root = resolve_data_root(args.data_root)
+        except ConfigError as e:
+            print(f"usage error: {e}", file=sys.stderr)
+            return 2
     handler = {"run": _cmd_run, "simulate": _cmd_simulate, "grid": _cmd_grid,
                "keygen": _cmd_keygen, "list": _cmd_list, "plot": _cmd_plot}[args.command]
     return _guarded(lambda: handler(args))
