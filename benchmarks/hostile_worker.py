@@ -82,6 +82,14 @@ def start(src: Path, cfg: Path, role: str, log: Path, wid: int | None = None,
                             cwd=src)
 
 
+def _signature(config: dict):
+    """The model signature a worker of ``config`` sends in its HELLO (this checkout's PS
+    refuses a worker whose model differs; an older PS takes none)."""
+    from byzps.job import Job, parse_config
+
+    return Job(parse_config(config)).replica().signature()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("scenario", choices=["slow", "late", "resync", "idclaim"])
@@ -124,7 +132,8 @@ def main() -> int:
     if args.scenario != "slow":
         mode = {"late": "late", "resync": "resync", "idclaim": "claim_ids"}[args.scenario]
         hostile = HostileWorker(port, 3, keys[3], d, mode, delay=args.late, nan=True,
-                                resyncs=args.resyncs, interval=args.interval)
+                                resyncs=args.resyncs, interval=args.interval,
+                                model=None if args.src else _signature(config))
     honest = range(4) if args.scenario == "slow" else range(3)
     for i in honest:
         auth.write_keys(tmp / f"w{i}.secrets.yaml", {i: keys[i]})

@@ -56,6 +56,14 @@ def base_config() -> dict:
     return cfg
 
 
+def model_signature(cfg: dict, rounds: int | None = None) -> str:
+    """The model signature a real worker of config ``cfg`` (a dict) sends in its HELLO
+    (:meth:`byzps.replica.Replica.signature`), for tests that speak the protocol by hand."""
+    from byzps.job import Job, parse_config
+
+    return Job(parse_config(copy.deepcopy(cfg)), rounds=rounds).replica().signature()
+
+
 def write_config(path: Path, cfg: dict) -> Path:
     """Write ``cfg`` as YAML to ``path`` and return the path."""
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -62,6 +62,8 @@ class HostileWorker(threading.Thread):
         nan: ``late``: send NaN (rejected) rather than zeros (usable).
         resyncs: ``resync``: RESYNC frames to send in all.
         interval: ``resync``: seconds between two RESYNC frames (0: a burst).
+        model: the model signature its HELLO carries (``conftest.model_signature``; the PS
+            refuses a worker whose model differs).
         host: the PS's address.
 
     Attributes:
@@ -74,13 +76,14 @@ class HostileWorker(threading.Thread):
 
     def __init__(self, port: int, worker_id: int, key: bytes, d: int, mode: str,
                  delay: float = 0.0, nan: bool = True, resyncs: int = 0,
-                 interval: float = 0.0, host: str = "127.0.0.1"):
+                 interval: float = 0.0, host: str = "127.0.0.1", model: str | None = None):
         super().__init__(daemon=True, name=f"hostile-{worker_id}")
         if mode not in ("late", "resync", "claim_ids"):
             raise ValueError(f"unknown mode {mode!r}")
         self.host, self.port, self.worker_id, self.key, self.d = host, port, worker_id, key, d
         self.mode, self.delay, self.nan, self.resyncs = mode, delay, nan, resyncs
         self.interval = interval
+        self.model = model
         self.resyncs_sent = 0
         self.bytes_by_type: Counter = Counter()
         self.frames_by_type: Counter = Counter()
@@ -119,7 +122,7 @@ class HostileWorker(threading.Thread):
     def _handshake(self) -> tuple[socket.socket, auth.MacSession]:
         sock = socket.create_connection((self.host, self.port), timeout=30)
         nonce = auth.new_nonce()
-        self._send(sock, Hello(self.worker_id, nonce.hex()))
+        self._send(sock, Hello(self.worker_id, nonce.hex(), self.model))
         first = self._read(sock, Limits(self.d, frozenset({MsgType.CHALLENGE, MsgType.REFUSE})))
         if isinstance(first, Refuse):
             sock.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 from byzps.net import auth
 from byzps.net.wire import Auth, Challenge, Hello, Limits, MsgType, Refuse, decode_frame, encode
 
-from conftest import start_node, wait_for_port, write_config
+from conftest import model_signature, start_node, wait_for_port, write_config
 
 TIMEOUT = 180
 
@@ -105,7 +105,7 @@ def test_silent_worker_and_slowloris_reader_are_dropped(tmp_path, base_config):
     wait_for_port(port, server, tmp_path / "ps.log")
     silent = connect(port)
     silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    send(silent, Hello(3))
+    send(silent, Hello(3, None, model_signature(base_config)))
     wait_for_log(tmp_path / "ps.log", r"worker 3 .*registered")
     workers = start_workers(cfg, tmp_path, range(3))
     started = time.time()
@@ -176,7 +176,7 @@ def test_hostile_frames_impersonation_and_duplicate_ids(tmp_path, base_config):
     # a second connection for a live id, with the right key: refused (retry later)
     s = connect(port)
     cn = auth.new_nonce()
-    send(s, Hello(0, cn.hex()))
+    send(s, Hello(0, cn.hex(), model_signature(base_config)))
     ch = read_frame(s, 1, {MsgType.CHALLENGE})
     send(s, Auth(auth.auth_tag(keys[0], 0, cn, bytes.fromhex(ch.nonce)).hex()))
     reply = read_frame(s, 1, {MsgType.REFUSE})

@@ -32,7 +32,7 @@ from byzps.net import auth
 from byzps.net.wire import Gradient
 from byzps.replica import Replica
 
-from conftest import start_node, wait_for_port, write_config
+from conftest import model_signature, start_node, wait_for_port, write_config
 from hostile import HostileWorker
 
 ROUNDS = 8
@@ -63,9 +63,12 @@ def hostile_run(tmp_path_factory):
     server = start_node(write_config(tmp / "ps.yaml", cfg), "server",
                         log=ps_log)
     wait_for_port(port, server, ps_log)
-    hostile = {4: HostileWorker(port, 4, keys[4], D_LOGREG, "late", delay=LATE, nan=True),
-               5: HostileWorker(port, 5, keys[5], D_LOGREG, "resync", resyncs=RESYNCS),
-               6: HostileWorker(port, 6, keys[6], D_LOGREG, "claim_ids")}
+    sig = model_signature(cfg)
+    hostile = {4: HostileWorker(port, 4, keys[4], D_LOGREG, "late", delay=LATE, nan=True,
+                                model=sig),
+               5: HostileWorker(port, 5, keys[5], D_LOGREG, "resync", resyncs=RESYNCS,
+                                model=sig),
+               6: HostileWorker(port, 6, keys[6], D_LOGREG, "claim_ids", model=sig)}
     for h in hostile.values():
         h.start()
     workers = []

@@ -515,9 +515,11 @@ def test_replica_digest_hashes_the_momentum_buffer_only_when_momentum_is_on():
 def _gradient_through_theta(r, x, y):
     """The reference: autograd back through the flat theta (what Replica.gradient computed
     before issue 14)."""
+    theta = r.theta.detach().clone().requires_grad_()
     with torch.enable_grad():
-        loss = torch.nn.functional.cross_entropy(r.forward(x), y)
-        (g,) = torch.autograd.grad(loss, r.theta)
+        out = torch.func.functional_call(r.module, r._views(theta), (x,))
+        loss = torch.nn.functional.cross_entropy(out, y)
+        (g,) = torch.autograd.grad(loss, theta)
     return g, float(loss.detach())
 
 
@@ -530,7 +532,7 @@ def test_gradient_per_layer_is_bit_identical_to_the_gradient_through_theta():
     x = torch.zeros(1, 1, 28, 28)
     x[0, 0, 0, 0] = 1.0
     y = torch.tensor([0])
-    views = {n: v.detach().requires_grad_() for n, v in r._views().items()}
+    views = {n: v.detach().requires_grad_() for n, v in r._views(r.theta).items()}
     loss = torch.nn.functional.cross_entropy(torch.func.functional_call(r.module, views, (x,)), y)
     (gw, _) = torch.autograd.grad(loss, list(views.values()))
     assert bool(((gw == 0) & torch.signbit(gw)).any())   # the case is really exercised

@@ -68,7 +68,8 @@ class CheckpointFields(BaseModel):
         format: must be :data:`FORMAT`.
         round: the next round to run, an int in [0, :data:`MAX_ROUND`] (not a float, bool or
             inf).
-        state: ``(2, d)`` float32 tensor [theta, SGD momentum buffer], all finite.
+        state: ``(1 + k, d)`` float32 tensor [theta, the optimizer's k state rows], all finite
+            (k from the context's ``rows`` - 1; SGD: 1, Adam/AdamW: 2).
         aggregator_state: the robust pipeline's ``state_dict()`` (a mapping; its contents are
             checked by the pipeline's ``load_state_dict``).
         rng_state: torch's CPU generator state: a 1-D uint8 tensor of the length
@@ -91,9 +92,10 @@ class CheckpointFields(BaseModel):
     @classmethod
     def _state(cls, v: torch.Tensor, info: ValidationInfo) -> torch.Tensor:
         d = (info.context or {}).get("d")
-        if v.dtype != torch.float32 or v.dim() != 2 or v.shape[0] != 2 or \
+        rows = (info.context or {}).get("rows", 2)
+        if v.dtype != torch.float32 or v.dim() != 2 or v.shape[0] != rows or \
                 (d is not None and v.shape[1] != d):
-            raise ValueError(f"expected a (2, {d}) float32 tensor, got {tuple(v.shape)} "
+            raise ValueError(f"expected a ({rows}, {d}) float32 tensor, got {tuple(v.shape)} "
                              f"{v.dtype}")
         if not bool(torch.isfinite(v).all()):
             raise ValueError("holds NaN or Inf")
@@ -175,7 +177,8 @@ class Checkpoint:
 
     Attributes:
         round: the next round to run (rounds 0..round-1 are done).
-        state: ``(2, d)`` float32 [theta, SGD momentum buffer].
+        state: ``(1 + k, d)`` float32 [theta, the optimizer's rows]
+            (:meth:`byzps.replica.Replica.state`); the optimizer's step count is ``round``.
         aggregator_state: the aggregator's ``state_dict()`` (e.g. centered clipping's centre).
         rng_state: torch's global CPU RNG state (uint8 tensor).
         fingerprint: see :func:`fingerprint`.
@@ -215,13 +218,14 @@ def save(folder: str | Path, ckpt: Checkpoint) -> Path:
     return path
 
 
-def load(folder: str | Path, cfg: Config, d: int) -> Checkpoint:
+def load(folder: str | Path, cfg: Config, d: int, rows: int = 2) -> Checkpoint:
     """Read ``folder/latest.pt``, validate every field, and check that it belongs to ``cfg``.
 
     Args:
         folder: the checkpoint folder.
         cfg: the config of the run to resume.
         d: the model size.
+        rows: rows of the state tensor (:attr:`byzps.replica.Replica.state_rows`).
 
     Raises:
         CheckpointError: missing or unreadable file, not a regular file, larger than
@@ -249,7 +253,7 @@ def load(folder: str | Path, cfg: Config, d: int) -> Checkpoint:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a byzps checkpoint of format {FORMAT}")
     try:
-        fields = CheckpointFields.model_validate(raw, context={"d": d})
+        fields = CheckpointFields.model_validate(raw, context={"d": d, "rows": rows})
     except ValidationError as e:
         raise CheckpointError(f"{path}: " + "; ".join(_field_problem(err)
                                                       for err in e.errors()[:8])) from None

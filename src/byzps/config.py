@@ -120,18 +120,10 @@ MAX_WORKER_RESOURCES = 16
 #: ``node:10.0.0.2``)
 RESOURCE_NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_.:\-]{0,63}"
 
-#: What a config field that is validated but not yet used by the runs means for the user.
-NOT_WIRED = ("{field}: {value} is validated but this version of byzps does not use it yet "
-             "(the run would silently {fallback}); remove it, or run with a version that has "
-             "issue 13 (\"bring your own task\") wired in")
-
-
 class TaskConfig(_Strict):
     """The optional ``task`` section: which task (model, data, loss, metrics) to train.
 
-    Takes effect once the job builder loads it (issue 13); until then a config with ``task``
-    is refused at load time (:data:`NOT_WIRED`) rather than silently running MNIST. Without
-    ``task`` a config runs today's MNIST job with ``training.model``.
+    Without ``task`` a config runs the built-in MNIST task with ``training.model``.
 
     Attributes:
         ref: ``"file.py:factory"`` (a relative path is resolved against the current
@@ -148,9 +140,6 @@ class TaskConfig(_Strict):
 class OptimizerConfig(_Strict):
     """``training.optimizer``: the one optimizer step every replica takes
     (:mod:`byzps.optimizers`). Absent = ``{name: sgd}`` with ``training.momentum`` (today's).
-
-    Takes effect once wired into the replicas (issue 13); until then anything but plain SGD is
-    refused at load time (:data:`NOT_WIRED`).
 
     Attributes:
         name: ``sgd`` (momentum from ``training.momentum``), ``adam`` or ``adamw``.
@@ -190,9 +179,6 @@ class OptimizerConfig(_Strict):
 class LrScheduleConfig(_Strict):
     """``training.lr_schedule``: the learning rate of round r as a pure function of r, the same
     on every replica (:mod:`byzps.optimizers`). Absent = ``constant`` (today's).
-
-    Takes effect once wired into the replicas (issue 13); until then anything but ``constant``
-    is refused at load time (:data:`NOT_WIRED`).
 
     Attributes:
         name: ``constant``, ``step`` (``step_size``, ``gamma``), ``multistep`` (``milestones``,
@@ -279,8 +265,7 @@ class TrainingConfig(_Strict):
         device: where replicas compute forward and backward passes: ``cpu`` (default),
             ``cuda``, ``cuda:N`` or ``auto`` (cuda if available); ``workers[].device``
             overrides it per worker. The optimizer step stays on the CPU in float32 whatever
-            the device. Takes effect once wired (issue 13); until then anything but ``cpu`` is
-            refused at load time.
+            the device (:mod:`byzps.replica`).
         optimizer: the optimizer (:class:`OptimizerConfig`); None (default) = SGD with
             ``momentum``, as today.
         lr_schedule: the learning-rate schedule (:class:`LrScheduleConfig`); None (default) =
@@ -441,8 +426,7 @@ class WorkerConfig(_Strict):
             Checked when the config is loaded by building the attack.
         host, port: where the worker runs (informational).
         device: this worker's compute device (``cpu``, ``cuda``, ``cuda:N``, ``auto``);
-            None = ``training.device``. Takes effect once wired (issue 13); until then
-            anything but ``cpu`` is refused at load time.
+            None = ``training.device``.
         resources: for ``byzps run --ray`` only: the Ray resources this worker's actor asks
             for, e.g. ``{GPU: 1}`` or a custom resource a node declared with
             ``ray start --resources`` (``{bz_gpu_box: 1}``), which pins the worker to the
@@ -502,33 +486,6 @@ class Config(_Strict):
     server: ServerConfig
     workers: list[WorkerConfig] = Field(min_length=1, max_length=MAX_WORKERS)
     task: Optional[TaskConfig] = None
-
-    def not_wired(self) -> list[str]:
-        """One line per field set to something this version validates but does not run yet
-        (``task``, a device other than cpu, an optimizer other than plain SGD, a schedule other
-        than constant); empty for every config that runs today's job exactly."""
-        t = self.training
-        lines = []
-        if self.task is not None:
-            lines.append(NOT_WIRED.format(field="task", value=repr(self.task.ref),
-                                          fallback=f"train MNIST with {t.model}"))
-        if t.device != "cpu":
-            lines.append(NOT_WIRED.format(field="training.device", value=repr(t.device),
-                                          fallback="compute on the CPU"))
-        for k, w in enumerate(self.workers):
-            if w.device not in (None, "cpu"):
-                lines.append(NOT_WIRED.format(field=f"workers.{k}.device", value=repr(w.device),
-                                              fallback="compute on the CPU"))
-        if t.optimizer is not None and (t.optimizer.name != "sgd" or t.optimizer.nesterov or
-                                        t.optimizer.weight_decay):
-            lines.append(NOT_WIRED.format(field="training.optimizer",
-                                          value=repr(t.optimizer.model_dump(exclude_none=True)),
-                                          fallback="use plain SGD with training.momentum"))
-        if t.lr_schedule is not None and t.lr_schedule.name != "constant":
-            lines.append(NOT_WIRED.format(field="training.lr_schedule",
-                                          value=repr(t.lr_schedule.name),
-                                          fallback="keep learning_rate constant"))
-        return lines
 
     @property
     def n(self) -> int:
@@ -674,17 +631,13 @@ def _looks_numeric(s: str) -> bool:
         return False
 
 
-def validate_config(data: Any, source: str = "<config>", allow_not_wired: bool = False
-                    ) -> Config:
+def validate_config(data: Any, source: str = "<config>") -> Config:
     """Validate an already-parsed mapping against the schema (:class:`Config`); the checks that
     need the registries are :func:`byzps.job.parse_config`'s.
 
     Args:
         data: the object from ``yaml.safe_load`` / ``json.load``.
         source: name used in error lines (usually the file path).
-        allow_not_wired: accept the fields of :meth:`Config.not_wired` (schema tests and the
-            code that wires them in); False (default) refuses them, so that no run silently
-            ignores what the config asks for.
 
     Raises:
         ConfigError: one line per problem, naming the field and what was expected.
@@ -696,20 +649,17 @@ def validate_config(data: Any, source: str = "<config>", allow_not_wired: bool =
         cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(source, [_describe(err) for err in e.errors()]) from None
-    if not allow_not_wired and cfg.not_wired():
-        raise ConfigError(source, cfg.not_wired())
     return cfg
 
 
-def read_config(path: str | Path, allow_not_wired: bool = False) -> Config:
+def read_config(path: str | Path) -> Config:
     """Read a YAML (``.yaml``/``.yml``) or JSON (``.json``) config file and validate it against
     the schema (:func:`validate_config`); :func:`byzps.job.load_config` adds the registry checks.
 
     The file must be a regular file of at most :data:`byzps.safeio.MAX_CONFIG_BYTES` bytes
     (checked before reading: ``/dev/zero`` or a symlink to it is refused). YAML is read with a
     ``yaml.SafeLoader`` subclass (no object construction) that refuses aliases (they can expand
-    exponentially), octal-looking and base-60 integers. ``allow_not_wired``: see
-    :func:`validate_config`.
+    exponentially), octal-looking and base-60 integers.
 
     Raises:
         ConfigError: the file is missing, unreadable, not a regular file, too large, not valid
@@ -741,7 +691,7 @@ def read_config(path: str | Path, allow_not_wired: bool = False) -> Config:
         raise ConfigError(src, [f"not usable JSON: {e}"]) from None
     except ValueError as e:   # Python's cap on int-from-str digits (sys.int_info)
         raise ConfigError(src, [f"not usable {suffix[1:].upper()}: {number_problem(e)}"]) from None
-    return validate_config(data, src, allow_not_wired)
+    return validate_config(data, src)
 
 
 def number_problem(err: ValueError) -> str:

@@ -566,9 +566,7 @@ def cell_resources(config: dict, threads: int = 1, cluster_gpus: float = 0) -> d
     A cell is one simulation process with ``threads`` torch threads (1, as every grid cell).
     It asks for one GPU when its config puts computation on CUDA: ``training.device`` or a
     worker's ``device`` is ``cuda`` or ``cuda:N``, or is ``auto`` ("cuda if available") while
-    the cluster has ``cluster_gpus`` > 0 (Ray shows a task only the GPUs it asked for). Config
-    validation refuses a device other than cpu until devices are wired into runs (issue 13),
-    so today every cell asks for none.
+    the cluster has ``cluster_gpus`` > 0 (Ray shows a task only the GPUs it asked for).
     """
     devices = [str((config.get("training") or {}).get("device") or "cpu")]
     devices += [str(w.get("device") or "cpu") for w in config.get("workers") or []

@@ -12,10 +12,11 @@ into the objects of a run.
   cores (:class:`byzps.core.worker.WorkerCore`). The TCP server and worker
   (:mod:`byzps.net`) and the simulator (:mod:`byzps.simulate`) get everything from here.
 
-Today the task is the built-in MNIST task (:class:`byzps.tasks.mnist.MnistTask`) with
-``training.model``; turning ``cfg.task`` into a :class:`byzps.task.Task`, and
-``training.optimizer``/``lr_schedule`` into the replicas' step, happens in :meth:`Job.__init__`
-and :meth:`Job.replica` (issue 13).
+The task is the config's ``task`` (:func:`byzps.task.load_task`: a user's file or module, or a
+built-in), or without one the built-in MNIST task with ``training.model``; a user's task is
+tried on a few items at start-up (:func:`byzps.task.validate_task`), so bad user code fails
+before any round. ``training.optimizer``, ``lr_schedule`` and ``device`` (``workers[].device``)
+become every replica's step and compute device (:meth:`Job.replica`).
 """
 
 from __future__ import annotations
@@ -34,10 +35,16 @@ from byzps.core.rounds import ServerRounds
 from byzps.core.worker import WorkerCore
 from byzps.metrics import JsonlWriter
 from byzps.partition import make_shards
-from byzps.replica import Replica
+from byzps.replica import Replica, resolve_device
 from byzps.robust import RobustPipeline, build_pipeline, quorum_for
-from byzps.task import LabeledTensors, Task, TaskError
+from byzps.task import (LabeledTensors, Task, TaskError, as_labeled, build_model_seeded,
+                        load_task, validate_task)
+from byzps.tasks import names as builtin_task_names
 from byzps.tasks.mnist import MnistTask
+
+#: Training inputs the PS recomputes running statistics (BatchNorm) from before each
+#: evaluation (:meth:`byzps.replica.Replica.evaluate`); a fixed sample of the training set.
+CALIBRATION_ITEMS = 1024
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +91,20 @@ def default_quorum(cfg: Config, rule: Any) -> int:
     return quorum_for(cfg.n, cfg.f, cfg.training.quorum, rule)
 
 
-def build_attack(worker: WorkerConfig) -> attacks.Attack:
+def build_attack(worker: WorkerConfig, num_classes: Optional[int] = None) -> attacks.Attack:
     """The attack a worker entry runs when Byzantine (:meth:`WorkerConfig.attack_spec`, built).
+
+    Args:
+        num_classes: the task's C, given to an attack that takes ``num_classes`` when the
+            config leaves it unset (None: the attack's default).
 
     Raises:
         ValueError: unknown attack or bad parameter (from :func:`byzps.attacks.build`).
     """
     name, params = worker.attack_spec()
+    if num_classes is not None and "num_classes" in attacks.params(name) and \
+            "num_classes" not in params:
+        params = {**params, "num_classes": num_classes}
     return attacks.build(name, **params)
 
 
@@ -140,10 +154,25 @@ def registry_problems(cfg: Config) -> list[str]:
         if problem:
             return [problem]
     try:
+        build_optimizer(cfg)
+    except optimizers.OptimizerError as e:
+        return [f"training.optimizer: {e}"]
+    try:
         lr_schedule(cfg)
     except optimizers.OptimizerError as e:
         return [f"training.lr_schedule: {e}"]
     return []
+
+
+def build_optimizer(cfg: Config) -> optimizers.Optimizer:
+    """The step of ``training.optimizer`` (SGD with ``training.momentum`` when none is
+    configured; :mod:`byzps.optimizers`).
+
+    Raises:
+        byzps.optimizers.OptimizerError: a parameter out of range.
+    """
+    name, params = cfg.training.optimizer_spec()
+    return optimizers.build_optimizer(name, **params)
 
 
 def lr_schedule(cfg: Config) -> optimizers.LrSchedule:
@@ -178,34 +207,32 @@ def _attack_problem(cfg: Config, k: int, w: WorkerConfig) -> Optional[str]:
     return None
 
 
-def parse_config(data: Any, source: str = "<config>", allow_not_wired: bool = False) -> Config:
+def parse_config(data: Any, source: str = "<config>") -> Config:
     """Validate an already-parsed mapping: the schema (:func:`byzps.config.validate_config`),
     then :func:`registry_problems`.
 
     Args:
         data: the object from ``yaml.safe_load`` / ``json.load``.
         source: name used in error lines (usually the file path).
-        allow_not_wired: accept fields validated but not run yet (see
-            :meth:`byzps.config.Config.not_wired`).
 
     Raises:
         ConfigError: one line per problem, naming the field and what was expected.
     """
-    cfg = validate_config(data, source, allow_not_wired)
+    cfg = validate_config(data, source)
     problems = registry_problems(cfg)
     if problems:
         raise ConfigError(source, problems)
     return cfg
 
 
-def load_config(path: str | Path, allow_not_wired: bool = False) -> Config:
+def load_config(path: str | Path) -> Config:
     """Read a YAML or JSON config file (:func:`byzps.config.read_config`) and run
     :func:`registry_problems` on it.
 
     Raises:
         ConfigError: the file is missing, unreadable, not valid YAML/JSON, or fails validation.
     """
-    cfg = read_config(path, allow_not_wired)
+    cfg = read_config(path)
     problems = registry_problems(cfg)
     if problems:
         raise ConfigError(str(Path(path)), problems)
@@ -239,51 +266,101 @@ class Job:
 
     Args:
         cfg: a config from :func:`load_config` / :func:`parse_config`.
-        data_root: the folder searched first for the task's data (carried by the task object;
-            see :mod:`byzps.data`).
-        task: the task to run instead of the config's (tests, programmatic use); its
-            ``train_data()``/``test_data()`` must be :class:`byzps.task.LabeledTensors`-like
-            (``targets``, ``batch(indices)``).
+        data_root: the folder searched first for a built-in task's data (see
+            :mod:`byzps.data`); passed to a built-in task as its ``data_root`` unless
+            ``task.params`` sets one.
+        task: the task to run instead of the config's (tests, programmatic use).
+        rounds: the run's planned rounds R (``--rounds``; default ``training.rounds``): the
+            horizon of a cosine schedule, so every node of a run must get the same R.
 
     Attributes:
         cfg: the config.
-        task: the task whose model, data and loss the run uses (today
-            :class:`byzps.tasks.mnist.MnistTask` with ``training.model``).
+        task: the task whose model, data, loss and metrics the run uses.
+        rounds: R.
 
-    Data is loaded on first use (the PS loads only the test split, a TCP worker only the
-    training split).
+    Raises:
+        byzps.task.TaskError: the config's task does not import, its factory raises, or it
+            fails :func:`byzps.task.validate_task` (a user's task; built-in tasks are not
+            re-checked).
+
+    Data is loaded on first use (the PS loads only the test split, and for a model with
+    running statistics a sample of the training split; a TCP worker only the training split).
     """
 
-    def __init__(self, cfg: Config, data_root: str = "./data", task: Optional[Task] = None):
+    def __init__(self, cfg: Config, data_root: str = "./data", task: Optional[Task] = None,
+                 rounds: Optional[int] = None):
         self.cfg = cfg
-        self.task: Task = task if task is not None else MnistTask(model=cfg.training.model,
-                                                                  data_root=data_root)
+        self.rounds = rounds if rounds is not None else cfg.training.rounds
+        self._name = "mnist"
         self._shards: Optional[list[np.ndarray]] = None
+        self._splits: dict[str, LabeledTensors] = {}
+        if task is not None:
+            self.task: Task = task
+            self._name = getattr(task, "ref", type(task).__name__)
+        elif cfg.task is None:
+            self.task = MnistTask(model=cfg.training.model, data_root=data_root)
+        else:
+            ref, params = cfg.task.ref, dict(cfg.task.params)
+            self._name = ref
+            if ref in builtin_task_names():
+                params.setdefault("data_root", data_root)
+                self.task = load_task(ref, params)
+            else:
+                self.task = load_task(ref, params)
+                validate_task(self.task, ref, seed=cfg.training.seed)
 
     def _split(self, which: str) -> LabeledTensors:
-        """The task's ``train`` or ``test`` data.
+        """The task's ``train`` or ``test`` data, as :class:`byzps.task.LabeledTensors`-like
+        (``targets`` and ``batch``; any other map-style dataset is adapted by
+        :func:`byzps.task.as_labeled`), loaded once.
 
         Raises:
-            byzps.task.TaskError: the split is not a :class:`byzps.task.LabeledTensors` (the
-                sampler and the PS gather batches with its ``batch`` and ``targets``; other
-                map-style datasets come with issue 13).
+            byzps.task.TaskError: the split is not a usable map-style dataset.
         """
-        ds = self.task.train_data() if which == "train" else self.task.test_data()
-        if not isinstance(ds, LabeledTensors):
-            raise TaskError(type(self.task).__name__,
-                            f"{which}_data() returned {type(ds).__name__}; this version runs "
-                            f"tasks whose data are byzps.task.LabeledTensors")
-        return ds
+        if which not in self._splits:
+            ds = self.task.train_data() if which == "train" else self.task.test_data()
+            self._splits[which] = as_labeled(ds, self._name, f"{which}_data()")
+        return self._splits[which]
 
-    def replica(self) -> Replica:
-        """A fresh replica: the task's model with the seeded initial weights and the
-        configured optimizer step; every replica of a job is bit-identical at start.
+    def device(self, worker_id: Optional[int] = None) -> torch.device:
+        """The compute device of the PS (``worker_id`` None: ``training.device``) or of a
+        worker (``workers[].device``, else ``training.device``).
 
         Raises:
-            byzps.task.TaskError: the task's model cannot be built.
+            ConfigError: a CUDA device this machine cannot use (the field and why).
+        """
+        spec, field = self.cfg.training.device, "training.device"
+        if worker_id is not None:
+            k = next(i for i, w in enumerate(self.cfg.workers) if w.id == worker_id)
+            if self.cfg.workers[k].device is not None:
+                spec, field = self.cfg.workers[k].device, f"workers.{k}.device"
+        try:
+            return resolve_device(spec)
+        except ValueError as e:
+            raise ConfigError("<config>", [f"{field}: {e}"]) from None
+
+    def replica(self, worker_id: Optional[int] = None) -> Replica:
+        """A fresh replica: the task's model with the seeded initial weights, loss and
+        metrics, the configured optimizer and schedule over R rounds, on the PS's
+        (``worker_id`` None) or that worker's device; every replica of a job is bit-identical
+        at start and takes bit-identical steps.
+
+        Raises:
+            byzps.task.TaskError: the task's model cannot be built or is not float32.
+            ConfigError: the device cannot be used here.
         """
         t = self.cfg.training
-        return Replica(self.task.build_model, t.seed, t.learning_rate, t.momentum)
+        task = self.task
+        try:
+            return Replica(lambda: build_model_seeded(task, t.seed), t.seed,
+                           t.learning_rate, t.momentum, optimizer=build_optimizer(self.cfg),
+                           schedule=lr_schedule(self.cfg), rounds=self.rounds,
+                           loss=_overridden(task, "loss"), metrics=_overridden(task, "metrics"),
+                           device=self.device(worker_id))
+        except TaskError:
+            raise
+        except ValueError as e:    # a parameter that is not float32
+            raise TaskError(self._name, str(e)) from None
 
     def pipeline(self) -> RobustPipeline:
         """The robust pipeline (:func:`build_robust`); logs its warnings (paper guarantee not
@@ -305,6 +382,15 @@ class Job:
         limit = min(self.cfg.training.test_limit or len(test), len(test))
         return test.batch(torch.arange(limit))
 
+    def calibration_set(self) -> torch.Tensor:
+        """``(c, *input_shape)`` training inputs, c = min(:data:`CALIBRATION_ITEMS`, training
+        set size), drawn without replacement with ``training.seed``: what the PS recomputes
+        running statistics from before each evaluation."""
+        train = self._split("train")
+        gen = torch.Generator().manual_seed(self.cfg.training.seed)
+        idx = torch.randperm(len(train), generator=gen)[:CALIBRATION_ITEMS]
+        return train.batch(idx)[0]
+
     def shard_indices(self) -> list[np.ndarray]:
         """Every worker's shard as indices into the training set (:func:`shards`), computed
         once.
@@ -323,7 +409,7 @@ class Job:
         """The PS's replica, robust pipeline, round machine, test set and after-close step.
 
         Args:
-            rounds: total rounds R (absolute; default ``training.rounds``).
+            rounds: total rounds R (absolute; default the job's R).
             resume: continue from ``training.checkpoint_dir``'s latest checkpoint.
             close_at: overrides ``training.close_at`` (the simulator, which has no arrival
                 times, passes ``"all"``).
@@ -337,14 +423,17 @@ class Job:
             byzps.checkpoint.CheckpointError: no usable checkpoint, or one of another config.
         """
         cfg, t = self.cfg, self.cfg.training
-        rounds = t.rounds if rounds is None else rounds
+        if rounds is not None and rounds != self.rounds:
+            self.rounds = rounds
+        rounds = self.rounds
         test_x, test_y = self.test_set()
         replica = self.replica()
+        calibration = self.calibration_set() if replica.has_running_stats else None
         robust = self.pipeline()
         start_round = 0
         if resume:
-            ckpt = checkpoint.load(t.checkpoint_dir, cfg, replica.d)
-            replica.load_state(ckpt.state)
+            ckpt = checkpoint.load(t.checkpoint_dir, cfg, replica.d, replica.state_rows)
+            replica.load_state(ckpt.state, ckpt.round)
             try:
                 robust.load_state_dict(ckpt.aggregator_state)
             except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
@@ -365,10 +454,14 @@ class Job:
                                           else t.metrics_file),
                       checkpoint_every=t.checkpoint_every if checkpoints else 0,
                       checkpoint_dir=t.checkpoint_dir,
-                      fingerprint=checkpoint.fingerprint(cfg))
+                      fingerprint=checkpoint.fingerprint(cfg),
+                      calibration=calibration, calibration_batch=t.batch_size)
 
     def worker_core(self, worker_id: int, worker_type: Optional[str] = None) -> WorkerCore:
         """Worker ``worker_id``'s core: its replica, shard, sampler, momentum and attack.
+
+        An attack with a ``num_classes`` parameter that the config leaves unset (label_flip,
+        mimic) gets the task's C, the width of the model's output.
 
         Args:
             worker_id: one of the config's worker ids.
@@ -377,6 +470,7 @@ class Job:
         Raises:
             KeyError: unknown worker id.
             ValueError: a shard smaller than one batch.
+            byzps.task.TaskError: a label of the shard outside 0..C-1.
             byzps.data.DatasetNotFound: no copy of the training data.
         """
         cfg, t = self.cfg, self.cfg.training
@@ -385,10 +479,30 @@ class Job:
         train = self._split("train")
         idx = torch.from_numpy(self.shard_indices()[cfg.shard_of(worker_id)])
         shard = train.batch(idx)
+        replica = self.replica(worker_id)
+        classes = replica.output_width(shard[0][:2])
+        labels = shard[1]
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+            raise TaskError(self._name, f"train_data() holds label {bad} in worker "
+                                        f"{worker_id}'s shard, expected labels in "
+                                        f"0..{classes - 1} (the model has {classes} outputs)")
         attack = None
         if kind == "byzantine":
-            attack = build_attack(wcfg)
+            attack = build_attack(wcfg, classes)
             log.info("worker %d is Byzantine: attack %s %s", worker_id, *wcfg.attack_spec())
-        return WorkerCore(worker_id, self.replica(), shard, t.batch_size, t.seed, cfg.n, cfg.f,
+        return WorkerCore(worker_id, replica, shard, t.batch_size, t.seed, cfg.n, cfg.f,
                           worker_momentum=t.worker_momentum, attack=attack,
                           pipeline=build_robust(cfg))
+
+
+def _overridden(task: Task, method: str):
+    """The task's ``loss``/``metrics`` when it defines its own, else None (the replica's
+    defaults: cross-entropy, and accuracy counted exactly)."""
+    inner = getattr(task, "inner", None)      # a duck-typed task wrapped by load_task
+    if inner is not None:
+        fn = getattr(inner, method, None)
+        return fn if callable(fn) else None
+    if getattr(type(task), method, None) is getattr(Task, method):
+        return None
+    return getattr(task, method)

@@ -212,6 +212,103 @@ class LabeledTensors(Dataset):
         return x, self.targets[indices]
 
 
+class DatasetTensors:
+    """Any map-style dataset seen as :class:`LabeledTensors` is: ``targets`` and
+    ``batch(indices)``, both read item by item through ``ds[i]``.
+
+    Args:
+        ds: ``len(ds)`` and ``ds[i] -> (input tensor, int label)``.
+        name: the task's name, for messages.
+        split: ``train_data()`` or ``test_data()``, for messages.
+
+    Attributes:
+        targets: ``(m,)`` int64 labels: ``ds.targets`` when the dataset has it, else read
+            from every item once (on first use).
+
+    Raises:
+        TaskError: (on use) an item that is not an ``(input tensor, int label)`` pair, inputs
+            of different shapes, or a ``targets`` that is not one integer per item.
+    """
+
+    def __init__(self, ds: Any, name: str, split: str):
+        self.ds, self.name, self.split = ds, name, split
+        self._targets: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.ds[i]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        if self._targets is None:
+            if hasattr(self.ds, "targets"):
+                t = torch.as_tensor(self.ds.targets)
+                if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool or \
+                        t.shape[0] != len(self.ds):
+                    raise TaskError(self.name, f"{self.split}.targets is {tuple(t.shape)} "
+                                               f"{t.dtype}, expected one integer label per "
+                                               f"item ({len(self.ds)})")
+                self._targets = t.to(torch.int64)
+            else:
+                labels = [_label(self.name, f"{self.split}[{i}]", self._item(i)[1])
+                          for i in range(len(self.ds))]
+                self._targets = torch.tensor(labels, dtype=torch.int64)
+        return self._targets
+
+    def _item(self, i: int) -> tuple[Any, Any]:
+        where = f"{self.split}[{i}]"
+        try:
+            item = self.ds[i]
+        except Exception as e:  # user code
+            raise TaskError(self.name, f"{where} raised {_describe_exc(e)}") from e
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TaskError(self.name, f"{where} is {type(item).__name__}, expected a pair "
+                                       f"(input tensor, int label)")
+        return item[0], item[1]
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, *shape)`` inputs stacked from the items and ``(B,)`` int64 labels.
+
+        Raises:
+            TaskError: see the class.
+        """
+        xs, ys = [], []
+        for i in indices.tolist():
+            x, y = self._item(int(i))
+            if not isinstance(x, torch.Tensor):
+                raise TaskError(self.name, f"{self.split}[{i}]: the input is "
+                                           f"{type(x).__name__}, expected a torch.Tensor")
+            if xs and (x.shape != xs[0].shape or x.dtype != xs[0].dtype):
+                raise TaskError(self.name, f"{self.split}[{i}]: input {tuple(x.shape)} "
+                                           f"{x.dtype} differs from the others' "
+                                           f"{tuple(xs[0].shape)} {xs[0].dtype}")
+            xs.append(x)
+            ys.append(_label(self.name, f"{self.split}[{i}]", y))
+        if not xs:
+            raise TaskError(self.name, f"{self.split}: a batch of no items")
+        return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+
+def as_labeled(ds: Any, name: str, split: str) -> Any:
+    """A split with ``targets`` and ``batch(indices)``: ``ds`` itself when it has both (as
+    :class:`LabeledTensors`), else :class:`DatasetTensors` over it.
+
+    Raises:
+        TaskError: ``ds`` is not a map-style dataset (no ``len`` or ``[]``), or is empty.
+    """
+    if isinstance(ds, LabeledTensors) or (hasattr(ds, "batch") and hasattr(ds, "targets")
+                                          and hasattr(ds, "__len__")):
+        return ds
+    if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+        raise TaskError(name, f"{split} returned {type(ds).__name__}, expected a map-style "
+                              f"torch.utils.data.Dataset (len(ds) and ds[i])")
+    if len(ds) < 1:
+        raise TaskError(name, f"{split} is empty; expected at least one item")
+    return DatasetTensors(ds, name, split)
+
+
 def build_model_seeded(task: Task, seed: int) -> nn.Module:
     """``task.build_model()`` with torch's global RNG seeded (:func:`byzps.models.seeded`), so
     the PS and every worker get bit-identical initial weights.

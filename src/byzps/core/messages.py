@@ -16,9 +16,12 @@ import torch
 
 @dataclass(frozen=True)
 class Hello:
-    """Worker -> PS, first frame of a connection; ``nonce`` (64 hex chars) when authenticating."""
+    """Worker -> PS, first frame of a connection; ``nonce`` (64 hex chars) when authenticating;
+    ``model``: the worker replica's :meth:`byzps.replica.Replica.signature`, which the PS
+    compares with its own."""
     worker_id: int
     nonce: Optional[str] = None
+    model: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,9 @@ class Auth:
 
 @dataclass(frozen=True)
 class State:
-    """PS -> worker: ``tensor`` is ``(2, d)`` float32 = [theta, momentum buffer] before
-    ``round``."""
+    """PS -> worker: ``tensor`` is ``(1 + k, d)`` float32 = [theta, the optimizer's k state rows]
+    before ``round`` (SGD: k = 1, the momentum buffer; Adam: k = 2, the moments); the
+    optimizer's step count is ``round``."""
     round: int
     tensor: torch.Tensor
 

@@ -35,6 +35,9 @@ from byzps.robust import RobustPipeline
 
 log = logging.getLogger(__name__)
 
+#: most of a task's metrics (besides accuracy) a record carries
+MAX_METRICS = 16
+
 #: ``listener(record)``: called with every round's metrics record after it was written.
 Listener = Callable[[dict[str, Any]], None]
 
@@ -46,12 +49,15 @@ class Evaluation:
     Attributes:
         round: the round after whose step the model was evaluated (-1: never).
         loss: mean test loss (NaN before the first evaluation).
-        accuracy: test accuracy in [0, 1] (NaN before the first evaluation).
+        accuracy: test accuracy in [0, 1] (NaN before the first evaluation, or when the
+            task's metrics have no ``accuracy``).
+        metrics: every metric of the task's ``metrics`` (the default has only ``accuracy``).
     """
 
     round: int = -1
     loss: float = float("nan")
     accuracy: float = float("nan")
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,6 +79,9 @@ class PsCore:
             (:func:`byzps.checkpoint.fingerprint`).
         listeners: called with each round's record after it was written.
         last: the latest :class:`Evaluation`.
+        calibration: ``(c, *input_shape)`` training inputs the replica recomputes its running
+            statistics (BatchNorm) from before each evaluation, in batches of
+            ``calibration_batch``; None for a model without them.
     """
 
     replica: Replica
@@ -88,6 +97,8 @@ class PsCore:
     fingerprint: Mapping[str, Any] = field(default_factory=dict)
     listeners: list[Listener] = field(default_factory=list)
     last: Evaluation = field(default_factory=Evaluation)
+    calibration: Optional[torch.Tensor] = None
+    calibration_batch: int = 32
     _started: Optional[float] = field(default=None, repr=False)
     _first_round: int = field(default=0, repr=False)
 
@@ -99,8 +110,11 @@ class PsCore:
 
     def evaluate(self) -> Evaluation:
         """Evaluate the replica on the test set now; the result becomes :attr:`last`."""
-        loss, acc = self.replica.evaluate(self.test_x, self.test_y)
-        self.last = Evaluation(self.machine.round - 1, loss, acc)
+        loss, metrics = self.replica.evaluate(self.test_x, self.test_y,
+                                              calibration=self.calibration,
+                                              calibration_batch=self.calibration_batch)
+        self.last = Evaluation(self.machine.round - 1, loss,
+                               float(metrics.get("accuracy", float("nan"))), metrics)
         return self.last
 
     def due_for_evaluation(self, round_: int) -> bool:
@@ -143,6 +157,10 @@ class PsCore:
                               latencies=latencies, bytes_received=bytes_received, now=now,
                               test_loss=self.last.loss if evaluated else None,
                               test_accuracy=self.last.accuracy if evaluated else None)
+        if evaluated:
+            extra = {k: v for k, v in self.last.metrics.items() if k != "accuracy"}
+            if extra:
+                record["test_metrics"] = dict(sorted(extra.items())[:MAX_METRICS])
         if evaluated:
             started = self._started if self._started is not None else time.perf_counter()
             rate = (time.perf_counter() - started) / max(1, r + 1 - self._first_round)

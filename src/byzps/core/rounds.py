@@ -567,7 +567,7 @@ class WorkerRounds:
                 another round); the caller drops the connection and resyncs.
         """
         if isinstance(msg, State):
-            self.replica.load_state(msg.tensor)
+            self.replica.load_state(msg.tensor, msg.round)
             self.round, self.synced = msg.round, True
             return []
         if isinstance(msg, Stop):

@@ -138,7 +138,8 @@ class ParameterServer:
         d, mac = self.replica.d, self.keys is not None
         self.limits_hello = Limits(d, frozenset({MsgType.HELLO}))
         self.limits_auth = Limits(d, frozenset({MsgType.AUTH}))
-        self.limits = Limits(d, frozenset({MsgType.GRADIENT, MsgType.RESYNC}), mac=mac)
+        self.limits = Limits(d, frozenset({MsgType.GRADIENT, MsgType.RESYNC}), mac=mac,
+                             state_rows=self.replica.state_rows)
         self.peers: dict[int, _Peer] = {}
         self.events: asyncio.Queue = asyncio.Queue()
         self.port: Optional[int] = None
@@ -204,6 +205,13 @@ class ParameterServer:
                 raise _Refused(str(e)) from None
             session = auth.MacSession(self.keys[wid], wid, client_nonce, server_nonce,
                                       is_server=True)
+        ours = self.replica.signature()
+        if hello.model != ours:
+            theirs = "no model signature" if hello.model is None else repr(hello.model)
+            raise _Refused(f"worker {wid}'s model differs from the PS's: the worker has "
+                           f"{theirs}, the PS has {ours!r} (class, parameter count d, "
+                           f"layout hash, optimizer, step-settings hash); start the worker "
+                           f"with the same task, model, optimizer, schedule and --rounds")
         if wid in self.peers:
             raise _Refused(f"worker {wid} is already connected", retry=True)
         return wid, session

@@ -60,7 +60,7 @@ class MsgType(enum.IntEnum):
     """Message type codes carried in byte 5 of the frame."""
 
     HELLO = 1      # worker -> PS: I am worker `worker_id`
-    STATE = 2      # PS -> worker: full replica state (2, d): theta and momentum buffer
+    STATE = 2      # PS -> worker: full replica state (1 + k, d): theta and optimizer rows
     ROUND = 3      # PS -> worker: round r starts; digest of the PS replica before round r
     GRADIENT = 4   # worker -> PS: gradient (d,) for round r
     UPDATE = 5     # PS -> worker: aggregate (d,) of round r
@@ -86,9 +86,14 @@ class _H(BaseModel):
 _HEX32 = r"^[0-9a-f]{64}$"
 
 
+#: A model signature (:meth:`byzps.replica.Replica.signature`) as a HELLO may carry it.
+MODEL_SIGNATURE_PATTERN = r"^[A-Za-z0-9_=. ]{1,120}$"
+
+
 class _HelloH(_H):
     worker_id: int = Field(ge=0, lt=2**31)
     nonce: Optional[str] = Field(None, pattern=_HEX32)
+    model: Optional[str] = Field(None, pattern=MODEL_SIGNATURE_PATTERN)
 
 
 class _ChallengeH(_H):
@@ -144,11 +149,11 @@ _SCHEMAS: dict[MsgType, type[_H]] = {
     MsgType.AUTH: _AuthH,
 }
 
-#: Tensor shape of each tensor-carrying type, as a function of d.
+#: Tensor shape of each tensor-carrying type, as a function of the receiver's limits.
 _TENSOR_SHAPES = {
-    MsgType.STATE: lambda d: [2, d],
-    MsgType.GRADIENT: lambda d: [d],
-    MsgType.UPDATE: lambda d: [d],
+    MsgType.STATE: lambda lim: [lim.state_rows, lim.d],
+    MsgType.GRADIENT: lambda lim: [lim.d],
+    MsgType.UPDATE: lambda lim: [lim.d],
 }
 
 
@@ -161,16 +166,19 @@ class Limits:
         allowed: message types this receiver accepts in this state; others are refused
             before the body is read.
         mac: whether frames must carry a MAC trailer (authenticated session) or must not.
+        state_rows: rows of a STATE tensor, 1 + the optimizer's state rows
+            (:attr:`byzps.replica.Replica.state_rows`: 2 for SGD, 3 for Adam/AdamW).
     """
 
     d: int
     allowed: frozenset[MsgType]
     mac: bool = False
+    state_rows: int = 2
 
     def payload_bytes(self, mtype: MsgType) -> int:
         """Exact payload size in bytes of ``mtype`` (0 for control messages)."""
         shape = _TENSOR_SHAPES.get(mtype)
-        return 0 if shape is None else int(np.prod(shape(self.d))) * 4
+        return 0 if shape is None else int(np.prod(shape(self))) * 4
 
 
 @dataclass(frozen=True)
@@ -245,9 +253,9 @@ def parse_header(prefix: Prefix, raw: bytes, limits: Limits) -> dict[str, Any]:
     if shape_of is not None:
         if header["dtype"] != "float32":
             raise FrameError(f"{prefix.mtype.name} dtype {header['dtype']!r}; expected 'float32'")
-        if header["shape"] != shape_of(limits.d):
+        if header["shape"] != shape_of(limits):
             raise FrameError(f"{prefix.mtype.name} shape {header['shape']}; expected "
-                             f"{shape_of(limits.d)}")
+                             f"{shape_of(limits)}")
     return header
 
 
@@ -287,7 +295,7 @@ def build_message(prefix: Prefix, header: dict[str, Any],
                 arr = arr.copy()
             tensor = torch.from_numpy(arr.astype(np.float32, copy=False)).view(header["shape"])
     if t is MsgType.HELLO:
-        return Hello(header["worker_id"], header["nonce"])
+        return Hello(header["worker_id"], header["nonce"], header["model"])
     if t is MsgType.CHALLENGE:
         return Challenge(header["nonce"])
     if t is MsgType.AUTH:
@@ -379,6 +387,8 @@ def encode(msg: Message, mac: bool = False) -> list[Union[bytes, memoryview]]:
     header: dict[str, Any]
     if isinstance(msg, Hello):
         mtype, header = MsgType.HELLO, {"worker_id": msg.worker_id, "nonce": msg.nonce}
+        if msg.model is not None:
+            header["model"] = msg.model
     elif isinstance(msg, Challenge):
         mtype, header = MsgType.CHALLENGE, {"nonce": msg.nonce}
     elif isinstance(msg, Auth):

@@ -74,16 +74,16 @@ class Worker:
         self.machine = core.machine
         self.key = self._load_key()
         self.ssl_ctx = client_ssl_context(cfg.server.tls.ca) if cfg.server.tls else None
-        d = self.replica.d
+        d, rows = self.replica.d, self.replica.state_rows
         running = frozenset({MsgType.STATE, MsgType.ROUND, MsgType.UPDATE, MsgType.STOP,
                              MsgType.REFUSE})
-        self.limits = Limits(d, running)
-        self.limits_mac = Limits(d, running, mac=True)
+        self.limits = Limits(d, running, state_rows=rows)
+        self.limits_mac = Limits(d, running, mac=True, state_rows=rows)
         # without authentication the first frame may be a ROUND or UPDATE when the PS has
         # already sent this model version's STATE to this worker id (one per version)
         self.limits_first = Limits(d, frozenset({MsgType.CHALLENGE, MsgType.STATE,
                                                  MsgType.REFUSE, MsgType.ROUND, MsgType.UPDATE,
-                                                 MsgType.STOP}))
+                                                 MsgType.STOP}), state_rows=rows)
 
     def _on_message(self, msg) -> list:
         """The core's replies to ``msg``; its errors come out as :class:`_LocalError`."""
@@ -133,7 +133,8 @@ class Worker:
         """Introduce (and authenticate) this worker; returns the MAC session or None."""
         key = self.key
         nonce = auth.new_nonce() if key is not None else None
-        await stream.write_message(Hello(self.id, nonce.hex() if nonce else None), 30.0)
+        await stream.write_message(Hello(self.id, nonce.hex() if nonce else None,
+                                         self.replica.signature()), 30.0)
         first = await stream.read_message(self.limits_first, 60.0)
         if isinstance(first, Refuse):
             self._refused(first)
