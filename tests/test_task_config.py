@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from byzps import checkpoint
-from byzps.cli import byzps_main, list_text
+from byzps.cli import list_text
 from byzps.config import ConfigError
 from byzps.job import load_config, lr_schedule, parse_config
 from byzps.optimizers import Cosine, MultiStep

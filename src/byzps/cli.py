@@ -194,7 +194,7 @@ def _run_server(cfg, args) -> int:
     from byzps.status import StatusEndpointError
 
     try:
-        core = Job(cfg, args.data_root).ps_core(args.rounds, resume=args.resume)
+        core = Job(cfg, args.data_root, rounds=args.rounds).ps_core(resume=args.resume)
         ps = ParameterServer(cfg, core)
         result = asyncio.run(ps.run())
     except StatusEndpointError as e:
@@ -218,7 +218,8 @@ def _run_server(cfg, args) -> int:
 def _run_worker(cfg, args) -> int:
     from byzps.net.worker import Worker, WorkerFailed
 
-    worker = Worker(cfg, Job(cfg, args.data_root).worker_core(args.worker_id, args.worker_type))
+    worker = Worker(cfg, Job(cfg, args.data_root, rounds=args.rounds).worker_core(
+        args.worker_id, args.worker_type))
     try:
         asyncio.run(worker.run())
     except WorkerFailed as e:

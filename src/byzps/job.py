@@ -37,9 +37,17 @@ from byzps.metrics import JsonlWriter
 from byzps.partition import make_shards
 from byzps.replica import Replica, resolve_device
 from byzps.robust import RobustPipeline, build_pipeline, quorum_for
-from byzps.task import (LabeledTensors, Task, TaskError, as_labeled, build_model_seeded,
-                        load_task, validate_task)
+from byzps.task import (
+    LabeledTensors,
+    Task,
+    TaskError,
+    as_labeled,
+    build_model_seeded,
+    load_task,
+    validate_task,
+)
 from byzps.tasks import names as builtin_task_names
+from byzps.tasks import params as builtin_task_params
 from byzps.tasks.mnist import MnistTask
 
 #: Training inputs the PS recomputes running statistics (BatchNorm) from before each
@@ -303,7 +311,8 @@ class Job:
             ref, params = cfg.task.ref, dict(cfg.task.params)
             self._name = ref
             if ref in builtin_task_names():
-                params.setdefault("data_root", data_root)
+                if "data_root" in builtin_task_params(ref):
+                    params.setdefault("data_root", data_root)
                 self.task = load_task(ref, params)
             else:
                 self.task = load_task(ref, params)
@@ -332,8 +341,9 @@ class Job:
         spec, field = self.cfg.training.device, "training.device"
         if worker_id is not None:
             k = next(i for i, w in enumerate(self.cfg.workers) if w.id == worker_id)
-            if self.cfg.workers[k].device is not None:
-                spec, field = self.cfg.workers[k].device, f"workers.{k}.device"
+            own = self.cfg.workers[k].device
+            if own is not None:
+                spec, field = own, f"workers.{k}.device"
         try:
             return resolve_device(spec)
         except ValueError as e:

@@ -296,17 +296,19 @@ class Replica:
         h = hashlib.blake2b(digest_size=DIGEST_BYTES)
         h.update(self.theta.contiguous().numpy().data.cast("B"))  # no copy
         if not self._stateless:
-            self.opt_state.digest_update(h, self.optimizer.HASH_STEP)
+            self.opt_state.digest_update(h, self.optimizer.HASH_STEP)  # type: ignore[arg-type]
         return h.hexdigest()
 
     def signature(self) -> str:
         """What must be equal between the PS's replica and a worker's for them to train
-        together, as one short line: the module's class, d, a hash of the layout (parameter
-        and buffer names, shapes, dtypes), the optimizer's name and a hash of the step's
+        together, as one short line: the module's class, d, a hash of the layout (the
+        module's ``repr``, which lists its layers and activations, and the parameter and
+        buffer names, shapes, dtypes), the optimizer's name and a hash of the step's
         settings (optimizer, schedule, base learning rate and, for a schedule whose horizon
         is the run, R). Example: ``Net d=1290 layout=3f9a0c12d4e5 adam step=7b21c0de``.
         At most 120 characters of ``[A-Za-z0-9_=. ]``."""
         layout = hashlib.blake2b(digest_size=6)
+        layout.update(repr(self.module).encode())   # the layers, activations included
         for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
             layout.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         step = hashlib.blake2b(digest_size=4)
@@ -373,7 +375,8 @@ class Replica:
         params = self._views(self._exec_theta())
         was_training = module.training
         module.eval()
-        total_loss, totals, seen = 0.0, {}, 0
+        total_loss, seen = 0.0, 0
+        totals: dict[str, float] = {}
         try:
             for i in range(0, len(y), batch):
                 xb, yb = x[i:i + batch].to(self.device), y[i:i + batch].to(self.device)

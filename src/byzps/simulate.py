@@ -161,7 +161,7 @@ class Simulation:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.cfg = cfg
         self.threads = threads
-        job = Job(cfg, data_root)
+        job = Job(cfg, data_root, rounds=rounds)
         # exactly as the TCP PS builds it; every answer is in before the close (no arrival
         # times here), i.e. training.close_at "all", so a TCP run equals this one bit for bit
         # only with close_at: all. A simulation cannot resume, so it writes no checkpoints.

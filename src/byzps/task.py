@@ -274,7 +274,8 @@ class DatasetTensors:
         Raises:
             TaskError: see the class.
         """
-        xs, ys = [], []
+        xs: list[torch.Tensor] = []
+        ys: list[int] = []
         for i in indices.tolist():
             x, y = self._item(int(i))
             if not isinstance(x, torch.Tensor):
