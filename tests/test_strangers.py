@@ -17,7 +17,7 @@ from byzps import checkpoint
 from byzps.job import parse_config
 from byzps.net import auth
 
-from conftest import ROOT, node_env, start_node, write_config
+from conftest import ROOT, node_env, start_node, wait_for_port, write_config
 
 FLOOD_NOFILE = 160   # open-file limit (soft = hard) of the PS process in the flood test
 
@@ -162,10 +162,32 @@ def test_checkpoint_write_error_is_logged_and_training_goes_on(tmp_path, base_co
     with caplog.at_level(logging.ERROR, logger="byzps.core.ps"):
         assert core.checkpoint() is False
     assert "could not be written" in caplog.text and "tries again" in caplog.text
+    assert "cannot be resumed" in core.checkpoint_problem()
     base_config["training"]["checkpoint_dir"] = str(tmp_path / "ck")
     core = Job(parse_config(base_config), str(ROOT / "data")).ps_core()
     assert core.checkpoint() is True
+    assert core.checkpoint_problem() is None
     assert [p.name for p in (tmp_path / "ck").iterdir()] == [checkpoint.FILENAME]
+
+
+def test_a_run_whose_every_checkpoint_failed_does_not_end_ok(tmp_path, base_config):
+    """The PS trains to the end but exits 1 with one line: the run cannot be resumed."""
+    (tmp_path / "file").write_text("not a folder")
+    base_config["training"].update(rounds=2, checkpoint_every=1, eval_every=2,
+                                   checkpoint_dir=str(tmp_path / "file" / "ck"))
+    base_config["workers"] = base_config["workers"][:2]
+    cfg = write_config(tmp_path / "c.yaml", base_config)
+    server = start_node(cfg, "server", log=tmp_path / "ps.log")
+    wait_for_port(base_config["server"]["port"], server, tmp_path / "ps.log")
+    workers = [start_node(cfg, "worker", worker_id=i, log=tmp_path / f"w{i}.log")
+               for i in (0, 1)]
+    assert server.wait(120) == 1, (tmp_path / "ps.log").read_text()
+    for w in workers:
+        w.wait(60)
+    log = (tmp_path / "ps.log").read_text()
+    assert "final test accuracy" in log
+    assert "checkpoint error: no checkpoint could be written to" in log and \
+        "2 attempts failed" in log and "cannot be resumed" in log
 
 
 def test_an_unrelated_os_error_does_not_blame_the_port(tmp_path, base_config, capsys):

@@ -212,6 +212,10 @@ def _run_server(cfg, args) -> int:
     print(f"final test accuracy: {result.test_accuracy:.4f} (loss {result.test_loss:.4f}) after "
           f"{result.rounds} rounds in {result.seconds:.1f} s "
           f"({result.seconds / result.rounds:.3f} s/round)", flush=True)
+    problem = core.checkpoint_problem()
+    if problem:
+        print(f"checkpoint error: {problem}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -82,6 +82,8 @@ class PsCore:
         calibration: ``(c, *input_shape)`` training inputs the replica recomputes its running
             statistics (BatchNorm) from before each evaluation, in batches of
             ``calibration_batch``; None for a model without them.
+        checkpoints_written, checkpoints_failed: checkpoints this process wrote / could not
+            write (:meth:`checkpoint`).
     """
 
     replica: Replica
@@ -99,6 +101,8 @@ class PsCore:
     last: Evaluation = field(default_factory=Evaluation)
     calibration: Optional[torch.Tensor] = None
     calibration_batch: int = 32
+    checkpoints_written: int = 0
+    checkpoints_failed: int = 0
     _started: Optional[float] = field(default=None, repr=False)
     _first_round: int = field(default=0, repr=False)
 
@@ -192,9 +196,20 @@ class PsCore:
                       "on and the next checkpoint (every %d rounds) tries again",
                       self.machine.round, self.checkpoint_dir, str(e).splitlines()[0][:300],
                       self.checkpoint_every)
+            self.checkpoints_failed += 1
             return False
         log.info("checkpoint of round %d written to %s", self.machine.round, path)
+        self.checkpoints_written += 1
         return True
+
+    def checkpoint_problem(self) -> Optional[str]:
+        """One line when checkpoints were due and none could be written (the run cannot be
+        resumed), else None."""
+        if self.checkpoints_failed and not self.checkpoints_written:
+            return (f"no checkpoint could be written to {self.checkpoint_dir} ("
+                    f"{self.checkpoints_failed} attempts failed; see the ERROR lines above): "
+                    f"this run cannot be resumed")
+        return None
 
     def seconds(self) -> float:
         """Wall seconds since the first round of this process began (0 before it)."""
