@@ -522,19 +522,19 @@ def _task_list_lines() -> list[str]:
     """``byzps list``'s built-in tasks (parameters and models), optimizers and schedules."""
     from byzps import optimizers, tasks
 
-    lines = ["built-in tasks (task: {ref: NAME, params: {...}}; or ref: 'file.py:factory'; "
-             "not run by this version yet):"]
+    lines = ["built-in tasks (task: {ref: NAME, params: {...}}; or your own: ref: "
+             "'file.py:factory'):"]
     for name in tasks.names():
         params = tasks.params(name)
         lines.append(f"  {name:24s} {_param_text('task', name, params)}")
         lines.append(f"  {'':24s} models: {', '.join(tasks.models(name))}")
     lines.append("optimizers (training.optimizer: {name: ...}; sgd's momentum is "
-                 "training.momentum; only plain sgd runs in this version):")
+                 "training.momentum):")
     for name in optimizers.optimizer_names():
         params = {k: v for k, v in optimizers.optimizer_params(name).items() if k != "momentum"}
         lines.append(f"  {name:24s} {_param_text('optimizer', name, params)}")
     lines.append("lr schedules (training.lr_schedule: {name: ...}; a pure function of the "
-                 "round; only constant runs in this version):")
+                 "round):")
     derived = {"milestones": "required", "step_size": "required", "t_max": "training.rounds"}
     for name in optimizers.schedule_names():
         params = optimizers.schedule_params(name)
