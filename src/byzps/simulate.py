@@ -22,8 +22,12 @@ Python threads at once, each worker's computation on one torch thread (the intra
 set to 1 for the whole run, as every TCP node uses); the replies are then handed to the PS in
 ascending worker id. Each worker's gradient depends only on its own replica, sampler, momentum
 and attack (all randomness comes from explicit per-worker generators), so the result is
-bit-identical for every ``threads``. The workers do not hash their replicas at each ROUND
-(``WorkerRounds.verify_digest`` off); instead, at every evaluated round, the simulation checks
+bit-identical for every ``threads``. During a round's close the PS's rules spread their
+column-wise work (clipping's rows, NNM's mixing, the trimmed mean's sorts, the distances to the
+aggregate) over the same threads (:func:`byzps.aggregators.parallel_chunks`; each chunk is
+computed as in one thread, so the aggregate is bit-identical too). Neither side hashes its
+replica at each ROUND (the PS sends none, ``ServerRounds.send_digest`` off;
+``WorkerRounds.verify_digest`` off); instead, at every evaluated round, the simulation checks
 that every worker's replica digest equals the PS's and fails if one differs.
 
 Omniscient attacks (``attack_params: {omniscient: true}``) exist only here: when a config has
@@ -55,6 +59,7 @@ from typing import Any, Optional
 
 import torch
 
+from byzps.aggregators import parallel_chunks
 from byzps.config import Config
 from byzps.core.messages import Gradient, RoundStart, Update
 from byzps.core.rounds import Broadcast, RoundClosed, RoundFailed, Send
@@ -175,6 +180,7 @@ class Simulation:
                                                for w in cfg.workers}
         for w in self.workers.values():   # checked at the evaluation rounds instead
             w.machine.verify_digest = False
+        self.machine.send_digest = False    # so no ROUND needs the PS replica's digest
         self._omniscient = {wid for wid, w in self.workers.items()
                             if w.attack is not None and w.attack.omniscient}
         self._honest = {wid for wid, w in self.workers.items() if w.attack is None}
@@ -261,7 +267,10 @@ class Simulation:
             self.core.listeners.append(on_record)
         if self.threads > 1:   # made here, so its threads start with torch's current count
             self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="byzps-worker")
+        chunks = contextlib.ExitStack()
         try:
+            # the PS's rules spread their column work over the same pool (idle during a close)
+            chunks.enter_context(parallel_chunks(self._pool, self.threads))
             for wid in sorted(self.workers):
                 self._raise_on_failure(self._execute(self.machine.connect(wid)))
             start = time.perf_counter()
@@ -293,6 +302,7 @@ class Simulation:
                     seconds_eval += time.perf_counter() - eval_start
             seconds = time.perf_counter() - start - seconds_eval
         finally:
+            chunks.close()
             self.core.close()
             if on_record is not None:
                 self.core.listeners.remove(on_record)

@@ -10,6 +10,8 @@ Usage::
     pre = aggregators.build_pre("nnm", f=1)            # (n, d) -> (m, d), m = pre.output_rows(n)
     aggregators.names(), aggregators.pre_names()       # sorted config names
     aggregators.params("multi_krum")                   # {"f": 0, "q": None}
+    with aggregators.parallel_chunks(pool, 2):         # same results, columns on 2 threads
+        out = agg(grads)
     agg.BREAKDOWN                                      # the bound kept with f Byzantine rows
 
 Every rule is a small object with attributes ``name`` and ``f`` (and its other parameters),
@@ -28,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from ._base import Aggregator, Breakdown, Param, PreAggregator, Rule
+from ._chunks import for_each_part, parallel_chunks
 from ._finite import all_finite
 from .arc import ARC
 from .bucketing import Bucketing
@@ -75,7 +78,9 @@ __all__ = [
     "all_finite",
     "build",
     "build_pre",
+    "for_each_part",
     "names",
+    "parallel_chunks",
     "params",
     "pre_names",
     "pre_params",

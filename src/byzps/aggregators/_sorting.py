@@ -17,7 +17,7 @@ the mean of the two middle values.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -177,19 +177,30 @@ def bitonic_select(
             return lo.amax(dim=0), hi.amin(dim=0)
 
 
+def sort_blocks(m: int, d: int) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` column blocks that :func:`sorted_column_chunks` sorts for m rows
+    of d columns, in order (every block but the last of the same width)."""
+    width = _sort_block_columns(m, d)
+    return [(start, min(d, start + width)) for start in range(0, d, width)]
+
+
 def sorted_column_chunks(
-    x: torch.Tensor, rows: torch.Tensor | None = None, check: bool = False
+    x: torch.Tensor, rows: torch.Tensor | None = None, check: bool = False,
+    blocks: Sequence[tuple[int, int]] | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(start, stop, s)`` where ``s`` (m, stop - start) holds each coordinate's values
     over the rows of ``x`` (or only ``rows``, int64 indices, m of them) sorted ascending
     along dim 0 (input dtype). ``s`` is overwritten by the next chunk. With ``check``, raises
-    ``NonFiniteInput`` after the last chunk if any chunk held NaN/Inf."""
+    ``NonFiniteInput`` after the last chunk if any chunk held NaN/Inf.
+
+    ``blocks``: only these blocks of :func:`sort_blocks` ``(m, d)`` (e.g. one part of them, for
+    :func:`byzps.aggregators._chunks.for_each_part`); default all of them. Each block is sorted
+    exactly as in a call over all blocks."""
     n, d = x.shape
     m = n if rows is None else int(rows.numel())
     sorter = _ColumnSorter(m, d, x.dtype, x.device, full=True)
     acc = torch.zeros(sorter.width, dtype=torch.float64, device=x.device) if check else None
-    for start in range(0, d, sorter.width):
-        stop = min(d, start + sorter.width)
+    for start, stop in sort_blocks(m, d) if blocks is None else blocks:
         block = x[:, start:stop] if rows is None else x[rows, start:stop]
         r, _ = sorter.sort(block)
         if acc is not None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ._base import F_PARAM, Breakdown, Param, PreAggregator
-from ._chunks import empty_output
+from ._chunks import empty_output, for_each_part
 from ._reduce import row_norms
 
 #: float32 factors below this would be subnormal or close to it: such rows go through float64
@@ -77,7 +79,13 @@ class Clipping(PreAggregator):
     def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         # one group of rows at a time: norms, then the scaled copy while the group is in cache
         out = empty_output(tuple(x.shape), x)
-        for start, stop in row_groups(x):
-            group = x[start:stop]
-            write_scaled(group, self._factor(row_norms(group, check=check)), out[start:stop])
+
+        def part(groups: Sequence[tuple[int, int]]) -> None:
+            # each group of rows is independent: parts may run on other threads
+            for start, stop in groups:
+                group = x[start:stop]
+                write_scaled(group, self._factor(row_norms(group, check=check)),
+                             out[start:stop])
+
+        for_each_part(row_groups(x), part)
         return out

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from . import _chunks
 from ._base import F_PARAM, Breakdown, PreAggregator
-from ._chunks import chunk_columns, empty_output
+from ._chunks import chunk_columns, column_chunks, empty_output, for_each_part
 from ._distances import pairwise_sq_dists
 from ._reduce import mean_rows
 
@@ -76,12 +78,17 @@ class NNM(PreAggregator):
         mix.scatter_(1, self.neighbours(x, f, check), 1.0)
         out = empty_output(tuple(x.shape), x)
         # small buffers: the output already takes n x d
-        step = chunk_columns(n, d, max(1, _chunks.CHUNK_ELEMENTS // 4))
-        buf = torch.empty(2 * n * step, dtype=torch.float64, device=x.device)
-        for start in range(0, d, step):
-            stop = min(d, start + step)
-            b = stop - start
-            c = buf[: n * b].view(n, b).copy_(x[:, start:stop])
-            mixed = buf[n * step : n * step + n * b].view(n, b)
-            out[:, start:stop].copy_(torch.mm(mix, c, out=mixed).div_(k))
+        elements = max(1, _chunks.CHUNK_ELEMENTS // 4)
+        step = chunk_columns(n, d, elements)
+
+        def part(ranges: Sequence[tuple[int, int]]) -> None:
+            # each column chunk's product is independent: parts may run on other threads
+            buf = torch.empty(2 * n * step, dtype=torch.float64, device=x.device)
+            for start, stop in ranges:
+                b = stop - start
+                c = buf[: n * b].view(n, b).copy_(x[:, start:stop])
+                mixed = buf[n * step : n * step + n * b].view(n, b)
+                out[:, start:stop].copy_(torch.mm(mix, c, out=mixed).div_(k))
+
+        for_each_part(list(column_chunks(n, d, elements)), part)
         return out

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ._base import Aggregator, Breakdown
-from ._sorting import sorted_column_chunks, sum_rows64
+from ._chunks import for_each_part
+from ._sorting import sort_blocks, sorted_column_chunks, sum_rows64
 
 
 class TrimmedMean(Aggregator):
@@ -45,10 +48,15 @@ class TrimmedMean(Aggregator):
     def _compute(self, x: torch.Tensor, f: int, check: bool) -> torch.Tensor:
         n, d = x.shape
         out = torch.empty(d, dtype=x.dtype, device=x.device)
-        buf = None
-        for start, stop, s in sorted_column_chunks(x, check=check):
-            kept = s[f : n - f]
-            if buf is None and x.dtype != torch.float64:
-                buf = torch.empty(kept.numel(), dtype=torch.float64, device=x.device)
-            out[start:stop] = sum_rows64(kept, buf).div_(n - 2 * f)
+
+        def part(blocks: Sequence[tuple[int, int]]) -> None:
+            # column blocks are independent: parts of them may run on other threads
+            buf = None
+            for start, stop, s in sorted_column_chunks(x, check=check, blocks=blocks):
+                kept = s[f : n - f]
+                if buf is None and x.dtype != torch.float64:
+                    buf = torch.empty(kept.numel(), dtype=torch.float64, device=x.device)
+                out[start:stop] = sum_rows64(kept, buf).div_(n - 2 * f)
+
+        for_each_part(sort_blocks(n, d), part)
         return out

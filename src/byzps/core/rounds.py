@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 
-from byzps.aggregators import all_finite
+from byzps.aggregators import all_finite, for_each_part
 from byzps.core.messages import Gradient, Message, Resync, RoundStart, State, Stop, Update
 from byzps.logutil import RateLimitedLog
 from byzps.replica import Replica
@@ -193,6 +193,10 @@ class ServerRounds:
         awaiting_state: live worker ids refused a STATE in the current model version; the
             next close sends them the new version's STATE, and until then no round waits
             for them.
+        send_digest: whether each ROUND carries the replica's digest (default True); False
+            for receivers that do not check it (the simulator's workers, whose replicas it
+            checks itself at the evaluated rounds): ROUND then carries ``""`` and the replica
+            is not hashed each round. No other result depends on it.
 
     Raises:
         ValueError: empty or duplicate worker ids, a quorum outside 1..n, or an unknown
@@ -233,6 +237,7 @@ class ServerRounds:
         self._state: Optional[torch.Tensor] = None    # replica.state() since the last step
         self._digest: Optional[str] = None            # replica.digest() since the last step
         self._scratch: Optional[torch.Tensor] = None  # for the distances at each close
+        self.send_digest = True
 
     def _rows_buffer(self) -> torch.Tensor:
         if self.buffer is None:
@@ -251,6 +256,10 @@ class ServerRounds:
         if self._digest is None:
             self._digest = self.replica.digest()
         return self._digest
+
+    def _round_digest(self) -> str:
+        """What a ROUND carries as the digest (see :attr:`send_digest`)."""
+        return self._replica_digest() if self.send_digest else ""
 
     def digest(self) -> str:
         """The replica's digest (32 hex chars) that the next ROUND carries, computed once per
@@ -321,7 +330,7 @@ class ServerRounds:
         actions: list[Action] = [Send(worker_id, State(self.round, self._replica_state()))]
         cur = self.current
         if cur is not None and worker_id not in cur.rows and worker_id not in cur.rejected:
-            actions.append(Send(worker_id, RoundStart(self.round, self._replica_digest())))
+            actions.append(Send(worker_id, RoundStart(self.round, self._round_digest())))
         return actions
 
     # -- rounds -------------------------------------------------------------------------------
@@ -336,7 +345,7 @@ class ServerRounds:
             raise RuntimeError("begin_round called while a round is open or after the end")
         self.current = _Open(self.round)
         self._rows_buffer()
-        return [Broadcast(RoundStart(self.round, self._replica_digest()))]
+        return [Broadcast(RoundStart(self.round, self._round_digest()))]
 
     def on_message(self, worker_id: int, msg: Message) -> list[Action]:
         """Handle a validated message from the authenticated worker ``worker_id``.
@@ -409,7 +418,7 @@ class ServerRounds:
         cur = self.current
         if cur is None:
             raise RuntimeError("retry_round called with no open round")
-        digest = self._replica_digest()
+        digest = self._round_digest()
         return [Send(w, RoundStart(cur.round, digest)) for w in sorted(self.live)
                 if w not in cur.rows and w not in cur.rejected and w not in self.awaiting_state]
 
@@ -491,12 +500,24 @@ class ServerRounds:
         cols = max(1024, SCRATCH_ELEMENTS // m)
         if self._scratch is None or self._scratch.numel() < m * cols:
             self._scratch = torch.empty(m * cols, dtype=torch.float32)
+        own = self._scratch
+        starts = list(range(0, d, cols))
+        squares: list[torch.Tensor] = [torch.empty(0)] * len(starts)
+
+        def part(blocks: Sequence[int]) -> None:
+            # blocks are independent (parts may run on other threads: aggregators.
+            # parallel_chunks); each part has its own scratch, the first the machine's
+            scratch = own if blocks[0] == 0 else torch.empty_like(own)
+            for k in blocks:
+                start, stop = starts[k], min(starts[k] + cols, d)
+                block = scratch[:m * (stop - start)].view(m, stop - start)
+                torch.sub(rows[:, start:stop], agg[start:stop], out=block)
+                squares[k] = torch.linalg.vector_norm(block, dim=1).to(torch.float64).square_()
+
+        for_each_part(range(len(starts)), part)
         acc = torch.zeros(m, dtype=torch.float64)
-        for start in range(0, d, cols):
-            stop = min(start + cols, d)
-            block = self._scratch[:m * (stop - start)].view(m, stop - start)
-            torch.sub(rows[:, start:stop], agg[start:stop], out=block)
-            acc += torch.linalg.vector_norm(block, dim=1).to(torch.float64).square_()
+        for sq in squares:   # summed in block order, whichever thread computed them
+            acc += sq
         return acc.sqrt_().tolist()
 
     def _compact(self, ids: list[int]) -> torch.Tensor:
