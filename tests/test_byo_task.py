@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from byzps.job import Job, parse_config
 from byzps.replica import Replica
 from byzps.simulate import simulate
 
-from conftest import ROOT, free_port, start_node, wait_for_port, write_config
+from conftest import ROOT, free_port, node_env, start_node, wait_for_port, write_config
 
 TIMEOUT = 180
 DIGEST = re.compile(r"PS replica digest ([0-9a-f]{32})")
@@ -212,6 +214,30 @@ _BAD = {
             def test_data(self): return [(torch.zeros(3), 0) for i in range(10)]
         def make(): return T()
         '''), "expected a label in 0..1 (the model has 2 outputs)"),
+    "sys-exit": ("import sys\ndef make(**kw):\n    sys.exit(0)\n",
+                 "make() raised SystemExit: 0"),
+    "test-label-out-of-range": (textwrap.dedent('''
+        import torch
+        from torch import nn
+        class T:
+            def build_model(self): return nn.Linear(3, 2)
+            def train_data(self): return [(torch.zeros(3), i % 2) for i in range(50)]
+            def test_data(self): return [(torch.zeros(3), 7 if i == 50 else 0)
+                                         for i in range(100)]
+        def make(): return T()
+        '''), "test_data() holds label 7, expected labels in 0..1 (the model has 2 outputs)"),
+    "huge-length": (textwrap.dedent('''
+        import torch
+        from torch import nn
+        class Huge:
+            def __len__(self): return 10**12
+            def __getitem__(self, i): return torch.zeros(3), 0
+        class T:
+            def build_model(self): return nn.Linear(3, 2)
+            def train_data(self): return Huge()
+            def test_data(self): return Huge()
+        def make(): return T()
+        '''), "has 1000000000000 items; expected at most 2147483647"),
 }
 
 
@@ -348,3 +374,29 @@ def test_example_task_trains():
     finally:
         os.chdir(cwd)
     assert res.test_accuracy > 0.95
+
+
+def test_byzps_run_checks_devices_and_the_task_before_any_node_starts(tmp_path):
+    """A worker device this machine does not have: `byzps run` stops before any node starts,
+    exit 2, naming the config, the field and why."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    data = _cfg({"name": "sgd"})
+    data["workers"][1]["device"] = "cuda:7"
+    cfg = write_config(tmp_path / "c.yaml", data)
+    r = subprocess.run([sys.executable, "-c", "from byzps.cli import byzps_main; import sys; "
+                        "sys.exit(byzps_main(sys.argv[1:]))", "run", str(cfg), "--run-dir",
+                        str(tmp_path / "run")], cwd=ROOT, env=node_env(), capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{cfg}: workers.1.device: device 'cuda:7': torch sees no CUDA device" in r.stderr
+    assert "server exited" not in r.stdout + r.stderr
+
+
+def test_the_signature_names_the_horizon_of_a_cosine_schedule():
+    data = _cfg({"name": "adam"})
+    a = Job(parse_config(copy.deepcopy(data)), rounds=60).replica().signature()
+    b = Job(parse_config(copy.deepcopy(data)), rounds=200).replica().signature()
+    assert a.endswith(" R=60") and b.endswith(" R=200")
+    data["training"]["lr_schedule"] = {"name": "constant"}
+    assert " R=" not in Job(parse_config(data), rounds=60).replica().signature()

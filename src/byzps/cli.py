@@ -128,8 +128,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Run ``ps_node.py``; returns the process exit code (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.rounds is not None and args.rounds < 1:
-        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds is not None and not 1 <= args.rounds <= 10**9:
+        parser.error(f"--rounds must be in 1..10**9, got {args.rounds}")
     # not checked here: the launchers pass their folder on, and a Ray node without it reads
     # the packaged copy (``byzps`` checks a folder the user gives)
     args.data_root = args.data_root or DEFAULT_DATA_ROOT
@@ -194,7 +194,8 @@ def _run_server(cfg, args) -> int:
     from byzps.status import StatusEndpointError
 
     try:
-        core = Job(cfg, args.data_root, rounds=args.rounds).ps_core(resume=args.resume)
+        core = Job(cfg, args.data_root, rounds=args.rounds,
+                   source=args.config).ps_core(resume=args.resume)
         ps = ParameterServer(cfg, core)
         result = asyncio.run(ps.run())
     except StatusEndpointError as e:
@@ -222,7 +223,8 @@ def _run_server(cfg, args) -> int:
 def _run_worker(cfg, args) -> int:
     from byzps.net.worker import Worker, WorkerFailed
 
-    worker = Worker(cfg, Job(cfg, args.data_root, rounds=args.rounds).worker_core(
+    worker = Worker(cfg, Job(cfg, args.data_root, rounds=args.rounds,
+                             source=args.config).worker_core(
         args.worker_id, args.worker_type))
     try:
         asyncio.run(worker.run())
@@ -305,8 +307,8 @@ def byzps_main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=str(args.log_level).upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    if getattr(args, "rounds", None) is not None and args.rounds < 1:
-        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if getattr(args, "rounds", None) is not None and not 1 <= args.rounds <= 10**9:
+        parser.error(f"--rounds must be in 1..10**9, got {args.rounds}")
     if hasattr(args, "data_root"):
         try:
             args.data_root = resolve_data_root(args.data_root)

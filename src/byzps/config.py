@@ -272,7 +272,7 @@ class TrainingConfig(_Strict):
             constant ``learning_rate``, as today.
     """
 
-    rounds: int = Field(50, ge=1)
+    rounds: int = Field(50, ge=1, le=10**9)
     batch_size: int = Field(64, ge=1, le=60000)
     learning_rate: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)

@@ -53,6 +53,8 @@ from byzps.tasks.mnist import MnistTask
 #: Training inputs the PS recomputes running statistics (BatchNorm) from before each
 #: evaluation (:meth:`byzps.replica.Replica.evaluate`); a fixed sample of the training set.
 CALIBRATION_ITEMS = 1024
+#: Most evaluation items the PS gathers into memory (``training.test_limit`` cuts a larger set).
+MAX_TEST_ITEMS = 10_000_000
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +282,7 @@ class Job:
         task: the task to run instead of the config's (tests, programmatic use).
         rounds: the run's planned rounds R (``--rounds``; default ``training.rounds``): the
             horizon of a cosine schedule, so every node of a run must get the same R.
+        source: the config's name in error lines (its path).
 
     Attributes:
         cfg: the config.
@@ -296,8 +299,9 @@ class Job:
     """
 
     def __init__(self, cfg: Config, data_root: str = "./data", task: Optional[Task] = None,
-                 rounds: Optional[int] = None):
+                 rounds: Optional[int] = None, source: str = "config"):
         self.cfg = cfg
+        self.source = source
         self.rounds = rounds if rounds is not None else cfg.training.rounds
         self._name = "mnist"
         self._shards: Optional[list[np.ndarray]] = None
@@ -347,7 +351,7 @@ class Job:
         try:
             return resolve_device(spec)
         except ValueError as e:
-            raise ConfigError("<config>", [f"{field}: {e}"]) from None
+            raise ConfigError(self.source, [f"{field}: {e}"]) from None
 
     def replica(self, worker_id: Optional[int] = None) -> Replica:
         """A fresh replica: the task's model with the seeded initial weights, loss and
@@ -361,12 +365,13 @@ class Job:
         """
         t = self.cfg.training
         task = self.task
+        device = self.device(worker_id)
         try:
             return Replica(lambda: build_model_seeded(task, t.seed), t.seed,
                            t.learning_rate, t.momentum, optimizer=build_optimizer(self.cfg),
                            schedule=lr_schedule(self.cfg), rounds=self.rounds,
                            loss=_overridden(task, "loss"), metrics=_overridden(task, "metrics"),
-                           device=self.device(worker_id))
+                           device=device)
         except TaskError:
             raise
         except ValueError as e:    # a parameter that is not float32
@@ -390,6 +395,10 @@ class Job:
         """
         test = self._split("test")
         limit = min(self.cfg.training.test_limit or len(test), len(test))
+        if limit > MAX_TEST_ITEMS:
+            raise TaskError(self._name, f"test_data() has {len(test)} items; the PS holds the "
+                                        f"evaluation set in memory: set training.test_limit "
+                                        f"(at most {MAX_TEST_ITEMS})")
         return test.batch(torch.arange(limit))
 
     def calibration_set(self) -> torch.Tensor:
@@ -430,6 +439,7 @@ class Job:
 
         Raises:
             byzps.data.DatasetNotFound: no copy of the test data.
+            byzps.task.TaskError: a test label outside 0..C-1.
             byzps.checkpoint.CheckpointError: no usable checkpoint, or one of another config.
         """
         cfg, t = self.cfg, self.cfg.training
@@ -438,6 +448,11 @@ class Job:
         rounds = self.rounds
         test_x, test_y = self.test_set()
         replica = self.replica()
+        classes = replica.output_width(test_x[:2])
+        if len(test_y) and (int(test_y.min()) < 0 or int(test_y.max()) >= classes):
+            bad = int(test_y.min()) if int(test_y.min()) < 0 else int(test_y.max())
+            raise TaskError(self._name, f"test_data() holds label {bad}, expected labels in "
+                                        f"0..{classes - 1} (the model has {classes} outputs)")
         calibration = self.calibration_set() if replica.has_running_stats else None
         robust = self.pipeline()
         start_round = 0

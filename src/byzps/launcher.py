@@ -266,17 +266,21 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
 
 
 def check_shards(cfg: Any, source: str, data_root: str) -> None:
-    """Run the job's shard check (:meth:`byzps.job.Job.shard_indices`) here, before any node
-    starts: a shard smaller than one batch would make every worker exit at once while the PS
-    waits out ``server.connect_timeout``.
+    """Run the job's start-up checks here, before any node starts: the task (a user's task is
+    tried on a few items), every node's device, and the shards (one smaller than a batch would
+    make every worker exit at once while the PS waits out ``server.connect_timeout``).
 
     Raises:
         byzps.config.ConfigError: a shard is too small (the job's message, naming the worker
-            and the sizes).
+            and the sizes), a device this machine does not have, or the task's problem.
         byzps.data.DatasetNotFound, byzps.data.IdxFormatError: no usable copy of the data.
     """
     try:
-        Job(cfg, data_root).shard_indices()
+        job = Job(cfg, data_root, source=source)
+        job.device()                      # the PS's and every worker's device exist here
+        for w in cfg.workers:
+            job.device(w.id)
+        job.shard_indices()
     except ConfigError:
         raise
     except ValueError as e:

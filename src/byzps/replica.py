@@ -305,8 +305,8 @@ class Replica:
         module's ``repr``, which lists its layers and activations, and the parameter and
         buffer names, shapes, dtypes), the optimizer's name and a hash of the step's
         settings (optimizer, schedule, base learning rate and, for a schedule whose horizon
-        is the run, R). Example: ``Net d=1290 layout=3f9a0c12d4e5 adam step=7b21c0de``.
-        At most 120 characters of ``[A-Za-z0-9_=. ]``."""
+        is the run, R, also shown as ``R=...``). Example: ``Net d=1290 layout=3f9a0c12d4e5
+        adam step=7b21c0de R=300``. At most 120 characters of ``[A-Za-z0-9_=. ]``."""
         layout = hashlib.blake2b(digest_size=6)
         layout.update(repr(self.module).encode())   # the layers, activations included
         for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
@@ -316,8 +316,9 @@ class Replica:
             self.schedule.t_max is None else None
         step.update(repr((self.optimizer, self.schedule, self.learning_rate, horizon)).encode())
         cls = "".join(c for c in type(self.module).__name__ if c.isalnum() or c == "_")[:40]
+        rounds = "" if horizon is None else f" R={horizon}"
         return (f"{cls or 'Module'} d={self.d} layout={layout.hexdigest()} "
-                f"{self.optimizer.NAME} step={step.hexdigest()}")
+                f"{self.optimizer.NAME} step={step.hexdigest()}{rounds}")
 
     # -- evaluation -------------------------------------------------------------------------
 

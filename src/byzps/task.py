@@ -51,6 +51,10 @@ from byzps.models import seeded
 
 #: Longest ``task.ref`` accepted (characters).
 MAX_REF_LENGTH = 4096
+#: Most items of a split (a shard's indices are int64, but sampling and labels are sized by it).
+MAX_ITEMS = 2**31 - 1
+#: Most items of a split without a ``targets`` attribute (its labels are read item by item).
+MAX_SCANNED_ITEMS = 10_000_000
 #: Items of each split :func:`validate_task` reads by default.
 DEFAULT_SAMPLES = 4
 
@@ -252,6 +256,12 @@ class DatasetTensors:
                                                f"item ({len(self.ds)})")
                 self._targets = t.to(torch.int64)
             else:
+                if len(self.ds) > MAX_SCANNED_ITEMS:
+                    raise TaskError(self.name, f"{self.split} has {len(self.ds)} items and no "
+                                               f"targets attribute; byzps would read every "
+                                               f"item for its label (at most "
+                                               f"{MAX_SCANNED_ITEMS}): give the dataset a "
+                                               f"targets attribute (one int per item)")
                 labels = [_label(self.name, f"{self.split}[{i}]", self._item(i)[1])
                           for i in range(len(self.ds))]
                 self._targets = torch.tensor(labels, dtype=torch.int64)
@@ -261,7 +271,7 @@ class DatasetTensors:
         where = f"{self.split}[{i}]"
         try:
             item = self.ds[i]
-        except Exception as e:  # user code
+        except (Exception, SystemExit) as e:  # user code
             raise TaskError(self.name, f"{where} raised {_describe_exc(e)}") from e
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise TaskError(self.name, f"{where} is {type(item).__name__}, expected a pair "
@@ -307,6 +317,8 @@ def as_labeled(ds: Any, name: str, split: str) -> Any:
                               f"torch.utils.data.Dataset (len(ds) and ds[i])")
     if len(ds) < 1:
         raise TaskError(name, f"{split} is empty; expected at least one item")
+    if len(ds) > MAX_ITEMS:
+        raise TaskError(name, f"{split} has {len(ds)} items; expected at most {MAX_ITEMS}")
     return DatasetTensors(ds, name, split)
 
 
@@ -320,7 +332,7 @@ def build_model_seeded(task: Task, seed: int) -> nn.Module:
     name = getattr(task, "ref", type(task).__name__)
     try:
         model = seeded(task.build_model, seed)
-    except Exception as e:  # user code: any exception
+    except (Exception, SystemExit) as e:  # user code: any exception, sys.exit too
         raise TaskError(name, f"build_model() raised {_describe_exc(e)}") from e
     if not isinstance(model, nn.Module):
         raise TaskError(name, f"build_model() returned {type(model).__name__}, expected a "
@@ -370,7 +382,7 @@ def _import_file(ref: str, path: Path) -> Any:
     sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
-    except Exception as e:  # user code: any exception
+    except (Exception, SystemExit) as e:  # user code: any exception, sys.exit too
         sys.modules.pop(mod_name, None)
         raise TaskError(ref, f"importing {path} raised {_describe_exc(e)}") from e
     finally:
@@ -390,7 +402,7 @@ def _import_module(ref: str, name: str) -> Any:
                                  f"'package.module:factory' on the Python path, or a "
                                  f"built-in task name)") from e
         raise TaskError(ref, f"importing {name} raised {_describe_exc(e)}") from e
-    except Exception as e:  # user code: any exception
+    except (Exception, SystemExit) as e:  # user code: any exception, sys.exit too
         raise TaskError(ref, f"importing {name} raised {_describe_exc(e)}") from e
 
 
@@ -455,6 +467,8 @@ def load_task(ref: str, params: Optional[dict[str, Any]] = None,
     else:
         from byzps import tasks
 
+        if _is_file_ref(ref):
+            raise TaskError(ref, "a file needs the factory to call: 'file.py:make_task'")
         if ref not in tasks.names():
             raise TaskError(ref, f"unknown built-in task; expected one of "
                                  f"{', '.join(tasks.names())}, or 'file.py:factory' / "
@@ -466,7 +480,7 @@ def load_task(ref: str, params: Optional[dict[str, Any]] = None,
                              f"factory returning a task")
     try:
         task = factory(**params)
-    except Exception as e:  # user code: any exception
+    except (Exception, SystemExit) as e:  # user code: any exception, sys.exit too
         shown = ", ".join(f"{k}={_short.repr(v)}" for k, v in params.items())
         raise TaskError(ref, f"{what}({shown}) raised {_describe_exc(e)}") from e
     if not isinstance(task, Task):
@@ -530,14 +544,14 @@ def _dataset(name: str, task: Task, split: str) -> Any:
         ds = getattr(task, split)()
     except (DatasetNotFound, IdxFormatError):
         raise   # missing or corrupt data files: the data's problem, reported as such
-    except Exception as e:  # user code
+    except (Exception, SystemExit) as e:  # user code
         raise TaskError(name, f"{split}() raised {_describe_exc(e)}") from e
     if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
         raise TaskError(name, f"{split}() returned {type(ds).__name__}, expected a map-style "
                               f"torch.utils.data.Dataset (len(ds) and ds[i])")
     try:
         size = len(ds)
-    except Exception as e:  # user code
+    except (Exception, SystemExit) as e:  # user code
         raise TaskError(name, f"len({split}()) raised {_describe_exc(e)}") from e
     if size < 1:
         raise TaskError(name, f"{split}() is empty; expected at least one item")
@@ -558,7 +572,7 @@ def _read_items(name: str, split: str, ds: Any, positions: list[int]
         where = f"{split}()[{i}]"
         try:
             item = ds[i]
-        except Exception as e:  # user code
+        except (Exception, SystemExit) as e:  # user code
             raise TaskError(name, f"{where} raised {_describe_exc(e)}") from e
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise TaskError(name, f"{where} is {type(item).__name__}, expected a pair "
@@ -666,7 +680,7 @@ def validate_task(task: Task, name: Optional[str] = None, samples: int = DEFAULT
     try:
         with torch.no_grad():
             out = model(x)
-    except Exception as e:  # user code
+    except (Exception, SystemExit) as e:  # user code
         raise TaskError(name, f"the model's forward on a batch of train_data() inputs "
                               f"{tuple(x.shape)} {x.dtype} raised {_describe_exc(e)}") from e
     finally:
@@ -713,7 +727,7 @@ def _check_loss(name: str, task: Task, model: nn.Module, x: torch.Tensor,
             value = float(loss.detach().reshape(()))
     except TaskError:
         raise
-    except Exception as e:  # user code
+    except (Exception, SystemExit) as e:  # user code
         raise TaskError(name, f"loss(output, target) raised {_describe_exc(e)}") from e
     if not math.isfinite(value):
         raise TaskError(name, f"loss(output, target) is {value} on freshly initialised "
@@ -723,7 +737,7 @@ def _check_loss(name: str, task: Task, model: nn.Module, x: torch.Tensor,
 def _check_metrics(name: str, task: Task, out: torch.Tensor, y: torch.Tensor) -> None:
     try:
         result = task.metrics(out, y)
-    except Exception as e:  # user code
+    except (Exception, SystemExit) as e:  # user code
         raise TaskError(name, f"metrics(output, target) raised {_describe_exc(e)}") from e
     if not isinstance(result, dict) or not all(isinstance(k, str) for k in result):
         raise TaskError(name, f"metrics(output, target) returned {type(result).__name__}, "
