@@ -245,7 +245,9 @@ def test_ps_exits_after_retries_without_quorum_while_workers_stay_connected(tmp_
     """Worker 3 never comes; quorum is 4: the PS retries, gives up, stops the three connected
     workers and exits 1 (it must not idle after shutdown)."""
     base_config["training"].update(rounds=5, round_timeout=1.0, round_retries=2, quorum=4)
-    base_config["server"].update(connect_timeout=8.0, min_workers=3)
+    # long enough for three workers to start on a busy machine (the suite runs two test
+    # processes at once)
+    base_config["server"].update(connect_timeout=25.0, min_workers=3)
     cfg = write_config(tmp_path / "c.yaml", base_config)
     server = start_node(cfg, "server", log=tmp_path / "ps.log")
     workers = start_workers(cfg, tmp_path, range(3))
