@@ -5,6 +5,7 @@ user code. The TCP tests run real PS and worker processes on 127.0.0.1."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -95,6 +96,7 @@ def test_kill_9_ps_and_resume_with_adam_is_bit_exact(tmp_path):
     # the uninterrupted run's model: the simulation's (equal to a TCP run, test above)
     ref_digest = simulate(parse_config(copy.deepcopy(data)), "./data").digest
     data["training"]["checkpoint_dir"] = str(tmp_path / "ckpt")
+    data["training"]["metrics_file"] = str(tmp_path / "metrics.jsonl")
     data["server"]["port"] = free_port()
     cfg = write_config(tmp_path / "c.yaml", data)
     server = start_node(cfg, "server", log=tmp_path / "ps1.log")
@@ -111,6 +113,10 @@ def test_kill_9_ps_and_resume_with_adam_is_bit_exact(tmp_path):
     ps_log = (tmp_path / "ps.log").read_text()
     assert re.search(r"resumed from .* at round \d+", ps_log)
     assert DIGEST.search(ps_log).group(1) == ref_digest
+    # the rounds done again after the resume are recorded once
+    rounds = [json.loads(line)["round"] for line in
+              (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == list(range(16))
     for w in data["workers"]:
         assert f"replica digest {ref_digest}" in (tmp_path / f"w{w['id']}.log").read_text()
 
@@ -400,3 +406,15 @@ def test_the_signature_names_the_horizon_of_a_cosine_schedule():
     assert a.endswith(" R=60") and b.endswith(" R=200")
     data["training"]["lr_schedule"] = {"name": "constant"}
     assert " R=" not in Job(parse_config(data), rounds=60).replica().signature()
+
+
+def test_truncate_records_keeps_the_rounds_before_the_checkpoint(tmp_path):
+    from byzps.metrics import truncate_records
+
+    path = tmp_path / "m.jsonl"
+    lines = [json.dumps({"round": r, "x": r * 2}) for r in range(6)]
+    path.write_text("\n".join(lines) + '\n{"round": 6, "x"')     # cut mid-record by a kill -9
+    assert truncate_records(path, 4) == 3                        # rounds 4, 5 and the cut one
+    assert path.read_text() == "\n".join(lines[:4]) + "\n"
+    assert truncate_records(tmp_path / "missing.jsonl", 0) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]

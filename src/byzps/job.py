@@ -33,10 +33,11 @@ from byzps.config import Config, ConfigError, WorkerConfig, read_config, validat
 from byzps.core.ps import PsCore
 from byzps.core.rounds import ServerRounds
 from byzps.core.worker import WorkerCore
-from byzps.metrics import JsonlWriter
+from byzps.metrics import JsonlWriter, truncate_records
 from byzps.partition import make_shards
 from byzps.replica import Replica, resolve_device
 from byzps.robust import RobustPipeline, build_pipeline, quorum_for
+from byzps.safeio import FileRefused
 from byzps.task import (
     LabeledTensors,
     Task,
@@ -429,7 +430,8 @@ class Job:
 
         Args:
             rounds: total rounds R (absolute; default the job's R).
-            resume: continue from ``training.checkpoint_dir``'s latest checkpoint.
+            resume: continue from ``training.checkpoint_dir``'s latest checkpoint; the metrics
+                file loses its records of the rounds the run will do again.
             close_at: overrides ``training.close_at`` (the simulator, which has no arrival
                 times, passes ``"all"``).
             metrics_file: JSON Lines output (default ``training.metrics_file``; None there =
@@ -469,6 +471,17 @@ class Job:
             start_round = ckpt.round
             log.info("resumed from %s/%s at round %d", t.checkpoint_dir, checkpoint.FILENAME,
                      start_round)
+            out = metrics_file if metrics_file is not None else t.metrics_file
+            if out is not None:
+                try:
+                    dropped = truncate_records(out, start_round)
+                except (OSError, FileRefused) as e:
+                    log.warning("metrics file %s: could not drop the records of rounds >= %d "
+                                "(they will appear twice): %s", out, start_round, e)
+                else:
+                    if dropped:
+                        log.info("metrics file %s: dropped %d records of rounds >= %d, which "
+                                 "this run writes again", out, dropped, start_round)
         machine = ServerRounds([w.id for w in cfg.workers], replica, robust, rounds,
                                default_quorum(cfg, robust), start_round=start_round,
                                max_missed=t.max_missed_rounds,

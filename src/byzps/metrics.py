@@ -255,6 +255,46 @@ def iter_jsonl(path: str | Path, keys: Optional[Iterable[str]] = None
             yield rec if wanted is None else {k: rec[k] for k in wanted if k in rec}
 
 
+def truncate_records(path: str | Path, round_: int) -> int:
+    """Drop every record of round ``round_`` or later from the metrics file ``path`` (what a
+    PS resumed from a checkpoint of round ``round_`` will write again), and any incomplete
+    last line; the file is rewritten through a temporary file in the same folder and renamed
+    over it. A missing file is left alone.
+
+    Args:
+        path: a metrics JSON Lines file.
+        round_: the first round to drop (the checkpoint's next round).
+
+    Returns:
+        the number of records dropped.
+
+    Raises:
+        byzps.safeio.FileRefused: not a regular file, too large, or a line too long.
+        OSError: the file cannot be read or rewritten.
+    """
+    p = Path(path)
+    if not p.exists():
+        return 0
+    tmp = p.with_name(p.name + ".resume-tmp")
+    dropped = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as out:
+            for _, line in iter_lines(p, MAX_METRICS_BYTES, MAX_RECORD_BYTES, "metrics file"):
+                rec = _parse_line(line)
+                if rec is None:
+                    dropped += bool(line.strip())
+                    continue
+                r = rec.get("round")
+                if isinstance(r, int) and r >= round_:
+                    dropped += 1
+                    continue
+                out.write(line.decode("utf-8").rstrip("\r") + "\n")
+        tmp.replace(p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dropped
+
+
 def _parse_line(line: bytes) -> Optional[dict[str, Any]]:
     line = line.strip()
     if not line:
