@@ -339,6 +339,7 @@ def test_killed_worker_actor_leaves_the_quorum_training_and_ctrl_c_stops_all(ray
     r = _run_on_cluster(ray_cluster, path, on_ray, kill="worker-1", after_rounds=5,
                         missing_rounds=25)
     out = r.stdout + r.stderr
+    assert "KILLED" in r.stdout, out[-4000:]
     killed_at = int(r.stdout.split("KILLED")[1].split()[0])
     interrupted_at = int(r.stdout.split("INTERRUPTED")[1].split()[0])
     records = [json.loads(line) for line in (on_ray / "metrics.jsonl").read_text().splitlines()]
