@@ -44,6 +44,7 @@ from byzps.task import (
     TaskError,
     as_labeled,
     build_model_seeded,
+    check_labels,
     load_task,
     validate_task,
 )
@@ -315,12 +316,11 @@ class Job:
         else:
             ref, params = cfg.task.ref, dict(cfg.task.params)
             self._name = ref
-            if ref in builtin_task_names():
-                if "data_root" in builtin_task_params(ref):
-                    params.setdefault("data_root", data_root)
-                self.task = load_task(ref, params)
-            else:
-                self.task = load_task(ref, params)
+            builtin = ref in builtin_task_names()
+            if builtin and "data_root" in builtin_task_params(ref):
+                params.setdefault("data_root", data_root)
+            self.task = load_task(ref, params)
+            if not builtin:
                 validate_task(self.task, ref, seed=cfg.training.seed)
 
     def _split(self, which: str) -> LabeledTensors:
@@ -450,11 +450,7 @@ class Job:
         rounds = self.rounds
         test_x, test_y = self.test_set()
         replica = self.replica()
-        classes = replica.output_width(test_x[:2])
-        if len(test_y) and (int(test_y.min()) < 0 or int(test_y.max()) >= classes):
-            bad = int(test_y.min()) if int(test_y.min()) < 0 else int(test_y.max())
-            raise TaskError(self._name, f"test_data() holds label {bad}, expected labels in "
-                                        f"0..{classes - 1} (the model has {classes} outputs)")
+        check_labels(self._name, "test_data()", test_y, replica.output_width(test_x[:2]))
         calibration = self.calibration_set() if replica.has_running_stats else None
         robust = self.pipeline()
         start_round = 0
@@ -519,12 +515,8 @@ class Job:
         shard = train.batch(idx)
         replica = self.replica(worker_id)
         classes = replica.output_width(shard[0][:2])
-        labels = shard[1]
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
-            raise TaskError(self._name, f"train_data() holds label {bad} in worker "
-                                        f"{worker_id}'s shard, expected labels in "
-                                        f"0..{classes - 1} (the model has {classes} outputs)")
+        check_labels(self._name, f"worker {worker_id}'s shard of train_data()", shard[1],
+                     classes)
         attack = None
         if kind == "byzantine":
             attack = build_attack(wcfg, classes)

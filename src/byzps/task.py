@@ -248,13 +248,7 @@ class DatasetTensors:
     def targets(self) -> torch.Tensor:
         if self._targets is None:
             if hasattr(self.ds, "targets"):
-                t = torch.as_tensor(self.ds.targets)
-                if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool or \
-                        t.shape[0] != len(self.ds):
-                    raise TaskError(self.name, f"{self.split}.targets is {tuple(t.shape)} "
-                                               f"{t.dtype}, expected one integer label per "
-                                               f"item ({len(self.ds)})")
-                self._targets = t.to(torch.int64)
+                self._targets = targets_of(self.name, self.split, self.ds)
             else:
                 if len(self.ds) > MAX_SCANNED_ITEMS:
                     raise TaskError(self.name, f"{self.split} has {len(self.ds)} items and no "
@@ -591,27 +585,51 @@ def _read_items(name: str, split: str, ds: Any, positions: list[int]
     return xs, ys
 
 
+def check_labels(name: str, what: str, labels: torch.Tensor, num_outputs: int) -> None:
+    """Every label of ``labels`` (a 1-D integer tensor) lies in 0..C-1, C = ``num_outputs``.
+
+    Raises:
+        TaskError: ``<what> holds label <bad>, expected labels in 0..C-1 (the model has C
+            outputs)``.
+    """
+    if not len(labels):
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_outputs:
+        bad = lo if lo < 0 else hi
+        raise TaskError(name, f"{what} holds label {bad}, expected labels in "
+                              f"0..{num_outputs - 1} (the model has {num_outputs} outputs)")
+
+
+def targets_of(name: str, split: str, ds: Any) -> torch.Tensor:
+    """``ds.targets`` as a 1-D int64 tensor of one label per item (``split`` names the split
+    in messages, e.g. ``train_data()``).
+
+    Raises:
+        TaskError: not a sequence of integers, not 1-D integers, or a count other than
+            ``len(ds)``.
+    """
+    try:
+        targets = torch.as_tensor(ds.targets)
+    except Exception as e:
+        raise TaskError(name, f"{split}.targets is not a sequence of integers: "
+                              f"{_describe_exc(e)}") from e
+    if targets.dim() != 1 or targets.dtype.is_floating_point or targets.dtype == torch.bool \
+            or targets.is_complex():
+        raise TaskError(name, f"{split}.targets is {tuple(targets.shape)} {targets.dtype}, "
+                              f"expected one integer label per item")
+    if targets.shape[0] != len(ds):
+        raise TaskError(name, f"{split}.targets holds {targets.shape[0]} labels for "
+                              f"{len(ds)} items")
+    return targets.to(torch.int64)
+
+
 def _check_targets(name: str, split: str, ds: Any, positions: list[int], labels: list[int],
                    num_outputs: int) -> bool:
     if not hasattr(ds, "targets"):
         return False
-    try:
-        targets = torch.as_tensor(ds.targets)
-    except Exception as e:
-        raise TaskError(name, f"{split}().targets is not a sequence of integers: "
-                              f"{_describe_exc(e)}") from e
-    if targets.dim() != 1 or targets.dtype.is_floating_point or targets.dtype == torch.bool \
-            or targets.is_complex():
-        raise TaskError(name, f"{split}().targets is {tuple(targets.shape)} {targets.dtype}, "
-                              f"expected one integer label per item")
-    if targets.shape[0] != len(ds):
-        raise TaskError(name, f"{split}().targets holds {targets.shape[0]} labels for "
-                              f"{len(ds)} items")
-    lo, hi = int(targets.min()), int(targets.max())
-    if lo < 0 or hi >= num_outputs:
-        bad = lo if lo < 0 else hi
-        raise TaskError(name, f"{split}().targets holds label {bad}, expected labels in "
-                              f"0..{num_outputs - 1} (the model has {num_outputs} outputs)")
+    targets = targets_of(name, f"{split}()", ds)
+    check_labels(name, f"{split}().targets", targets, num_outputs)
     for i, y in zip(positions, labels):
         if int(targets[i]) != y:
             raise TaskError(name, f"{split}().targets[{i}] = {int(targets[i])} but "
