@@ -30,7 +30,7 @@ from typing import Optional
 from byzps.checkpoint import CheckpointError
 from byzps.config import ConfigError
 from byzps.data import DatasetNotFound, IdxFormatError
-from byzps.job import Job, check_over_tcp, load_config
+from byzps.job import Job, check_over_tcp, eval_split, load_config
 from byzps.task import TaskError
 
 
@@ -210,7 +210,8 @@ def _run_server(cfg, args) -> int:
     except OSError as e:
         print(f"server error: {e}", file=sys.stderr)
         return 1
-    print(f"final test accuracy: {result.test_accuracy:.4f} (loss {result.test_loss:.4f}) after "
+    print(f"final {eval_split(cfg)} accuracy: {result.test_accuracy:.4f} "
+          f"(loss {result.test_loss:.4f}) after "
           f"{result.rounds} rounds in {result.seconds:.1f} s "
           f"({result.seconds / result.rounds:.3f} s/round)", flush=True)
     problem = core.checkpoint_problem()
@@ -387,8 +388,8 @@ def _cmd_simulate(args) -> int:
         print(f"simulate: {e}", file=sys.stderr)
         return 2
     progress.close()
-    print(f"final test accuracy: {result.test_accuracy:.4f} (loss {result.test_loss:.4f}) "
-          f"after {result.rounds} rounds in {result.seconds:.1f} s "
+    print(f"final {eval_split(cfg)} accuracy: {result.test_accuracy:.4f} "
+          f"(loss {result.test_loss:.4f}) after {result.rounds} rounds in {result.seconds:.1f} s "
           f"({result.seconds_per_round:.3f} s/round); PS replica digest {result.digest}",
           flush=True)
     return 0

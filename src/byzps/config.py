@@ -241,6 +241,12 @@ class TrainingConfig(_Strict):
         round_timeout: seconds the PS waits for gradients before closing a round with a quorum.
         train_limit: use only this many training samples (after a seeded shuffle); None = all.
         test_limit: evaluate on only the first this many test samples; None = all 10,000.
+        validation: hold out this many training examples (a seeded random choice,
+            :func:`byzps.partition.holdout_indices`) from every worker's shard, and evaluate
+            on them instead of the test set: the validation split to tune hyperparameters on
+            (a clipping threshold, centered clipping's tau) without ever looking at the test
+            set. Records keep their ``test_accuracy`` / ``test_loss`` fields; the run's
+            summary says "validation". None (default) = no split, evaluate on the test set.
         metrics_file: if set, the PS appends one JSON record per round to this path.
         quorum: fewest usable gradients a round may close with at its deadline (default
             n - f, and never fewer than the rule needs).
@@ -283,6 +289,7 @@ class TrainingConfig(_Strict):
     round_timeout: float = Field(60.0, gt=0)
     train_limit: Optional[int] = Field(None, ge=1, le=60000)
     test_limit: Optional[int] = Field(None, ge=1, le=10000)
+    validation: Optional[int] = Field(None, ge=1, le=10_000_000)   # job.MAX_TEST_ITEMS
     metrics_file: Optional[str] = None
     quorum: Optional[int] = Field(None, ge=1)
     round_retries: int = Field(3, ge=0)

@@ -697,15 +697,17 @@ def worst_case_table(rows: list[dict]) -> dict[str, dict[tuple[str, int], tuple[
     return out
 
 
-def markdown_tables(rows: list[dict]) -> str:
+def markdown_tables(rows: list[dict], split: str = "test") -> str:
     """The Markdown report: per distribution, worst-case accuracy over attacks (rows: rules,
-    columns: f), then per f the full rule x attack table of final accuracy."""
+    columns: f), then per f the full rule x attack table of final accuracy; ``split`` names
+    what the accuracy was measured on (``test``, or ``validation`` for a grid whose base sets
+    ``training.validation``)."""
     rules = list(dict.fromkeys(r["rule"] for r in rows))
     fs = sorted({r["f"] for r in rows})
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     lines = []
     for dist, table in worst_case_table(rows).items():
-        lines += [f"### Worst-case test accuracy over attacks ({dist})", "",
+        lines += [f"### Worst-case {split} accuracy over attacks ({dist})", "",
                   "| rule | " + " | ".join(f"f = {f}" for f in fs) + " |",
                   "|---|" + "---|" * len(fs)]
         for rule in rules:
@@ -720,7 +722,7 @@ def markdown_tables(rows: list[dict]) -> str:
             sub = [r for r in rows if r["f"] == f and r["distribution"] == dist]
             if not sub:
                 continue
-            lines += [f"### Final test accuracy, f = {f} ({dist})", "",
+            lines += [f"### Final {split} accuracy, f = {f} ({dist})", "",
                       "| rule | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
             for rule in rules:
                 cells = []
@@ -741,12 +743,13 @@ def write_reports(grid: Grid, results: list[dict], out: Path, plots: bool = True
                   stream: Optional[TextIO] = None) -> None:
     """Write ``results.csv``, ``table.md`` and (with matplotlib) the PNGs for ``results``."""
     rows = [_row(r) for r in results]
+    split = "validation" if grid.base.get("training", {}).get("validation") else "test"
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in rows:
             w.writerow(r)
-    (out / "table.md").write_text(markdown_tables(rows) + "\n")
+    (out / "table.md").write_text(markdown_tables(rows, split) + "\n")
     if not plots or not rows:
         return
     try:
@@ -770,7 +773,7 @@ def write_reports(grid: Grid, results: list[dict], out: Path, plots: bool = True
                                     else (0.0 if hit else None))
                     values.append(line)
                 plot_heatmap(rules, attacks, values, out / f"heatmap_{tag}.png",
-                             title=f"final test accuracy, f = {f}, {dist}")
+                             title=f"final {split} accuracy, f = {f}, {dist}")
                 curves = {}
                 for r in sub:
                     p = out / "cells" / r["key"] / "metrics.jsonl"
@@ -780,7 +783,7 @@ def write_reports(grid: Grid, results: list[dict], out: Path, plots: bool = True
                 if curves:
                     try:
                         plot_curves(curves, out / f"curves_{tag}.png",
-                                    title=f"test accuracy, f = {f}, {dist}")
+                                    title=f"{split} accuracy, f = {f}, {dist}")
                     except ValueError:
                         pass
     except PlottingUnavailable as e:

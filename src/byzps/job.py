@@ -34,7 +34,7 @@ from byzps.core.ps import PsCore
 from byzps.core.rounds import ServerRounds
 from byzps.core.worker import WorkerCore
 from byzps.metrics import JsonlWriter, truncate_records
-from byzps.partition import make_shards
+from byzps.partition import holdout_indices, make_shards, sample_pool
 from byzps.replica import Replica, resolve_device
 from byzps.robust import RobustPipeline, build_pipeline, quorum_for
 from byzps.safeio import FileRefused
@@ -253,20 +253,42 @@ def load_config(path: str | Path) -> Config:
 
 def shards(cfg: Config, labels: np.ndarray) -> list[np.ndarray]:
     """The shards of a config: :func:`byzps.partition.make_shards` with
-    ``training.distribution``, ``training.seed``, ``training.train_limit`` and
-    ``min_size = training.batch_size``. Shard k belongs to the worker whose
+    ``training.distribution``, ``training.seed``, ``training.train_limit``,
+    ``holdout = training.validation`` and ``min_size = training.batch_size``. Shard k belongs to the worker whose
     ``cfg.shard_of(id) == k``.
 
     Args:
         labels: ``(N,)`` integer labels of the whole training set.
 
     Raises:
-        ValueError: a shard smaller than one batch (the message says which and why).
+        ValueError: a shard smaller than one batch, or a validation split as large as the
+            training set (the message says which and why).
     """
     t = cfg.training
     dist = t.distribution
+    holdout = _holdout(cfg, len(labels))
     return make_shards(labels, cfg.n, t.seed, t.train_limit, distribution=dist.name,
-                       alpha=dist.alpha, gamma=dist.gamma, min_size=t.batch_size)
+                       alpha=dist.alpha, gamma=dist.gamma, min_size=t.batch_size,
+                       holdout=holdout)
+
+
+def _holdout(cfg: Config, num_samples: int) -> int:
+    """``training.validation`` (0 when unset), checked against the training set's size.
+
+    Raises:
+        ValueError: naming the field, when it leaves no training example.
+    """
+    v = cfg.training.validation or 0
+    if v >= num_samples:
+        raise ValueError(f"training.validation: {v} examples held out, but the training set "
+                         f"has {num_samples}: hold out fewer (at most {num_samples - 1})")
+    return v
+
+
+def eval_split(cfg: Config) -> str:
+    """What the PS evaluates on: ``"validation"`` (``training.validation`` set) or
+    ``"test"``; the word summaries and grid reports use."""
+    return "validation" if cfg.training.validation else "test"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,12 +410,20 @@ class Job:
         return robust
 
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The evaluation set, cut to ``training.test_limit``: ``(m, *input_shape)`` inputs and
+        """The evaluation set: the test set cut to ``training.test_limit``, or, when
+        ``training.validation`` is set, the validation split (training examples no shard
+        holds, :func:`byzps.partition.holdout_indices`): ``(m, *input_shape)`` inputs and
         ``(m,)`` int64 labels.
 
         Raises:
             byzps.data.DatasetNotFound / IdxFormatError: no usable copy of the data.
+            ValueError: a validation split as large as the training set.
         """
+        if self.cfg.training.validation:
+            train = self._split("train")
+            idx = holdout_indices(len(train), self.cfg.training.seed,
+                                  _holdout(self.cfg, len(train)))
+            return train.batch(torch.from_numpy(idx))
         test = self._split("test")
         limit = min(self.cfg.training.test_limit or len(test), len(test))
         if limit > MAX_TEST_ITEMS:
@@ -404,11 +434,18 @@ class Job:
 
     def calibration_set(self) -> torch.Tensor:
         """``(c, *input_shape)`` training inputs, c = min(:data:`CALIBRATION_ITEMS`, training
-        set size), drawn without replacement with ``training.seed``: what the PS recomputes
-        running statistics from before each evaluation."""
+        examples), drawn without replacement with ``training.seed`` (never from the
+        validation split): what the PS recomputes running statistics from before each
+        evaluation."""
         train = self._split("train")
         gen = torch.Generator().manual_seed(self.cfg.training.seed)
-        idx = torch.randperm(len(train), generator=gen)[:CALIBRATION_ITEMS]
+        holdout = _holdout(self.cfg, len(train))
+        if not holdout:
+            idx = torch.randperm(len(train), generator=gen)[:CALIBRATION_ITEMS]
+        else:
+            pool = torch.from_numpy(sample_pool(len(train), self.cfg.training.seed, None,
+                                                holdout))
+            idx = pool[torch.randperm(len(pool), generator=gen)[:CALIBRATION_ITEMS]]
         return train.batch(idx)[0]
 
     def shard_indices(self) -> list[np.ndarray]:
@@ -450,7 +487,8 @@ class Job:
         rounds = self.rounds
         test_x, test_y = self.test_set()
         replica = self.replica()
-        check_labels(self._name, "test_data()", test_y, replica.output_width(test_x[:2]))
+        check_labels(self._name, "test_data()" if eval_split(cfg) == "test" else "train_data()",
+                     test_y, replica.output_width(test_x[:2]))
         calibration = self.calibration_set() if replica.has_running_stats else None
         robust = self.pipeline()
         start_round = 0
@@ -489,7 +527,8 @@ class Job:
                       checkpoint_every=t.checkpoint_every if checkpoints else 0,
                       checkpoint_dir=t.checkpoint_dir,
                       fingerprint=checkpoint.fingerprint(cfg),
-                      calibration=calibration, calibration_batch=t.batch_size)
+                      calibration=calibration, calibration_batch=t.batch_size,
+                      eval_split=eval_split(cfg))
 
     def worker_core(self, worker_id: int, worker_type: Optional[str] = None) -> WorkerCore:
         """Worker ``worker_id``'s core: its replica, shard, sampler, momentum and attack.

@@ -35,7 +35,7 @@ from typing import Any, Optional, Protocol, TextIO
 import yaml
 
 from byzps.config import ConfigError
-from byzps.job import Job, check_over_tcp, load_config
+from byzps.job import Job, check_over_tcp, eval_split, load_config
 from byzps.metrics import JsonlFollower, iter_jsonl, round_status
 from byzps.nodeproc import free_port, node_cmd, node_env  # noqa: F401 - public here too
 from byzps.progress import Progress
@@ -105,6 +105,8 @@ class RunSummary:
             worker had exited with an error).
         failed: names of the nodes that exited non-zero.
         min_accuracy: the accuracy the run had to reach (``--min-accuracy``), or None.
+        split: what the accuracy was measured on: ``test``, or ``validation``
+            (``training.validation``, :func:`byzps.job.eval_split`).
     """
 
     exit_codes: dict[str, int]
@@ -117,6 +119,7 @@ class RunSummary:
     min_accuracy: Optional[float] = None
     terminated: bool = False
     stopped: list[str] = field(default_factory=list)
+    split: str = "test"
 
     @property
     def accuracy_ok(self) -> bool:
@@ -262,7 +265,8 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
             for fh in logs:
                 fh.close()
     return finish({name: node.poll() for name, node in nodes.items()}, run_dir, t0, total, out,
-                  interrupted, min_accuracy, terminated=guard.fired, stopped=stopped)
+                  interrupted, min_accuracy, terminated=guard.fired, stopped=stopped,
+                  split=eval_split(cfg))
 
 
 def check_shards(cfg: Any, source: str, data_root: str) -> None:
@@ -386,7 +390,7 @@ def _workers_all_failed(nodes: Mapping[str, NodeProcess], out: TextIO) -> bool:
 def finish(codes: dict[str, Optional[int]], run_dir: Path, started: float, total: int,
            out: TextIO, interrupted: bool = False,
            min_accuracy: Optional[float] = None, terminated: bool = False,
-           stopped: Optional[set[str]] = None) -> RunSummary:
+           stopped: Optional[set[str]] = None, split: str = "test") -> RunSummary:
     """The :class:`RunSummary` of an ended run, printed to ``out``.
 
     Args:
@@ -394,7 +398,7 @@ def finish(codes: dict[str, Optional[int]], run_dir: Path, started: float, total
         run_dir: the run folder (``metrics.jsonl`` and ``<node>.log`` are read).
         started: ``time.perf_counter()`` at launch.
         total: rounds planned.
-        interrupted, min_accuracy, terminated, stopped: see :class:`RunSummary`.
+        interrupted, min_accuracy, terminated, stopped, split: see :class:`RunSummary`.
     """
     ended: dict[str, int] = {name: -1 if c is None else c for name, c in codes.items()}
     rounds, acc = 0, None
@@ -409,7 +413,7 @@ def finish(codes: dict[str, Optional[int]], run_dir: Path, started: float, total
         print(f"byzps run: cannot read the metrics file: {e}", file=out, flush=True)
     summary = RunSummary(ended, rounds, acc, time.perf_counter() - started, run_dir,
                          interrupted or terminated, [n for n, c in ended.items() if c != 0],
-                         min_accuracy, terminated, sorted(stopped or ()))
+                         min_accuracy, terminated, sorted(stopped or ()), split)
     _print_summary(summary, total, out)
     return summary
 
@@ -471,7 +475,7 @@ def _print_summary(s: RunSummary, total: int, out: TextIO) -> None:
     threshold = ""
     if s.min_accuracy is not None:
         threshold = f" ({'>=' if s.accuracy_ok else 'below'} --min-accuracy {s.min_accuracy:g})"
-    print(f"byzps run: {status}: {s.rounds}/{total} rounds, final test accuracy {acc}"
+    print(f"byzps run: {status}: {s.rounds}/{total} rounds, final {s.split} accuracy {acc}"
           f"{threshold}, {s.seconds:.1f} s; logs and metrics.jsonl in {s.run_dir}", file=out,
           flush=True)
     ps_failed = s.exit_codes.get("server") not in (None, 0) and "server" not in s.stopped

@@ -8,6 +8,8 @@ each round: pure functions of plain arguments (labels, n, seed, round), no confi
   into n pieces: McMahan et al. 2017's pathological non-iid split) or ``gamma`` (a fraction
   gamma iid, the rest label-sorted: Karimireddy et al. 2022, "Byzantine-robust learning on
   heterogeneous datasets via bucketing").
+* :func:`holdout_indices` is the validation split: training examples no shard holds, for
+  tuning hyperparameters without looking at the test set.
 * :class:`ShardSampler` gives a worker's minibatch of round r as a pure function of
   (seed, r): a seeded reshuffle of the shard each epoch.
 """
@@ -54,15 +56,50 @@ def iid_shards(num_samples: int, num_shards: int, seed: int,
 DISTRIBUTIONS = ("iid", "dirichlet", "label_sorted", "gamma")
 
 
-def sample_pool(num_samples: int, seed: int, limit: int | None = None) -> np.ndarray:
+def sample_pool(num_samples: int, seed: int, limit: int | None = None,
+                holdout: int = 0) -> np.ndarray:
     """The examples every distribution splits: a seeded permutation of ``range(num_samples)``
-    cut to its first ``limit`` entries (the same pool :func:`iid_shards` cuts).
+    without its last ``holdout`` entries (the validation split, :func:`holdout_indices`), cut
+    to its first ``limit`` entries (the same pool :func:`iid_shards` cuts).
+
+    Args:
+        num_samples: N, the training set's size.
+        seed: ``training.seed``.
+        limit: ``training.train_limit`` (None = every example not held out).
+        holdout: ``training.validation`` (0 = none), 0 <= holdout < N.
 
     Returns:
-        ``(min(limit, num_samples),)`` int64 indices, distinct.
+        ``(min(limit, N - holdout),)`` int64 indices, distinct, none of them held out.
+
+    Raises:
+        ValueError: ``holdout`` outside ``0 .. N - 1``.
     """
-    perm = np.random.default_rng(seed).permutation(num_samples)
-    return (perm if limit is None else perm[:limit]).astype(np.int64)
+    perm = _permutation(num_samples, seed, holdout)
+    keep = perm[:num_samples - holdout]
+    return (keep if limit is None else keep[:limit]).astype(np.int64)
+
+
+def holdout_indices(num_samples: int, seed: int, holdout: int) -> np.ndarray:
+    """The validation split: the last ``holdout`` entries of the permutation
+    :func:`sample_pool` takes its pool from, so they are never in any worker's shard.
+
+    Returns:
+        ``(holdout,)`` int64 indices into the training set, distinct, sorted.
+
+    Raises:
+        ValueError: ``holdout`` outside ``1 .. N - 1``.
+    """
+    if holdout < 1:
+        raise ValueError(f"a validation split needs at least 1 example, got {holdout}")
+    perm = _permutation(num_samples, seed, holdout)
+    return np.sort(perm[num_samples - holdout:]).astype(np.int64)
+
+
+def _permutation(num_samples: int, seed: int, holdout: int) -> np.ndarray:
+    if not 0 <= holdout < num_samples:
+        raise ValueError(f"{holdout} examples held out of a training set of {num_samples}; "
+                         f"expected 0 .. {num_samples - 1}")
+    return np.random.default_rng(seed).permutation(num_samples)
 
 
 def split_even(indices: np.ndarray, num_shards: int) -> list[np.ndarray]:
@@ -182,7 +219,8 @@ def dirichlet_proportions(num_classes: int, num_shards: int, alpha: float,
 
 def make_shards(labels: np.ndarray, num_shards: int, seed: int, limit: int | None = None,
                 distribution: str = "iid", alpha: float | None = None,
-                gamma: float | None = None, min_size: int = 1) -> list[np.ndarray]:
+                gamma: float | None = None, min_size: int = 1,
+                holdout: int = 0) -> list[np.ndarray]:
     """Split the training set into ``num_shards`` worker shards.
 
     All distributions split the same pool (:func:`sample_pool`). ``iid`` gives exactly
@@ -199,13 +237,15 @@ def make_shards(labels: np.ndarray, num_shards: int, seed: int, limit: int | Non
         distribution: one of :data:`DISTRIBUTIONS`.
         alpha, gamma: the distribution's parameter (None = its default).
         min_size: every shard must hold at least this many examples (the batch size).
+        holdout: examples held out as the validation split (:func:`holdout_indices`),
+            never in a shard; 0 = none.
 
     Returns:
         n int64 index arrays into ``labels``, disjoint, covering the pool.
 
     Raises:
-        ValueError: unknown distribution, a bad parameter, or a shard smaller than
-            ``min_size`` (the message names the shard, its size, and what to change).
+        ValueError: unknown distribution, a bad parameter, ``holdout`` not below N, or a
+            shard smaller than ``min_size`` (the message names the shard, its size, and what to change).
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown data distribution {distribution!r}; expected one of "
@@ -213,7 +253,7 @@ def make_shards(labels: np.ndarray, num_shards: int, seed: int, limit: int | Non
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     labels = np.asarray(labels)
-    pool = sample_pool(len(labels), seed, limit)
+    pool = sample_pool(len(labels), seed, limit, holdout)
     if distribution == "iid":
         shards = split_even(pool, num_shards)
     elif distribution == "label_sorted":

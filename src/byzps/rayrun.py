@@ -53,7 +53,7 @@ from typing import Any, Optional, TextIO
 import yaml
 
 from byzps.config import Config
-from byzps.job import check_over_tcp, load_config
+from byzps.job import check_over_tcp, eval_split, load_config
 from byzps.launcher import (
     RunSummary,
     SigtermGuard,
@@ -379,7 +379,7 @@ def launch_ray(config: str | Path, run_dir: str | Path, address: Optional[str] =
             remove_placement_group(pg)
     return finish({n: (nodes[n].poll() if n in nodes else None) for n in names}, run_dir, t0,
                   total, out, interrupted, min_accuracy, terminated=guard.fired,
-                  stopped=stopped)
+                  stopped=stopped, split=eval_split(cfg))
 
 
 def _write_placement(run_dir: Path, places: dict[str, dict]) -> None:

@@ -82,6 +82,8 @@ class PsCore:
         calibration: ``(c, *input_shape)`` training inputs the replica recomputes its running
             statistics (BatchNorm) from before each evaluation, in batches of
             ``calibration_batch``; None for a model without them.
+        eval_split: what ``test_x``/``test_y`` are, for log lines: ``"test"`` or
+            ``"validation"`` (training.validation; the records' fields keep their names).
         checkpoints_written, checkpoints_failed: checkpoints this process wrote / could not
             write (:meth:`checkpoint`).
     """
@@ -101,6 +103,7 @@ class PsCore:
     last: Evaluation = field(default_factory=Evaluation)
     calibration: Optional[torch.Tensor] = None
     calibration_batch: int = 32
+    eval_split: str = "test"
     checkpoints_written: int = 0
     checkpoints_failed: int = 0
     _started: Optional[float] = field(default=None, repr=False)
@@ -168,8 +171,9 @@ class PsCore:
         if evaluated:
             started = self._started if self._started is not None else time.perf_counter()
             rate = (time.perf_counter() - started) / max(1, r + 1 - self._first_round)
-            log.info("round %d/%d: test accuracy %.4f, test loss %.4f, %.3f s/round, "
-                     "accepted %s%s", r + 1, self.rounds, self.last.accuracy, self.last.loss,
+            log.info("round %d/%d: %s accuracy %.4f, %s loss %.4f, %.3f s/round, "
+                     "accepted %s%s", r + 1, self.rounds, self.eval_split, self.last.accuracy,
+                     self.eval_split, self.last.loss,
                      rate, list(closed.accepted),
                      f", rejected {closed.rejected}" if closed.rejected else "")
         self.metrics.write(record)
