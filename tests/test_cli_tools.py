@@ -270,6 +270,16 @@ def test_grid_runs_resumes_and_reports(tmp_path, base_config):
     again = run_grid(load_grid(path), out, data_root="./data", jobs=1, plots=False)
     assert [r["final_accuracy"] for r in again] == [r["final_accuracy"] for r in results]
     assert (out / "cells" / results[0]["key"] / "result.json").stat().st_mtime_ns == stamp
+    assert "PARTIAL" not in (out / "table.md").read_text()
+    # --report runs nothing and writes the reports of the finished cells, saying what is missing
+    (out / "cells" / results[1]["key"] / "result.json").unlink()
+    assert byzps_main(["grid", str(path), "--out", str(out), "--report", "--no-plots"]) == 0
+    assert not (out / "cells" / results[1]["key"] / "result.json").exists()
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["rule"] for r in rows] == ["mean"]
+    table = (out / "table.md").read_text()
+    assert table.startswith("**PARTIAL**: 1 of 2 cells finished (")
+    assert "Not finished:\n\n- sign_flip: median\n" in table and "| mean |" in table
 
 
 def test_markdown_worst_case_picks_the_minimum_over_attacks():

@@ -5,7 +5,7 @@
               [--ray [ADDRESS]] [--placement SPREAD|PACK|STRICT_SPREAD]
                                                   PS + workers over TCP, local or Ray actors
     byzps simulate CONFIG [--rounds R] [--data-root DIR] [--metrics F] one process, no sockets
-    byzps grid GRID.yaml [--jobs J] [--out DIR] [--rounds R] [--ray [ADDRESS]]
+    byzps grid GRID.yaml [--jobs J] [--out DIR] [--rounds R] [--ray [ADDRESS]] [--report]
                                                                        sweep in simulation
     byzps keygen CONFIG --out DIR                                      worker key files
     byzps list                                          rules, attacks, models, tasks, optimizers
@@ -285,6 +285,9 @@ def build_byzps_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-root", help=DATA_ROOT_HELP)
     g.add_argument("--rounds", type=int, help="override the grid's rounds")
     g.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    g.add_argument("--report", action="store_true",
+                   help="run nothing: write results.csv and table.md from the cells finished "
+                        "in --out so far (safe while another byzps grid runs into it)")
 
     k = sub.add_parser("keygen", help="write worker keys: DIR/ps.secrets.yaml (all) and "
                        "DIR/worker-<id>.secrets.yaml (one each)")
@@ -414,7 +417,7 @@ def _cmd_grid(args) -> int:
     out = args.out or str(Path("runs") / f"grid-{Path(args.grid).stem}")
     try:
         run_grid(grid, out, data_root=args.data_root, jobs=args.jobs,
-                 plots=not args.no_plots, ray=args.ray)
+                 plots=not args.no_plots, ray=args.ray, report_only=args.report)
     except (RayUnavailable, GridError) as e:
         print(f"grid error: {e}", file=sys.stderr)
         return 2

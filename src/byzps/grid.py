@@ -23,8 +23,9 @@ torch thread each) and writes ``OUT/cells/<cell>/metrics.jsonl`` and ``result.js
 ``--ray`` each cell is a Ray task instead (:func:`ray_cell`, resources from
 :func:`cell_resources`) and the driver writes those two files as each task returns. A cell
 whose ``result.json`` exists for the same cell config (rounds included) is skipped, so an
-interrupted grid resumes where it stopped. At the end (also when every cell was already done)
-the grid writes ``OUT/results.csv``, ``OUT/table.md`` (worst-case accuracy over attacks, per
+interrupted grid resumes where it stopped; ``--report`` runs nothing and writes the reports of
+the cells finished so far (a PARTIAL header in ``table.md`` names the missing ones). At the end
+(also when every cell was already done) the grid writes ``OUT/results.csv``, ``OUT/table.md`` (worst-case accuracy over attacks, per
 rule and f) and PNGs (``heatmap_*.png``: rule x attack final accuracy; ``curves_*.png``: accuracy per round).
 """
 
@@ -42,6 +43,7 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TextIO
@@ -414,8 +416,12 @@ def _finished(cell_dir: Path, spec: dict, config: dict) -> Optional[dict]:
 
 def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: Optional[int] = None,
              stream: Optional[TextIO] = None, plots: bool = True,
-             ray: Optional[str] = None) -> list[dict]:
+             ray: Optional[str] = None, report_only: bool = False) -> list[dict]:
     """Run every unfinished cell (as local processes, or as Ray tasks), then write the reports.
+
+    The reports cover the finished cells; when some are missing (``report_only``, or cells
+    that crashed), ``table.md`` starts with a PARTIAL header that counts them and names the
+    (rule, attack) pairs not finished.
 
     Args:
         grid: the parsed grid.
@@ -433,9 +439,11 @@ def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: O
             task with the CPUs (and GPUs) of :func:`cell_resources`. The driver writes each
             cell's files into ``out_dir`` as the cell finishes, so the out folder need only
             exist on this machine.
+        report_only: run nothing; write the reports of the cells finished so far (safe while
+            another ``byzps grid`` runs cells into ``out_dir``).
 
     Returns:
-        the result mapping of every cell, in grid order (each with its ``key``).
+        the result mapping of every finished cell, in grid order (each with its ``key``).
 
     Raises:
         RuntimeError: a cell crashed with an unexpected error (its traceback is in the
@@ -455,11 +463,16 @@ def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: O
         else:
             todo.append(cell)
     total = len(grid.cells)
-    how = (f"with {jobs or 1} process(es)" if ray is None
-           else "on a local Ray instance" if ray == "local" else f"on the Ray cluster at {ray}"
-           + (" (--jobs ignored: the nodes' CPUs decide)" if jobs else ""))
-    print(f"byzps grid: {total} cells, {total - len(todo)} already done, {len(todo)} to run "
-          f"{how}; output in {out}", file=stream, flush=True)
+    if report_only:
+        todo, how = [], "(--report: running none)"
+    else:
+        how = (f"with {jobs or 1} process(es)" if ray is None
+               else "on a local Ray instance" if ray == "local"
+               else f"on the Ray cluster at {ray}"
+               + (" (--jobs ignored: the nodes' CPUs decide)" if jobs else ""))
+    verb = "not finished" if report_only else "to run"
+    print(f"byzps grid: {total} cells, {len(results)} already done, {total - len(results)} "
+          f"{verb} {how}; output in {out}", file=stream, flush=True)
     t0 = time.perf_counter()
     errors: list[str] = []
     if todo:
@@ -475,7 +488,8 @@ def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: O
     for cell in grid.cells:
         if cell.key in results:
             ordered.append(dict(results[cell.key], key=cell.key))
-    write_reports(grid, ordered, out, plots=plots, stream=stream)
+    missing = [c for c in grid.cells if c.key not in results]
+    write_reports(grid, ordered, out, plots=plots, stream=stream, missing=missing)
     print(f"byzps grid: done in {time.perf_counter() - t0:.0f} s; {out / 'results.csv'}, "
           f"{out / 'table.md'}", file=stream, flush=True)
     if errors:
@@ -739,9 +753,32 @@ def markdown_tables(rows: list[dict], split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def partial_header(grid: Grid, finished: int, missing: Sequence[Cell]) -> str:
+    """The Markdown header of a report that lacks ``missing`` cells ("" when none): how many
+    cells finished, and per attack (grid order) the rules not finished. A worst case is then
+    the minimum over the finished attacks only, so it can only go down as cells finish."""
+    if not missing:
+        return ""
+    by_attack: dict[str, list[str]] = {c.attack_display: [] for c in grid.cells}
+    for c in missing:
+        by_attack[c.attack_display].append(c.rule)
+    lines = [f"**PARTIAL**: {finished} of {len(grid.cells)} cells finished ({grid.rounds} "
+             f"rounds each); the others have not run yet (or crashed). A worst case is the "
+             f"minimum over the attacks finished for that rule only; an empty cell has not "
+             f"run.", "", "Not finished:", ""]
+    n_rules = len({c.rule for c in grid.cells})
+    for attack, rules in by_attack.items():
+        if rules:
+            names = list(dict.fromkeys(rules))
+            lines.append(f"- {attack}: " + ("every rule" if len(names) == n_rules
+                                             else ", ".join(names)))
+    return "\n".join(lines) + "\n\n"
+
+
 def write_reports(grid: Grid, results: list[dict], out: Path, plots: bool = True,
-                  stream: Optional[TextIO] = None) -> None:
-    """Write ``results.csv``, ``table.md`` and (with matplotlib) the PNGs for ``results``."""
+                  stream: Optional[TextIO] = None, missing: Sequence[Cell] = ()) -> None:
+    """Write ``results.csv``, ``table.md`` and (with matplotlib) the PNGs for ``results``;
+    ``table.md`` starts with :func:`partial_header` when ``missing`` cells have no result."""
     rows = [_row(r) for r in results]
     split = "validation" if grid.base.get("training", {}).get("validation") else "test"
     with open(out / "results.csv", "w", newline="") as fh:
@@ -749,7 +786,8 @@ def write_reports(grid: Grid, results: list[dict], out: Path, plots: bool = True
         w.writeheader()
         for r in rows:
             w.writerow(r)
-    (out / "table.md").write_text(markdown_tables(rows, split) + "\n")
+    head = partial_header(grid, len(results), missing)
+    (out / "table.md").write_text(head + markdown_tables(rows, split) + "\n")
     if not plots or not rows:
         return
     try:
