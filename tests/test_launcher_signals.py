@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import node_env, write_config
+from conftest import free_port, node_env, start_node, wait_for_port, write_config
 
 BYZPS = [sys.executable, "-c", "import sys; from byzps.cli import byzps_main; "
                                "sys.exit(byzps_main())"]
@@ -133,3 +133,31 @@ def test_test_local_sh_reads_relative_paths_from_the_callers_folder(tmp_path, ba
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "r" / "metrics.jsonl").exists()
     assert "byzps run: OK: 1/1 rounds" in res.stderr
+
+
+def test_sigterm_to_a_hand_started_ps_tells_its_workers_to_stop(tmp_path, base_config):
+    """ps_node.py --role server under SIGTERM (e.g. systemd, kill): it sends STOP to every
+    worker, as on Ctrl-C, and exits 143; the workers end at once instead of waiting out
+    server.connect_timeout (120 s here) for a PS that is gone."""
+    data = tiny(base_config)
+    data["server"].update(port=free_port(), connect_timeout=120.0)
+    data["training"]["metrics_file"] = str(tmp_path / "m.jsonl")
+    cfg = write_config(tmp_path / "c.yaml", data)
+    ps = start_node(cfg, "server", log=tmp_path / "ps.log")
+    wait_for_port(data["server"]["port"], ps, tmp_path / "ps.log")
+    workers = [start_node(cfg, "worker", worker_id=i, log=tmp_path / f"w{i}.log")
+               for i in (0, 1)]
+    metrics = tmp_path / "m.jsonl"
+    wait_for(lambda: ps.poll() is not None or (metrics.exists() and metrics.stat().st_size > 0),
+             "the first round")
+    assert ps.poll() is None, (tmp_path / "ps.log").read_text()
+    ps.send_signal(signal.SIGTERM)
+    assert ps.wait(timeout=30) == 143, (tmp_path / "ps.log").read_text()
+    assert "terminated (SIGTERM): the workers were told to stop" in (tmp_path / "ps.log"
+                                                                     ).read_text()
+    t0 = time.monotonic()
+    for i, w in enumerate(workers):
+        code = w.wait(timeout=30)
+        log = (tmp_path / f"w{i}.log").read_text()
+        assert code == 1 and "the PS aborted: server shutting down" in log, log
+    assert time.monotonic() - t0 < 30

@@ -14,7 +14,8 @@
 Exit codes: 0 success; 1 the run failed (no quorum, PS unreachable, refused, aborted, a node
 failed, a port in use, or ``byzps run --min-accuracy`` not reached); 2 bad usage or config (one
 line per problem, no traceback; also a task whose code fails, :class:`byzps.task.TaskError`);
-130 interrupted; 143 ``byzps run`` got SIGTERM (its nodes were stopped too).
+130 interrupted; 143 ``byzps run`` got SIGTERM (its nodes were stopped too), or a PS got
+SIGTERM (it told its workers to stop first, as on Ctrl-C).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Optional
@@ -189,6 +191,36 @@ def _guarded(command: Callable[[], int]) -> int:
         return 130
 
 
+class SigTerm(Exception):
+    """The PS got SIGTERM and shut down as on Ctrl-C (STOP to every worker)."""
+
+
+async def _until_sigterm(run):
+    """Await the coroutine ``run`` (the PS); on SIGTERM cancel it, so that its shutdown
+    path tells every worker to stop (as Ctrl-C does) instead of the process dying with
+    workers left waiting for ``server.connect_timeout``, then raise :class:`SigTerm`."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(run)
+    fired = []
+
+    def on_term() -> None:
+        fired.append(True)
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+    except (NotImplementedError, RuntimeError, ValueError):   # not the main thread / Windows
+        return await task
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if fired:
+            raise SigTerm from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def _run_server(cfg, args) -> int:
     from byzps.net.server import ListenError, ParameterServer, TrainingFailed
     from byzps.status import StatusEndpointError
@@ -197,7 +229,10 @@ def _run_server(cfg, args) -> int:
         core = Job(cfg, args.data_root, rounds=args.rounds,
                    source=args.config).ps_core(resume=args.resume)
         ps = ParameterServer(cfg, core)
-        result = asyncio.run(ps.run())
+        result = asyncio.run(_until_sigterm(ps.run()))
+    except SigTerm:
+        print("terminated (SIGTERM): the workers were told to stop", file=sys.stderr)
+        return 143
     except StatusEndpointError as e:
         print(f"server error: {e}", file=sys.stderr)
         return 1
