@@ -93,6 +93,7 @@ def test_a_shard_smaller_than_a_batch_stops_byzps_run_before_any_node(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"config error: {cfg}: ") and "batch" in err[0]
     assert not (run_dir / "server.log").exists()
+    assert not run_dir.exists()   # no run folder is left behind when no node started
 
 
 def test_when_every_worker_fails_the_launcher_says_so_and_stops_the_ps(tmp_path, base_config):

@@ -197,6 +197,16 @@ class LocalNode:
                 pass
 
 
+def _remove_unused_run_dir(run_dir: Path) -> None:
+    """Remove a run folder this launch created when no node started: its ``config.yaml``,
+    then the folder if nothing else is in it (never anything else)."""
+    try:
+        (run_dir / "config.yaml").unlink(missing_ok=True)
+        run_dir.rmdir()
+    except OSError:
+        pass
+
+
 def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
            rounds: Optional[int] = None, out: Optional[TextIO] = None,
            poll: float = 0.5, min_accuracy: Optional[float] = None) -> RunSummary:
@@ -221,15 +231,22 @@ def launch(config: str | Path, run_dir: str | Path, data_root: str = "./data",
 
     Raises:
         byzps.config.ConfigError: invalid config, or a worker's data shard smaller than one
-            batch (:func:`check_shards`; no node is started).
+            batch (:func:`check_shards`; no node is started, and a run folder this call
+            created is removed again).
         byzps.data.DatasetNotFound, byzps.data.IdxFormatError: no usable copy of the data.
     """
     out = out or sys.stderr
     run_dir = Path(run_dir)
-    cfg_path = prepare_run_dir(config, run_dir)
-    cfg = load_config(cfg_path)
-    check_over_tcp(cfg, str(config))
-    check_shards(cfg, str(config), data_root)
+    fresh = not run_dir.exists()
+    try:
+        cfg_path = prepare_run_dir(config, run_dir)
+        cfg = load_config(cfg_path)
+        check_over_tcp(cfg, str(config))
+        check_shards(cfg, str(config), data_root)
+    except BaseException:
+        if fresh:   # stopped before any node: leave no run folder behind
+            _remove_unused_run_dir(run_dir)
+        raise
     total = rounds or cfg.training.rounds
     env = node_env()
     nodes: dict[str, LocalNode] = {}
