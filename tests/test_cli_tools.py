@@ -319,3 +319,15 @@ def test_after_ctrl_c_a_node_that_lost_the_first_sigint_gets_it_again_then_sigte
     assert time.monotonic() - t0 < 10
     assert procs["server"].returncode == 130          # ended by the second SIGINT
     assert procs["worker-0"].returncode == -sig.SIGTERM
+
+
+def test_simulate_names_the_config_in_a_task_error(tmp_path, capsys):
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "task": {"ref": str(tmp_path / "missing_task.py") + ":make"},
+        "training": {"rounds": 2}, "aggregation": {"method": "mean"},
+        "server": {"host": "127.0.0.1", "port": 9000}, "workers": [{"id": 0}, {"id": 1}]}))
+    assert byzps_main(["simulate", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"config error: {cfg}: task '"), err
+    assert "no such file" in err[0]

@@ -417,9 +417,9 @@ def _cmd_simulate(args) -> int:
         progress.close()
         print(f"simulation failed: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:   # a data shard smaller than one batch
+    except ValueError as e:   # a data shard smaller than one batch; a task whose code fails
         progress.close()
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"config error: {args.config}: {e}", file=sys.stderr)
         return 2
     except MetricsWriteError as e:   # --metrics (or training.metrics_file) a folder, /dev/full
         progress.close()
