@@ -78,10 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="also write the Markdown here")
     args = ap.parse_args(argv)
     rows = []
-    for p in args.results:
-        with open(p, newline="") as fh:
-            rows += list(csv.DictReader(fh))
-    text = "\n".join(pick(rows)) + "\n"
+    try:
+        for p in args.results:
+            with open(p, newline="", encoding="utf-8") as fh:
+                rows += list(csv.DictReader(fh))
+        if not rows:
+            print(f"pick_tuned: no results in {', '.join(map(str, args.results))}",
+                  file=sys.stderr)
+            return 1
+        text = "\n".join(pick(rows)) + "\n"
+    except KeyError as e:
+        print(f"pick_tuned: not a byzps grid results.csv: no column {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, csv.Error) as e:   # UnicodeDecodeError is a ValueError
+        print(f"pick_tuned: {e}", file=sys.stderr)
+        return 2
     sys.stdout.write(text)
     if args.out:
         args.out.write_text(text)

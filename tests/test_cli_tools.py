@@ -280,6 +280,25 @@ def test_grid_runs_resumes_and_reports(tmp_path, base_config):
     table = (out / "table.md").read_text()
     assert table.startswith("**PARTIAL**: 1 of 2 cells finished (")
     assert "Not finished:\n\n- sign_flip: median\n" in table and "| mean |" in table
+    # another --rounds into the same folder would overwrite finished cells: refused
+    other = load_grid(path)
+    other.rounds = 3
+    for report_only in (False, True):
+        with pytest.raises(GridError, match=r"holds finished results of 1 cell\(s\) of this "
+                                            r"grid made with another config, e\.g\. mean__"
+                                            r"\S+ \(2 rounds there, 3 here\)"):
+            run_grid(other, out, plots=False, report_only=report_only)
+    assert json.loads((out / "cells" / results[0]["key"] / "result.json").read_text()
+                      )["rounds"] == 2
+    # an output folder that cannot be one, or has never held a grid
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(GridError, match=r"output folder .*afile: cannot create .*afile/cells: "
+                                        r"Not a directory"):
+        run_grid(load_grid(path), afile, plots=False)
+    with pytest.raises(GridError, match=r"no grid has run there"):
+        run_grid(load_grid(path), tmp_path / "never", plots=False, report_only=True)
+    assert not (tmp_path / "never").exists()
 
 
 def test_markdown_worst_case_picks_the_minimum_over_attacks():

@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import yaml
+
 from conftest import free_port, node_env, start_node, wait_for_port, write_config
 
 BYZPS = [sys.executable, "-c", "import sys; from byzps.cli import byzps_main; "
@@ -166,3 +169,94 @@ def test_sigterm_to_a_hand_started_ps_tells_its_workers_to_stop(tmp_path, base_c
         log = (tmp_path / f"w{i}.log").read_text()
         assert code == 1 and "the PS aborted: server shutting down" in log, log
     assert time.monotonic() - t0 < 30
+
+
+def _long_grid(tmp_path, base_config, rounds: int = 100_000) -> Path:
+    """Two logreg cells that run for a long time (each far beyond the test's waits)."""
+    base = {k: v for k, v in base_config.items() if k not in ("workers", "aggregation")}
+    base["training"] = dict(base["training"], model="logreg", rounds=rounds, eval_every=10**6,
+                            train_limit=400, test_limit=100, batch_size=16)
+    grid = {"base": base, "honest": 3, "sweep": {"aggregator": ["mean", "trimmed_mean"],
+                                                 "attack": ["sign_flip"], "f": [1]}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def _cells_of(pid: int) -> set[int]:
+    """The grid's cell processes (its spawned children, not multiprocessing's tracker)."""
+    out = set()
+    for k in children(pid):
+        try:
+            cmd = Path(f"/proc/{k}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmd:
+            out.add(k)
+    return out
+
+
+def _start_grid(path: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([*BYZPS, "grid", str(path), "--out", str(out), "--jobs", "2",
+                             "--no-plots", *extra], env=node_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the grid", "Ctrl-C to the group",
+                                 "SIGINT to the grid"])
+def test_sigterm_and_ctrl_c_stop_byzps_grid_and_its_cells(tmp_path, base_config, how):
+    path = _long_grid(tmp_path, base_config)
+    out = tmp_path / "out"
+    proc = _start_grid(path, out)
+    cells: set[int] = set()
+    try:
+        wait_for(lambda: proc.poll() is not None or len(_cells_of(proc.pid)) == 2,
+                 "two running cells")
+        assert proc.poll() is None, proc.communicate()[0]
+        cells = _cells_of(proc.pid)
+        wait_for(lambda: len(list(out.glob("cells/*/metrics.jsonl"))) == 2, "both cells")
+        if how.startswith("SIGTERM"):
+            proc.send_signal(signal.SIGTERM)
+        elif how.startswith("Ctrl-C"):
+            os.killpg(proc.pid, signal.SIGINT)   # what a terminal sends the foreground
+        else:
+            proc.send_signal(signal.SIGINT)
+        text, _ = proc.communicate(timeout=60)
+        if how.startswith("SIGTERM"):
+            assert proc.returncode == 143, text
+            assert "byzps grid: terminated (SIGTERM); the running cells were stopped" in text
+        else:
+            assert proc.returncode == 130 and "interrupted" in text, text
+        assert "Traceback" not in text, text
+        wait_for(lambda: not any(alive(k) for k in cells), f"{how}: the cells to end", 10)
+        assert not list(out.glob("cells/*/result.json"))   # none finished: none reported
+    finally:
+        for k in cells:
+            if alive(k):
+                os.kill(k, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_cell_process_that_dies_is_reported_and_the_grid_goes_on(tmp_path, base_config):
+    path = _long_grid(tmp_path, base_config, rounds=300)
+    out = tmp_path / "out"
+    proc = _start_grid(path, out)
+    try:
+        wait_for(lambda: proc.poll() is not None or len(_cells_of(proc.pid)) == 2,
+                 "two running cells")
+        victim = min(_cells_of(proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        text, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, text
+    assert "CRASHED" in text and "without a result (killed? out of memory?)" in text, text
+    assert "ended with exit code -9" in text, text
+    assert len(list(out.glob("cells/*/result.json"))) == 1, text   # the other one finished
+    # a rerun runs only the crashed cell
+    rerun = subprocess.run([*BYZPS, "grid", str(path), "--out", str(out), "--no-plots"],
+                           env=node_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "2 cells, 1 already done, 1 to run" in rerun.stderr

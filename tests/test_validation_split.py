@@ -98,10 +98,16 @@ def test_the_ps_evaluates_on_the_held_out_training_examples():
 def test_a_validation_split_without_training_examples_left_names_the_field():
     job = Job(parse_config(_task_config(validation=600)), "./data")
     with pytest.raises(ValueError, match=r"training.validation: 600 examples held out, but the "
-                                         r"training set has 600: hold out fewer \(at most 599\)"):
+                                         r"training set has 600: hold out fewer, so that every "
+                                         r"worker's shard keeps at least one batch"):
         job.shard_indices()
     with pytest.raises(ConfigError, match=r"training.validation"):
         parse_config(_task_config(validation=0))
+    # a split that leaves too little: the shard error says so
+    job = Job(parse_config(_task_config(validation=590)), "./data")
+    with pytest.raises(ValueError, match=r"fewer than one batch of 16; .*; 590 of the 600 "
+                                         r"examples are held out for validation"):
+        job.shard_indices()
 
 
 def test_simulate_and_grid_say_validation(tmp_path, capsys):

@@ -191,8 +191,10 @@ def _guarded(command: Callable[[], int]) -> int:
         return 130
 
 
-class SigTerm(Exception):
-    """The PS got SIGTERM and shut down as on Ctrl-C (STOP to every worker)."""
+class SigTerm(BaseException):
+    """SIGTERM arrived: the PS shut down as on Ctrl-C (STOP to every worker), or ``byzps
+    grid`` stopped its running cells. A BaseException, so no ``except Exception`` of the
+    code it interrupts takes it."""
 
 
 async def _until_sigterm(run):
@@ -450,15 +452,30 @@ def _cmd_grid(args) -> int:
     if args.rounds is not None:
         grid.rounds = args.rounds
     out = args.out or str(Path("runs") / f"grid-{Path(args.grid).stem}")
+
+    def on_term(*_: object) -> None:
+        raise SigTerm
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)   # the cells stop with the grid
+    except ValueError:   # not the main thread: SIGTERM keeps its default
+        previous = None
     try:
         run_grid(grid, out, data_root=args.data_root, jobs=args.jobs,
                  plots=not args.no_plots, ray=args.ray, report_only=args.report)
+    except SigTerm:
+        print("byzps grid: terminated (SIGTERM); the running cells were stopped, finished "
+              "cells are kept (a rerun resumes)", file=sys.stderr)
+        return 143
     except (RayUnavailable, GridError) as e:
         print(f"grid error: {e}", file=sys.stderr)
         return 2
     except (RuntimeError, ConnectionError, RayLoopbackError) as e:
         print(f"grid error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print((Path(out) / "table.md").read_text(), end="")
     return 0
 

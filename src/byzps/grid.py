@@ -32,7 +32,6 @@ rule and f) and PNGs (``heatmap_*.png``: rule x attack final accuracy; ``curves_
 from __future__ import annotations
 
 import collections
-import concurrent.futures as cf
 import copy
 import csv
 import itertools
@@ -407,11 +406,30 @@ def _finished(cell_dir: Path, spec: dict, config: dict) -> Optional[dict]:
     if not p.exists():
         return None
     try:
-        res = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        res = json.loads(read_text(p, MAX_GRID_BYTES))
+    except (OSError, ValueError, FileRefused):
+        return None
+    if not isinstance(res, dict):
         return None
     same = res.get("spec") == spec and res.get("config") == cell_identity(config)
     return res if same and res.get("status") in ("ok", "failed") else None
+
+
+def _result_of_another_config(cell_dir: Path, grid: Grid) -> Optional[str]:
+    """How a finished ``result.json`` in ``cell_dir`` differs from this grid's cell (a few
+    words), or None when there is none (or it is unreadable, or unfinished: a rerun may
+    replace it)."""
+    try:
+        res = json.loads(read_text(cell_dir / "result.json", MAX_GRID_BYTES))
+    except (OSError, ValueError, FileRefused):
+        return None
+    if not isinstance(res, dict) or res.get("status") not in ("ok", "failed"):
+        return None
+    cfg = res.get("config")
+    rounds = cfg.get("training", {}).get("rounds") if isinstance(cfg, dict) else None
+    if isinstance(rounds, int) and rounds != grid.rounds:
+        return f"{rounds} rounds there, {grid.rounds} here"
+    return "another config"
 
 
 def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: Optional[int] = None,
@@ -448,20 +466,44 @@ def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: O
     Raises:
         RuntimeError: a cell crashed with an unexpected error (its traceback is in the
             message); finished cells keep their results, so a rerun resumes.
-        GridError: with Ray, a cell needs GPUs that no node of the cluster has.
+        GridError: with Ray, a cell needs GPUs that no node of the cluster has; the output
+            folder cannot be created (or, ``report_only``, holds no grid); it holds finished
+            results of this grid's cells made with another config (e.g. another
+            ``--rounds``), which a run would overwrite.
         byzps.raycluster.RayUnavailable: ``ray`` given but Ray is not installed.
     """
     stream = stream or sys.stderr
     out = Path(out_dir)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
+    if report_only:
+        if not (out / "cells").is_dir():
+            raise GridError(f"output folder {out}: no grid has run there (no {out / 'cells'} "
+                            f"folder), so there is nothing to report")
+    else:
+        try:
+            (out / "cells").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GridError(f"output folder {out}: cannot create {out / 'cells'}: "
+                            f"{e.strerror or e}") from None
     results: dict[str, dict] = {}
     todo = []
+    conflicts: list[str] = []
     for cell in grid.cells:
-        done = _finished(out / "cells" / cell.key, cell.spec(), grid.config(cell))
+        cell_dir = out / "cells" / cell.key
+        done = _finished(cell_dir, cell.spec(), grid.config(cell))
         if done is not None:
             results[cell.key] = done
-        else:
-            todo.append(cell)
+            continue
+        other = _result_of_another_config(cell_dir, grid)
+        if other:
+            conflicts.append(f"{cell.key} ({other})")
+        todo.append(cell)
+    if conflicts:
+        raise GridError(
+            f"output folder {out} holds finished results of {len(conflicts)} cell(s) of this "
+            f"grid made with another config, e.g. {conflicts[0]}; "
+            + ("their reports would leave them out: report the grid as it ran (its --rounds)"
+               if report_only else "running would overwrite them: use another --out, or "
+               "delete those cells' folders to rerun them"))
     total = len(grid.cells)
     if report_only:
         todo, how = [], "(--report: running none)"
@@ -542,36 +584,80 @@ class CellProgress:
         self.progress.close()
 
 
+def _cell_process(conn: Any, config: dict, cell_dir: str, data_root: str, spec: dict) -> None:
+    """A cell's process: :func:`run_cell`, then ``("ok", result)`` or ``("crash", traceback)``
+    on ``conn``."""
+    try:
+        msg: tuple[str, Any] = ("ok", run_cell(config, cell_dir, data_root, spec))
+    except BaseException:   # noqa: BLE001 - reported to the grid, which carries on
+        msg = ("crash", traceback.format_exc(limit=3))
+    try:
+        conn.send(msg)
+    finally:
+        conn.close()
+
+
+def _stop_processes(procs: Sequence[Any], grace: float = 3.0) -> None:
+    """SIGTERM every process still running, SIGKILL after ``grace`` seconds, reap them all."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+
+
 def _run_local(grid: Grid, todo: list[Cell], out: Path, data_root: str, jobs: int,
                progress: CellProgress, results: dict, errors: list) -> None:
+    """Run ``todo``, at most ``jobs`` cells at a time, each in a fresh process (spawned: a
+    long grid's reused processes grew from 2.0 to 3.3 GB RSS each over a dozen cnn_mnist
+    cells). A crash (or a cell process that dies) is reported and the others go on. On
+    Ctrl-C, SIGTERM (``byzps grid`` turns it into an exception) or any other exit, the
+    running cells are stopped (SIGTERM, SIGKILL 3 s later) before the exception goes on: no cell process
+    outlives the grid. Finished cells keep their ``result.json``, so a rerun resumes."""
+    from multiprocessing.connection import wait
+
     ctx = multiprocessing.get_context("spawn")
-    # a fresh process per cell (Python >= 3.11): a long grid's pool processes grew from
-    # 2.0 to 3.3 GB RSS each over a dozen cnn_mnist cells when they were reused
-    if sys.version_info >= (3, 11):
-        pool = cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx,
-                                      max_tasks_per_child=1)
-    else:  # pragma: no cover - Python 3.10
-        pool = cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx)
+    pending = list(todo)
+    running: dict[Any, tuple[Cell, Any]] = {}   # process -> (cell, receiving end)
     try:
-        futures = {pool.submit(run_cell, grid.config(c), str(out / "cells" / c.key),
-                               data_root, c.spec()): c for c in todo}
-        try:
-            for fut in cf.as_completed(futures):
-                cell = futures[fut]
-                try:
-                    res = fut.result()
-                except Exception:  # a crash in a cell: report, keep the others going
-                    errors.append(f"{cell.key}: {traceback.format_exc(limit=3)}")
-                    progress.crashed(cell.key)
+        while pending or running:
+            while pending and len(running) < max(1, jobs):
+                cell = pending.pop(0)
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_cell_process, name=f"byzps-cell-{cell.key}",
+                                   args=(send, grid.config(cell), str(out / "cells" / cell.key),
+                                         data_root, cell.spec()))
+                proc.start()
+                send.close()
+                running[proc] = (cell, recv)
+            wait([proc.sentinel for proc in running] + [r for _, r in running.values()])
+            for proc, (cell, recv) in list(running.items()):
+                msg = None
+                if recv.poll():
+                    try:
+                        msg = recv.recv()
+                    except (EOFError, OSError):
+                        msg = None
+                elif proc.is_alive():
                     continue
-                results[cell.key] = res
-                progress.finished(cell.key, res)
-        except KeyboardInterrupt:
-            # Ctrl-C reached the cell processes too (same process group); drop the queue
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+                proc.join(10.0)
+                recv.close()
+                del running[proc]
+                if msg is not None and msg[0] == "ok":
+                    results[cell.key] = msg[1]
+                    progress.finished(cell.key, msg[1])
+                    continue
+                why = (msg[1] if msg is not None
+                       else f"the cell's process ended with exit code {proc.exitcode} "
+                            f"without a result (killed? out of memory?)")
+                errors.append(f"{cell.key}: {why}")
+                progress.crashed(cell.key)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        _stop_processes(list(running))
 
 
 def cell_resources(config: dict, threads: int = 1, cluster_gpus: float = 0) -> dict[str, float]:

@@ -281,7 +281,8 @@ def _holdout(cfg: Config, num_samples: int) -> int:
     v = cfg.training.validation or 0
     if v >= num_samples:
         raise ValueError(f"training.validation: {v} examples held out, but the training set "
-                         f"has {num_samples}: hold out fewer (at most {num_samples - 1})")
+                         f"has {num_samples}: hold out fewer, so that every worker's shard "
+                         f"keeps at least one batch")
     return v
 
 

@@ -270,6 +270,8 @@ def make_shards(labels: np.ndarray, num_shards: int, seed: int, limit: int | Non
         k = small[0]
         hint = (" (raise distribution.alpha, or lower batch_size)" if distribution == "dirichlet"
                 else " (use more data: train_limit; fewer workers; or a smaller batch_size)")
+        if holdout:
+            hint += f"; {holdout} of the {len(labels)} examples are held out for validation"
         raise ValueError(f"data distribution {distribution}: shard {k} holds {sizes[k]} "
                          f"examples, fewer than one batch of {min_size}; shard sizes "
                          f"{sizes}{hint}")
