@@ -48,6 +48,15 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def kill_all(proc: subprocess.Popen, pids: set[int]) -> None:
+    """SIGKILL whatever a test left running: ``pids`` and ``proc``."""
+    for k in pids:
+        if alive(k):
+            os.kill(k, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.kill()
+
+
 def wait_for(cond, what: str, limit: float = 120.0) -> None:
     deadline = time.monotonic() + limit
     while not cond():
@@ -78,11 +87,7 @@ def test_sigterm_to_byzps_run_stops_every_node(tmp_path, base_config):
         survivors = [k for k in kids if alive(k)]
         assert not survivors, f"nodes left running: {survivors}\n{out}"
     finally:
-        for k in kids:
-            if alive(k):
-                os.kill(k, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
+        kill_all(proc, kids)
 
 
 def test_a_shard_smaller_than_a_batch_stops_byzps_run_before_any_node(tmp_path, base_config,
@@ -231,11 +236,7 @@ def test_sigterm_and_ctrl_c_stop_byzps_grid_and_its_cells(tmp_path, base_config,
         wait_for(lambda: not any(alive(k) for k in cells), f"{how}: the cells to end", 10)
         assert not list(out.glob("cells/*/result.json"))   # none finished: none reported
     finally:
-        for k in cells:
-            if alive(k):
-                os.kill(k, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
+        kill_all(proc, cells)
 
 
 def test_a_cell_process_that_dies_is_reported_and_the_grid_goes_on(tmp_path, base_config):
