@@ -140,6 +140,17 @@ def test_line_search_hand_traced():
     assert seen[4] == 62.0 and seen[5] == pytest.approx(30.0 + 25.6)
 
 
+@pytest.mark.parametrize("name", ["opt_alie", "opt_ipm"])
+def test_optimised_attacks_on_a_diverged_model_send_start_without_a_search(name):
+    # honest vectors holding NaN (the model diverged under the mean): the pipeline has nothing
+    # to aggregate, so no search runs (it used to raise and crash the grid cell); the vector
+    # at tau = start is sent and the PS drops it as non-finite
+    honest = rows([1.0, float("nan")], [2.0, float("nan")], [3.0, float("nan")])
+    ctx = omni(honest, n=4, f=1, aggregate=pipeline("mean"))
+    out = attacks.build(name, omniscient=True)(ctx)
+    assert out.shape == (2,) and not bool(torch.isfinite(out).all())
+
+
 def test_opt_alie_against_trimmed_mean_hand():
     # honest 1, 2, 3 (mu 2, sigma 1) + 1 Byzantine copy, trimmed mean f = 1: the output is
     # 2 + min(tau, 1) / 2 for tau >= 0. tau = 0 -> 0, tau = 10 -> 0.5 (better), 30 -> 0.5 (not

@@ -137,7 +137,11 @@ class LineSearchAttack(HonestVectorsAttack):
         raise NotImplementedError
 
     def factor(self, ctx: AttackContext, honest: torch.Tensor) -> float:
-        """The tau the search picks for ``honest`` ``(h, d)`` in ``ctx``'s round."""
+        """The tau the search picks for ``honest`` ``(h, d)`` in ``ctx``'s round; ``start``
+        without a search when the honest vectors hold NaN/Inf (the model has diverged: the
+        pipeline has nothing to aggregate, and the PS drops such rows anyway)."""
+        if not bool(torch.isfinite(honest).all()):
+            return self.start
         copies = self.byzantine_count(ctx, honest.shape[0])
         return line_maximize(
             lambda tau: deviation(ctx.aggregate_fn(), honest, self.vector(honest, tau), copies),
