@@ -290,6 +290,11 @@ def test_grid_runs_resumes_and_reports(tmp_path, base_config):
             run_grid(other, out, plots=False, report_only=report_only)
     assert json.loads((out / "cells" / results[0]["key"] / "result.json").read_text()
                       )["rounds"] == 2
+    # a finished result.json whose config is not even a mapping of mappings: another config
+    odd = out / "cells" / results[0]["key"] / "result.json"
+    odd.write_text(json.dumps({"status": "ok", "spec": {}, "config": {"training": 5}}))
+    with pytest.raises(GridError, match=r"e\.g\. mean__\S+ \(another config\)"):
+        run_grid(load_grid(path), out, plots=False)
     # an output folder that cannot be one, or has never held a grid
     afile = tmp_path / "afile"
     afile.write_text("x")

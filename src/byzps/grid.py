@@ -401,7 +401,10 @@ def cell_identity(config: dict) -> dict:
     return c
 
 
-def _finished(cell_dir: Path, spec: dict, config: dict) -> Optional[dict]:
+def _finished_result(cell_dir: Path) -> Optional[dict]:
+    """The finished result (status ``ok`` or ``failed``) in ``cell_dir/result.json``, or None
+    when there is none, it is unreadable (size-capped at ``MAX_GRID_BYTES``), not a JSON
+    object, or unfinished (a rerun may replace it)."""
     p = cell_dir / "result.json"
     if not p.exists():
         return None
@@ -409,24 +412,21 @@ def _finished(cell_dir: Path, spec: dict, config: dict) -> Optional[dict]:
         res = json.loads(read_text(p, MAX_GRID_BYTES))
     except (OSError, ValueError, FileRefused):
         return None
-    if not isinstance(res, dict):
-        return None
-    same = res.get("spec") == spec and res.get("config") == cell_identity(config)
-    return res if same and res.get("status") in ("ok", "failed") else None
-
-
-def _result_of_another_config(cell_dir: Path, grid: Grid) -> Optional[str]:
-    """How a finished ``result.json`` in ``cell_dir`` differs from this grid's cell (a few
-    words), or None when there is none (or it is unreadable, or unfinished: a rerun may
-    replace it)."""
-    try:
-        res = json.loads(read_text(cell_dir / "result.json", MAX_GRID_BYTES))
-    except (OSError, ValueError, FileRefused):
-        return None
     if not isinstance(res, dict) or res.get("status") not in ("ok", "failed"):
         return None
+    return res
+
+
+def _is_cell(res: dict, spec: dict, config: dict) -> bool:
+    """Whether the finished result ``res`` is of this cell: same spec and same config."""
+    return res.get("spec") == spec and res.get("config") == cell_identity(config)
+
+
+def _difference(res: dict, grid: Grid) -> str:
+    """How a finished result of another config differs from ``grid``'s cell, in a few words."""
     cfg = res.get("config")
-    rounds = cfg.get("training", {}).get("rounds") if isinstance(cfg, dict) else None
+    training = cfg.get("training") if isinstance(cfg, dict) else None
+    rounds = training.get("rounds") if isinstance(training, dict) else None
     if isinstance(rounds, int) and rounds != grid.rounds:
         return f"{rounds} rounds there, {grid.rounds} here"
     return "another config"
@@ -488,14 +488,12 @@ def run_grid(grid: Grid, out_dir: str | Path, data_root: str = "./data", jobs: O
     todo = []
     conflicts: list[str] = []
     for cell in grid.cells:
-        cell_dir = out / "cells" / cell.key
-        done = _finished(cell_dir, cell.spec(), grid.config(cell))
-        if done is not None:
-            results[cell.key] = done
+        res = _finished_result(out / "cells" / cell.key)
+        if res is not None and _is_cell(res, cell.spec(), grid.config(cell)):
+            results[cell.key] = res
             continue
-        other = _result_of_another_config(cell_dir, grid)
-        if other:
-            conflicts.append(f"{cell.key} ({other})")
+        if res is not None:
+            conflicts.append(f"{cell.key} ({_difference(res, grid)})")
         todo.append(cell)
     if conflicts:
         raise GridError(
