@@ -50,7 +50,7 @@ from typing import Any, Optional, TextIO
 import yaml
 
 from byzps.config import MAX_WORKERS, ConfigError, number_problem
-from byzps.job import parse_config
+from byzps.job import eval_split, parse_config
 from byzps.progress import Progress
 from byzps.safeio import (
     MAX_GRID_BYTES,
@@ -864,7 +864,8 @@ def write_reports(grid: Grid, results: list[dict], out: Path, plots: bool = True
     """Write ``results.csv``, ``table.md`` and (with matplotlib) the PNGs for ``results``;
     ``table.md`` starts with :func:`partial_header` when ``missing`` cells have no result."""
     rows = [_row(r) for r in results]
-    split = "validation" if grid.base.get("training", {}).get("validation") else "test"
+    # the word for what the cells evaluated on: every cell shares the base's training section
+    split = eval_split(parse_config(grid.config(grid.cells[0]))) if grid.cells else "test"
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         w.writeheader()
