@@ -197,30 +197,70 @@ class SigTerm(BaseException):
     code it interrupts takes it."""
 
 
-async def _until_sigterm(run):
-    """Await the coroutine ``run`` (the PS); on SIGTERM cancel it, so that its shutdown
-    path tells every worker to stop (as Ctrl-C does) instead of the process dying with
-    workers left waiting for ``server.connect_timeout``, then raise :class:`SigTerm`."""
+RECANCEL_SECONDS = 0.1   # how often a signalled PS is cancelled again until it is stopping
+
+
+def cancel_until(task: asyncio.Task, stopping: Callable[[], bool],
+                 every: float = RECANCEL_SECONDS) -> None:
+    """Cancel ``task`` now and again every ``every`` seconds until it is done or
+    ``stopping()`` is true (it has begun its own shutdown).
+
+    One ``task.cancel()`` is not enough on Python 3.10/3.11: ``asyncio.wait_for`` drops a
+    cancellation that arrives in the loop iteration where its inner awaitable completes
+    (CPython gh-86296, fixed in 3.12), and the PS's round loop waits that way on a steady
+    stream of gradients, so a SIGTERM could be lost and the PS train on. Must be called on the
+    task's event loop thread.
+    """
+    loop = task.get_loop()
+
+    def again() -> None:
+        if not task.done() and not stopping():
+            task.cancel()
+            loop.call_later(every, again)
+
+    task.cancel()
+    loop.call_later(every, again)
+
+
+async def _until_signal(run, stopping: Callable[[], bool] = lambda: False):
+    """Await the coroutine ``run`` (the PS); on SIGTERM or SIGINT cancel it (again until
+    ``stopping()`` says its shutdown has begun, :func:`cancel_until`), so that its shutdown
+    path tells every worker to stop instead of the process dying with workers left waiting
+    for ``server.connect_timeout``. A second signal cancels the shutdown itself.
+
+    Raises:
+        SigTerm: SIGTERM stopped it.
+        KeyboardInterrupt: SIGINT (Ctrl-C) stopped it.
+    """
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(run)
-    fired = []
+    fired: list[int] = []
 
-    def on_term() -> None:
-        fired.append(True)
-        task.cancel()
+    def on_signal(signum: int) -> None:
+        fired.append(signum)
+        if len(fired) == 1:
+            cancel_until(task, stopping)
+        else:
+            task.cancel()
 
-    try:
-        loop.add_signal_handler(signal.SIGTERM, on_term)
-    except (NotImplementedError, RuntimeError, ValueError):   # not the main thread / Windows
-        return await task
+    handled = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, on_signal, signum)
+            handled.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):   # not the main thread / Windows
+            break
     try:
         return await task
     except asyncio.CancelledError:
         if fired:
-            raise SigTerm from None
+            if fired[0] == signal.SIGTERM:
+                raise SigTerm from None
+            raise KeyboardInterrupt from None
         raise
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        for signum in handled:
+            loop.remove_signal_handler(signum)
 
 
 def _run_server(cfg, args) -> int:
@@ -231,7 +271,7 @@ def _run_server(cfg, args) -> int:
         core = Job(cfg, args.data_root, rounds=args.rounds,
                    source=args.config).ps_core(resume=args.resume)
         ps = ParameterServer(cfg, core)
-        result = asyncio.run(_until_sigterm(ps.run()))
+        result = asyncio.run(_until_signal(ps.run(), lambda: ps.stopping))
     except SigTerm:
         print("terminated (SIGTERM): the workers were told to stop", file=sys.stderr)
         return 143

@@ -132,6 +132,9 @@ class ParameterServer:
     def __init__(self, cfg: Config, core: PsCore):
         self.cfg = cfg
         self.core = core
+        # True from the moment run() starts its shutdown (STOP to every worker): a caller that
+        # cancels run() on a signal re-cancels until this is set (see byzps.cli._until_signal)
+        self.stopping = False
         self.rounds = core.rounds
         self.keys = self._load_keys()
         self.replica, self.aggregator, self.machine = core.replica, core.aggregator, core.machine
@@ -431,6 +434,7 @@ class ParameterServer:
                             for sock in server.sockets]
             return await self._train()
         finally:
+            self.stopping = True
             try:
                 await asyncio.wait_for(self._shutdown(server), SHUTDOWN_TIMEOUT)
             except (asyncio.TimeoutError, TimeoutError):
